@@ -1,0 +1,230 @@
+"""The architecture of a Block-Recurrent Transformer, as one validated, JSON-serialisable dataclass.
+
+Field names and defaults follow the reference port (lucidrains/block-recurrent-transformer-pytorch 0.4.4)
+so that its constructor arguments mean the same thing here. Layers are numbered from 1, as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float | None = None, *, open_high: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if value < low or too_high:
+        bound = "" if high is None else (f", < {high}" if open_high else f", <= {high}")
+        raise ValueError(f"{name} must be >= {low}{bound}, got {value}")
+
+
+def _as_layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple of layer numbers, got {type(value).__name__}")
+    layers = tuple(value)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must hold ints, got {layer!r}")
+        if not 1 <= layer <= depth:
+            raise ValueError(f"{name} holds layer {layer}; layers are numbered 1 to depth={depth}")
+    return layers
+
+
+@dataclass(frozen=True)
+class BlockRecurrentConfig:
+    """Architecture of a :class:`~block_recurrent.BlockRecurrentTransformer`.
+
+    ``None`` fields are resolved in ``__post_init__`` exactly as the reference resolves them:
+    ``recurrent_layers`` defaults to ``(depth // 2,)``, ``read_recurrent_layers`` to ``recurrent_layers``
+    and ``num_state_vectors`` to ``block_width``.
+    """
+
+    # vocabulary and width
+    num_tokens: int
+    dim: int
+    depth: int
+    dim_head: int = 64
+    heads: int = 8
+    ff_mult: float = 4
+
+    # blocks and segments: a forward call takes up to max_seq_len tokens, cut into blocks of block_width
+    max_seq_len: int = 1024
+    block_width: int = 512
+
+    # recurrence: which layers keep a state (write it) and which layer reads each state
+    recurrent_layers: tuple[int, ...] | None = None
+    read_recurrent_layers: tuple[int, ...] | None = None
+    num_state_vectors: int | None = None
+
+    # attention
+    all_layers_qk_rmsnorm: bool = False
+    # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
+    qk_rmsnorm_scale: float = 1.0
+    use_flash_attn: bool = False  # accepted for compatibility: attention always runs through SDPA's kernel choice
+    attn_implementation: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the plain path tests check it against)
+    rotary_theta: float = 10000.0
+    xpos_scale_base: float = 512.0
+
+    # Transformer-XL memory, optionally with a compressed second level
+    use_compressed_mem: bool = False
+    compressed_mem_factor: int = 4
+
+    # regularisation (never inside the recurrence)
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+
+    # loss
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        _check_int("num_tokens", self.num_tokens, 1)
+        _check_int("dim", self.dim, 1)
+        _check_int("depth", self.depth, 1)
+        _check_int("dim_head", self.dim_head, 2)
+        if self.dim_head % 2:
+            raise ValueError(f"dim_head must be even for rotary embeddings, got {self.dim_head}")
+        _check_int("heads", self.heads, 1)
+        _check_float("ff_mult", self.ff_mult, 0.0)
+        if int(self.dim * self.ff_mult * 2 / 3) < 1:
+            raise ValueError(f"ff_mult={self.ff_mult} gives an empty feed-forward for dim={self.dim}")
+        _check_int("block_width", self.block_width, 1)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        if self.max_seq_len % self.block_width:
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) must be a multiple of block_width ({self.block_width})"
+            )
+
+        recurrent = self.recurrent_layers
+        if recurrent is None:
+            if self.depth < 2:
+                raise ValueError("depth=1 has no default recurrent layer (depth // 2 = 0); pass recurrent_layers")
+            recurrent = (self.depth // 2,)
+        recurrent = _as_layer_tuple("recurrent_layers", recurrent, self.depth)
+        if len(set(recurrent)) != len(recurrent):
+            raise ValueError(f"recurrent_layers must be unique, got {recurrent}")
+        read = recurrent if self.read_recurrent_layers is None else self.read_recurrent_layers
+        read = _as_layer_tuple("read_recurrent_layers", read, self.depth)
+        if len(read) != len(recurrent):
+            raise ValueError(
+                f"read_recurrent_layers needs one entry per recurrent layer ({len(recurrent)}), got {len(read)}"
+            )
+        for read_layer, write_layer in zip(read, recurrent):
+            if read_layer > write_layer:
+                raise ValueError(
+                    f"read_recurrent_layers: layer {read_layer} cannot read the state written by the lower "
+                    f"layer {write_layer} (a read layer must be <= its write layer)"
+                )
+        object.__setattr__(self, "recurrent_layers", recurrent)
+        object.__setattr__(self, "read_recurrent_layers", read)
+
+        num_states = self.block_width if self.num_state_vectors is None else self.num_state_vectors
+        _check_int("num_state_vectors", num_states, 1)
+        object.__setattr__(self, "num_state_vectors", num_states)
+
+        _check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0)
+        if self.qk_rmsnorm_scale == 0:
+            raise ValueError("qk_rmsnorm_scale must be > 0")
+        if self.attn_implementation not in ("sdpa", "math"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")
+        _check_float("rotary_theta", self.rotary_theta, 1.0)
+        _check_float("xpos_scale_base", self.xpos_scale_base, 1.0)
+        if self.use_compressed_mem:
+            _check_int("compressed_mem_factor", self.compressed_mem_factor, 2)
+            if self.block_width < 2:
+                raise ValueError("use_compressed_mem needs block_width >= 2 (the compressed level keeps block_width // 2)")
+        _check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, open_high=True)
+        _check_float("ff_dropout", self.ff_dropout, 0.0, 1.0, open_high=True)
+        _check_int("ignore_index", self.ignore_index, -(2**62))
+
+    # derived sizes
+
+    @property
+    def ff_inner_dim(self) -> int:
+        return int(self.dim * self.ff_mult * 2 / 3)
+
+    @property
+    def memory_lengths(self) -> tuple[int, ...]:
+        """Length of each memory level, most recent first: the previous block, then the compressed past."""
+        if self.use_compressed_mem:
+            return (self.block_width, self.block_width // 2)
+        return (self.block_width,)
+
+    @property
+    def max_memory_len(self) -> int:
+        return sum(self.memory_lengths)
+
+    def reads_of_layer(self, layer: int) -> tuple[int, ...]:
+        """Indices into ``recurrent_layers`` of the states that ``layer`` (1-based) reads."""
+        return tuple(i for i, read in enumerate(self.read_recurrent_layers) if read == layer)
+
+    # serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["recurrent_layers"] = list(self.recurrent_layers)
+        data["read_recurrent_layers"] = list(self.read_recurrent_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BlockRecurrentConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        data = dict(data)
+        for name in ("recurrent_layers", "read_recurrent_layers"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BlockRecurrentConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockRecurrentConfig":
+        return cls.from_json(Path(path).read_text())
+
+    def replace(self, **changes: Any) -> "BlockRecurrentConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "BlockRecurrentConfig":
+        """A named preset (see :data:`PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few seconds per step on a laptop CPU; for tests and smoke runs
+    "tiny": dict(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64, block_width=32,
+                 num_state_vectors=16, recurrent_layers=(1,)),
+    # learns visibly on a 2-core CPU in minutes
+    "small": dict(num_tokens=256, dim=256, depth=4, dim_head=64, heads=4, max_seq_len=256, block_width=128,
+                  num_state_vectors=128, recurrent_layers=(2,)),
+    # the reference's enwik8 example
+    "enwik8": dict(num_tokens=256, dim=512, depth=6, dim_head=64, heads=8, max_seq_len=1024, block_width=512,
+                   num_state_vectors=512, recurrent_layers=(4,)),
+}

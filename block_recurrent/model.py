@@ -1,0 +1,290 @@
+"""The Block-Recurrent Transformer: a stack of pre-norm attention + feed-forward layers run block by block.
+
+Each layer attends causally within its block and to its Transformer-XL memory of earlier blocks.
+Recurrent layers also own a state cell: reading layers cross-attend to the state, and at the end of every
+block the writing layer rewrites it. All carried tensors travel in a :class:`ModelState`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention, FeedForward, merge_heads, split_heads
+from .config import BlockRecurrentConfig
+from .memory import build_memory
+from .positions import RotaryXPos
+from .recurrent import RecurrentStateCell, StateView
+from .state import ModelState, XLMemory
+from .validation import check_labels, check_reset, check_tokens, normalise_state, state_from_lists
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm multi-query self-attention over [XL memory, block so far], plus reads of recurrent states.
+
+    Returns the branch output (added to the residual by the caller) and the block's raw keys/values, which
+    the caller commits to the memory and, on a recurrent layer, to the state when the block ends.
+    """
+
+    def __init__(self, config: BlockRecurrentConfig, layer: int):
+        super().__init__()
+        dim, heads, dim_head = config.dim, config.heads, config.dim_head
+        inner = heads * dim_head
+        self.heads = heads
+        self.block_width = config.block_width
+        self.is_recurrent = layer in config.recurrent_layers
+        num_reads = len(config.reads_of_layer(layer))
+
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)  # one key/value head (multi-query)
+        self.attn = Attention(
+            dim_head,
+            heads,
+            qk_norm=config.all_layers_qk_rmsnorm or self.is_recurrent,
+            temperature=config.qk_rmsnorm_scale,
+            dropout=config.attn_dropout,
+            implementation=config.attn_implementation,
+        )
+        # self-attention output and each state read are concatenated, then projected once
+        self.to_out = nn.Linear(inner * (1 + num_reads), dim, bias=False)
+        self.memory = build_memory(config)
+        self.cell = RecurrentStateCell(config) if self.is_recurrent else None
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: XLMemory | None,
+        rotary: RotaryXPos,
+        reads: Sequence[tuple[RecurrentStateCell, StateView]] = (),
+        prefix: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, N, D), the block's next N tokens; prefix: raw keys/values (B, P, dh) of its earlier tokens.
+
+        Returns (branch output (B, N, D), block keys (B, P + N, dh), block values (B, P + N, dh)).
+        """
+        B, N, _ = x.shape
+        normed = self.norm(x)
+        q = split_heads(self.to_q(normed), self.heads)  # (B, H, N, dh)
+        keys, values = self.to_kv(normed).chunk(2, dim=-1)  # (B, N, dh) each
+        if prefix is not None:
+            keys, values = torch.cat((prefix[0], keys), dim=1), torch.cat((prefix[1], values), dim=1)
+        block_keys, block_values = keys, values
+        P = keys.shape[1] - N
+
+        # causal within the block: query P + i sees block positions <= P + i
+        key_pos = torch.arange(P + N, device=x.device)
+        query_pos = torch.arange(P, P + N, device=x.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # (N, P + N)
+
+        M = 0
+        if memory is not None:
+            M = memory.length
+            keys, values = torch.cat((memory.keys, keys), dim=1), torch.cat((memory.values, values), dim=1)
+            if memory.valid is None:
+                mask = F.pad(mask, (M, 0), value=True)  # (N, M + P + N)
+            else:
+                memory_mask = memory.valid[:, None, None, :].expand(B, 1, N, M)
+                mask = torch.cat((memory_mask, mask.expand(B, 1, N, P + N)), dim=-1)  # (B, 1, N, M + P + N)
+
+        # the block's tokens sit in the frame's last block_width slots, the memory just before them
+        base = rotary.width - self.block_width
+        tables = (rotary.queries(base + P, base + P + N), rotary.keys(base - M, base + P + N))
+        out = merge_heads(self.attn(q, keys, values, mask, tables))  # (B, N, H * dh)
+
+        for cell, view in reads:
+            out = torch.cat((out, cell.read(normed, view)), dim=-1)
+        return self.to_out(out), block_keys, block_values
+
+
+class Layer(nn.Module):
+    def __init__(self, config: BlockRecurrentConfig, layer: int):
+        super().__init__()
+        self.attn = AttentionBlock(config, layer)
+        self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout)
+
+
+class BlockRecurrentTransformer(nn.Module):
+    """Block-Recurrent Transformer language model.
+
+    Build it like the reference port, ``BlockRecurrentTransformer(num_tokens=256, dim=512, depth=6, ...)``,
+    or from a config: ``BlockRecurrentTransformer(BlockRecurrentConfig(...))``.
+
+    Two ways to run it:
+    - ``forward(x, return_loss, xl_memories, states, return_memories_and_states)``: the reference's call,
+      for up to ``max_seq_len`` tokens; returns ``(logits or loss, memories, states)``, detached.
+    - ``run(tokens, state, reset=...)``: any number of tokens, returns ``(logits, ModelState)`` with the
+      graph kept, for truncated back-propagation over several segments.
+    """
+
+    def __init__(self, config: BlockRecurrentConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = BlockRecurrentConfig(**kwargs)
+        elif kwargs:
+            raise TypeError(f"pass either a config or keyword arguments, not both (got {sorted(kwargs)})")
+        elif not isinstance(config, BlockRecurrentConfig):
+            raise TypeError(f"config must be a BlockRecurrentConfig, got {type(config).__name__}")
+        self.config = config
+
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        # frame: up to max_memory_len memory slots, then one block
+        width = config.max_memory_len + config.block_width
+        self.rotary = RotaryXPos(config.dim_head, width, config.rotary_theta, config.xpos_scale_base)
+        self.layers = nn.ModuleList([Layer(config, layer) for layer in range(1, config.depth + 1)])
+        self.norm_out = nn.LayerNorm(config.dim, bias=False)
+        self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+
+        # for each layer (0-based), the indices of the recurrent states it reads
+        self._reads = [config.reads_of_layer(layer) for layer in range(1, config.depth + 1)]
+        self._state_index = {layer - 1: i for i, layer in enumerate(config.recurrent_layers)}
+
+    # reference-compatible attributes
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def block_width(self) -> int:
+        return self.config.block_width
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        return self.config.recurrent_layers
+
+    @property
+    def read_recurrent_layers(self) -> tuple[int, ...]:
+        return self.config.read_recurrent_layers
+
+    @property
+    def ignore_index(self) -> int:
+        return self.config.ignore_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_emb.weight.device
+
+    @property
+    def cells(self) -> list[RecurrentStateCell]:
+        """The state cells, in the order of ``config.recurrent_layers``."""
+        return [self.layers[layer - 1].attn.cell for layer in self.config.recurrent_layers]
+
+    def initial_states(self) -> tuple[Tensor, ...]:
+        return tuple(cell.initial_state for cell in self.cells)
+
+    def empty_state(self) -> ModelState:
+        """The state of a fresh document: no memory, learned initial states."""
+        return ModelState((None,) * self.config.depth, (None,) * len(self.config.recurrent_layers))
+
+    # core: explicit state in, next state out
+
+    def forward_block(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
+        B = x.shape[0]
+        cells = self.cells
+        views = [cell.view(s, B) for cell, s in zip(cells, state.states)]
+        next_memories, next_states = [], list(state.states)
+        for index, layer in enumerate(self.layers):
+            reads = [(cells[i], views[i]) for i in self._reads[index]]
+            memory = state.memories[index]
+            branch, keys, values = layer.attn(x, memory, self.rotary, reads)
+            x = x + branch
+            x = x + layer.ff(x)
+            # commit the block: the memory advances; the writing layer rewrites its state
+            next_memories.append(layer.attn.memory.update(memory, keys, values))
+            if layer.attn.cell is not None:
+                i = self._state_index[index]
+                next_states[i] = layer.attn.cell.write(views[i], keys, values)
+        return x, ModelState(tuple(next_memories), tuple(next_states))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.to_logits(self.norm_out(hidden))
+
+    def run(
+        self, tokens: Tensor, state: ModelState | None = None, *, reset: Tensor | None = None
+    ) -> tuple[Tensor, ModelState]:
+        """Logits (B, T, num_tokens) for any number of tokens, processed block by block, and the next state.
+
+        ``reset`` (B,) bool marks rows that start a new document: they get an empty memory and the learned
+        initial state; the other rows carry on. The returned state keeps the autograd graph.
+        """
+        check_tokens(tokens, self.config.num_tokens, "tokens")
+        state = normalise_state(self, state, tokens.shape[0])
+        if reset is not None:
+            check_reset(reset, tokens.shape[0])
+        return self._run(tokens, state, reset)
+
+    def _run(self, tokens: Tensor, state: ModelState, reset: Tensor | None) -> tuple[Tensor, ModelState]:
+        if reset is not None:
+            state = state.reset_rows(reset.to(tokens.device), self.initial_states())
+        x = self.token_emb(tokens)  # (B, T, D)
+        hidden = []
+        for block in x.split(self.config.block_width, dim=1):
+            block, state = self.forward_block(block, state)
+            hidden.append(block)
+        return self.logits(torch.cat(hidden, dim=1)), state
+
+    def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=self.config.ignore_index,
+            reduction=reduction,
+        )
+
+    # the reference's interface
+
+    def forward(
+        self,
+        x: Tensor,
+        return_loss: bool = False,
+        xl_memories: Sequence[XLMemory | Tensor | None] | None = None,
+        states: Sequence[Tensor | None] | None = None,
+        return_memories_and_states: bool | None = None,
+        *,
+        labels: Tensor | None = None,
+        reset: Tensor | None = None,
+    ):
+        """The reference's call: ``out, memories, states = model(x, ...)``.
+
+        x: (B, T) token ids, T <= max_seq_len (T <= max_seq_len + 1 with ``return_loss``, where the last
+        token is only a label). With ``labels`` (B, T) given, x is all input and ``labels`` the targets
+        (``ignore_index`` allowed). ``xl_memories``/``states``: what a previous call returned (empty or
+        None for a fresh start; the reference's (2, B, M, dh) memory tensors are accepted too).
+        Memories and states are returned (detached) when ``return_memories_and_states`` is True, or by
+        default when T == max_seq_len; otherwise None.
+        """
+        check_tokens(x, self.config.num_tokens)
+        if labels is not None:
+            check_labels(labels, x.shape, self.config.num_tokens, self.config.ignore_index)
+            return_loss = True
+        elif return_loss:
+            if x.shape[1] < 2:
+                raise ValueError("return_loss needs at least 2 tokens per row (inputs and their next-token labels)")
+            x, labels = x[:, :-1], x[:, 1:]
+        T = x.shape[1]
+        if T > self.config.max_seq_len:
+            extra = " (+1 label token with return_loss)" if return_loss else ""
+            raise ValueError(
+                f"x has {T} tokens per row; forward takes at most max_seq_len={self.config.max_seq_len}{extra}. "
+                "Use RecurrentTrainerWrapper or model.run for longer sequences"
+            )
+
+        state = state_from_lists(self, xl_memories, states, x.shape[0])
+        if reset is not None:
+            check_reset(reset, x.shape[0])
+        logits, next_state = self._run(x, state, reset)
+
+        if return_memories_and_states is None:
+            return_memories_and_states = T == self.config.max_seq_len
+        memories_out = states_out = None
+        if return_memories_and_states:
+            next_state = next_state.detach()
+            memories_out, states_out = list(next_state.memories), list(next_state.states)
+
+        if not return_loss:
+            return logits, memories_out, states_out
+        return self.loss(logits, labels), memories_out, states_out

@@ -1,0 +1,77 @@
+"""Rotary position embeddings with xPos scaling (Sun et al. 2022), as constant tables sliced per block.
+
+Positions live in a fixed frame of ``width`` slots: a block's tokens take the last ``block_width`` slots
+and the XL memory the slots just before them. Rotary angles and the xPos factors ``s**p`` (queries) and
+``s**-p`` (keys) both make the attention logit a function of the distance alone, so any frame in which
+the distances are right gives the same attention; fixing the frame lets a decoder that sees a block one
+token at a time reproduce the full forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryTables(NamedTuple):
+    """cos and sin of the rotary angles, each already multiplied by the xPos factor: (positions, dim_head)."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(t: Tensor, tables: RotaryTables) -> Tensor:
+    """Rotate (and xPos-scale) ``t`` (..., positions, dim_head) by tables of the same positions."""
+    cos, sin = tables.cos.to(t.dtype), tables.sin.to(t.dtype)
+    return t * cos + rotate_half(t) * sin
+
+
+class RotaryXPos(nn.Module):
+    """Constant rotary/xPos tables for ``width`` positions; nothing here changes after construction."""
+
+    def __init__(self, dim_head: int, width: int, theta: float = 10000.0, scale_base: float = 512.0):
+        super().__init__()
+        self.width = width
+        half = torch.arange(0, dim_head, 2, dtype=torch.float64)
+        inv_freq = 1.0 / (theta ** (half / dim_head))
+        positions = torch.arange(width, dtype=torch.float64)
+        angles = torch.outer(positions, inv_freq)  # (width, dim_head / 2)
+        angles = torch.cat((angles, angles), dim=-1)  # (width, dim_head)
+
+        # xPos: per-frequency decay base in (0, 1), raised to a power centred on the frame's middle
+        decay = (half + 0.4 * dim_head) / (1.4 * dim_head)
+        power = (positions - width // 2) / scale_base
+        xpos = decay[None, :] ** power[:, None]
+        xpos = torch.cat((xpos, xpos), dim=-1)  # (width, dim_head)
+
+        # built in float64 so that model.double() gets exact tables; stored in float32 by default
+        tables = {
+            "q_cos": angles.cos() * xpos,
+            "q_sin": angles.sin() * xpos,
+            "k_cos": angles.cos() / xpos,
+            "k_sin": angles.sin() / xpos,
+        }
+        for name, table in tables.items():
+            self.register_buffer(name, table.float(), persistent=False)
+        self._float64_tables = tables
+
+    def _apply(self, fn, recurse=True):
+        # converting to float64 re-derives the tables from the float64 originals instead of widening floats
+        module = super()._apply(fn, recurse)
+        if self.q_cos.dtype == torch.float64:
+            for name, table in self._float64_tables.items():
+                setattr(self, name, table.to(self.q_cos.device))
+        return module
+
+    def queries(self, start: int, stop: int) -> RotaryTables:
+        return RotaryTables(self.q_cos[start:stop], self.q_sin[start:stop])
+
+    def keys(self, start: int, stop: int) -> RotaryTables:
+        return RotaryTables(self.k_cos[start:stop], self.k_sin[start:stop])

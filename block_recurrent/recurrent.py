@@ -1,0 +1,102 @@
+"""The recurrent state cell: how tokens read the state and how the state is rewritten after a block.
+
+Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
+1. ``view``: pre-norm the state, add learned state IDs, project keys/values once (one head). The same
+   view serves every read of this state in the block and the write at its end (meliad's layout).
+2. ``read``: tokens of a reading layer cross-attend to the view (no mask, no positions).
+3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
+   outputs are concatenated per head, projected, and a gate combines them with ``c``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Attention, merge_heads, split_heads
+from .config import BlockRecurrentConfig
+
+
+class FixedGate(nn.Module):
+    """The paper's fixed gate, a learned per-channel EMA: c' = c * g + z * (1 - g).
+
+    z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4).
+    The reference writes the same gate with beta = -b_g: sigmoid(beta) * z + (1 - sigmoid(beta)) * c.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_candidate = nn.Linear(dim, dim)
+        self.keep_bias = nn.Parameter(torch.randn(dim) * 0.1)
+
+    def forward(self, state: Tensor, update: Tensor) -> Tensor:
+        candidate = self.to_candidate(update)
+        keep = torch.sigmoid(self.keep_bias).to(candidate.dtype)
+        return state * keep + candidate * (1 - keep)
+
+
+GATES: dict[str, type[nn.Module]] = {"fixed": FixedGate}
+
+
+class StateView(NamedTuple):
+    """A recurrent state as seen during one block: computed once at the block's start."""
+
+    state: Tensor  # (B, S, D), the incoming state the gate starts from
+    normed: Tensor  # (B, S, D), pre-normed state plus state IDs
+    keys: Tensor  # (B, S, dim_head)
+    values: Tensor  # (B, S, dim_head)
+
+
+class RecurrentStateCell(nn.Module):
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        dim, heads, dim_head = config.dim, config.heads, config.dim_head
+        inner = heads * dim_head
+        self.heads = heads
+
+        # learned initial state and per-slot IDs (inits as the paper and reference 0.4.4)
+        self.initial_state = nn.Parameter(torch.randn(config.num_state_vectors, dim) * 0.1)
+        self.state_ids = nn.Parameter(torch.randn(config.num_state_vectors, dim))
+        self.norm = nn.LayerNorm(dim, bias=False)
+
+        # state keys/values, shared by the tokens' read and the state's self-attention
+        self.to_state_kv = nn.Linear(dim, dim_head * 2, bias=False)
+        self.to_token_queries = nn.Linear(dim, inner, bias=False)  # tokens -> state (read)
+        self.to_self_queries = nn.Linear(dim, inner, bias=False)  # state -> state
+        self.to_cross_queries = nn.Linear(dim, inner, bias=False)  # state -> tokens (write)
+
+        attention = dict(qk_norm=True, temperature=config.qk_rmsnorm_scale, implementation=config.attn_implementation)
+        self.read_attn = Attention(dim_head, heads, **attention)
+        self.self_attn = Attention(dim_head, heads, **attention)
+        self.write_attn = Attention(dim_head, heads, **attention)
+
+        self.to_update = nn.Linear(inner * 2, dim, bias=False)
+        self.gate = GATES["fixed"](dim)
+
+    def view(self, state: Tensor | None, batch_size: int) -> StateView:
+        """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""
+        if state is None:
+            # computed once and broadcast: every row starts from the same state
+            state = self.initial_state[None]
+        normed = self.norm(state) + self.state_ids.to(state.dtype)
+        keys, values = self.to_state_kv(normed).chunk(2, dim=-1)
+        if state.shape[0] != batch_size:
+            expand = lambda t: t.expand(batch_size, *t.shape[1:])
+            state, normed, keys, values = map(expand, (state, normed, keys, values))
+        return StateView(state, normed, keys, values)
+
+    def read(self, tokens: Tensor, view: StateView) -> Tensor:
+        """Cross-attention from (normed) tokens (B, N, D) to the state: (B, N, heads * dim_head)."""
+        queries = split_heads(self.to_token_queries(tokens), self.heads)  # (B, H, N, dh)
+        return merge_heads(self.read_attn(queries, view.keys, view.values))
+
+    def write(self, view: StateView, block_keys: Tensor, block_values: Tensor) -> Tensor:
+        """The next state (B, S, D), from the block's raw keys/values (B, N, dim_head) of the writing layer."""
+        self_queries = split_heads(self.to_self_queries(view.normed), self.heads)  # (B, H, S, dh)
+        cross_queries = split_heads(self.to_cross_queries(view.normed), self.heads)
+        from_state = self.self_attn(self_queries, view.keys, view.values)
+        from_tokens = self.write_attn(cross_queries, block_keys, block_values)
+        update = merge_heads(torch.cat((from_state, from_tokens), dim=-1))  # (B, S, H * 2 dh), per head [self, cross]
+        return self.gate(view.state, self.to_update(update))

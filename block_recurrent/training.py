@@ -1,0 +1,164 @@
+"""Segment training: a long sequence is cut into windows of ``max_seq_len`` tokens, run in order with the
+memories and states threaded through, and back-propagated one segment (or k segments) at a time so that
+training memory does not grow with the number of segments (truncated back-propagation through time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .model import BlockRecurrentTransformer
+from .state import ModelState
+from .validation import check_labels, check_reset, check_tokens, normalise_state
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What :meth:`RecurrentTrainerWrapper.forward_backward` returns."""
+
+    loss: Tensor  # detached token-weighted mean loss over the whole sequence
+    tokens: int  # number of labels that counted (not ignore_index)
+    state: ModelState  # detached state after the last segment, to continue the documents next step
+
+
+def _check_probability(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+class RecurrentTrainerWrapper(nn.Module):
+    """The reference's trainer wrapper: ``loss = wrapper(seq)`` for ``seq`` of ``k * max_seq_len + 1`` tokens.
+
+    ``xl_memories_dropout`` / ``state_dropout``: per segment, the probability of starting it with an empty
+    memory / the initial state (whole batch), as in the reference. Never applied in eval mode, whether
+    the wrapper or only the inner model was put in eval mode.
+    """
+
+    def __init__(self, transformer: BlockRecurrentTransformer, xl_memories_dropout: float = 0.0, state_dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(transformer, BlockRecurrentTransformer):
+            raise TypeError(f"transformer must be a BlockRecurrentTransformer, got {type(transformer).__name__}")
+        _check_probability("xl_memories_dropout", xl_memories_dropout)
+        _check_probability("state_dropout", state_dropout)
+        self.transformer = transformer
+        self.seq_len = transformer.max_seq_len
+        self.xl_memories_dropout = xl_memories_dropout
+        self.state_dropout = state_dropout
+
+    # segmentation
+
+    def _split(self, x: Tensor, labels: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+        """(inputs, labels) per segment of ``seq_len`` tokens."""
+        config = self.transformer.config
+        if labels is None:
+            check_tokens(x, config.num_tokens)
+            total = x.shape[1] - 1
+            if total < 1 or total % self.seq_len:
+                raise ValueError(
+                    f"x has {x.shape[1]} tokens per row; the wrapper needs k * max_seq_len + 1 "
+                    f"(max_seq_len={self.seq_len}, k >= 1: one extra token for the last label)"
+                )
+            inputs, labels = x[:, :-1], x[:, 1:]
+        else:
+            check_tokens(x, config.num_tokens)
+            check_labels(labels, x.shape, config.num_tokens, config.ignore_index)
+            if x.shape[1] % self.seq_len:
+                raise ValueError(
+                    f"with labels, x must have k * max_seq_len tokens per row (max_seq_len={self.seq_len}), "
+                    f"got {x.shape[1]}"
+                )
+            inputs = x
+        return list(zip(inputs.split(self.seq_len, dim=1), labels.split(self.seq_len, dim=1)))
+
+    def _dropout(self, state: ModelState) -> ModelState:
+        if not (self.training and self.transformer.training):
+            return state
+        memories, states = state.memories, state.states
+        if self.xl_memories_dropout > 0 and torch.rand(()).item() < self.xl_memories_dropout:
+            memories = (None,) * len(memories)
+        if self.state_dropout > 0 and torch.rand(()).item() < self.state_dropout:
+            states = (None,) * len(states)
+        return ModelState(memories, states)
+
+    def _prepare(self, x, labels, state, reset):
+        segments = self._split(x, labels)
+        B = x.shape[0]
+        state = normalise_state(self.transformer, state, B)
+        if reset is not None:
+            check_reset(reset, B)
+            state = state.reset_rows(reset.to(x.device), self.transformer.initial_states())
+        return segments, state
+
+    def _segment_loss_sum(self, inputs: Tensor, labels: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        logits, state = self.transformer._run(inputs, self._dropout(state), None)
+        return self.transformer.loss(logits, labels, reduction="sum"), state
+
+    # the reference's forward: one graph over all segments (memory grows with their number)
+
+    def forward(
+        self,
+        x: Tensor,
+        return_memories_and_states: bool = False,
+        *,
+        labels: Tensor | None = None,
+        state: ModelState | None = None,
+        reset: Tensor | None = None,
+    ):
+        """Token-weighted mean loss over all segments, differentiable; states detached between segments.
+
+        With no ``ignore_index`` labels this equals the reference's mean of per-segment losses.
+        """
+        segments, state = self._prepare(x, labels, state, reset)
+        total_loss, total_tokens = 0.0, 0
+        for inputs, segment_labels in segments:
+            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
+            state = state.detach()
+            total_loss = total_loss + loss_sum
+            total_tokens += int((segment_labels != self.transformer.config.ignore_index).sum())
+        loss = total_loss / max(total_tokens, 1)
+        if return_memories_and_states:
+            return loss, list(state.memories), list(state.states)
+        return loss
+
+    # truncated back-propagation: memory of k segments, whatever the sequence length
+
+    def forward_backward(
+        self,
+        x: Tensor,
+        *,
+        labels: Tensor | None = None,
+        state: ModelState | None = None,
+        reset: Tensor | None = None,
+        backward_every: int = 1,
+        loss_scale: float = 1.0,
+    ) -> SegmentResult:
+        """Run the segments in order, calling ``backward`` every ``backward_every`` segments.
+
+        Gradients accumulate in ``.grad`` as for ``(loss * loss_scale).backward()`` on the token-weighted
+        mean loss, except that they flow across at most ``backward_every`` segments (the state is detached
+        in between). With ``backward_every=1`` they equal those of :meth:`forward`'s loss exactly.
+        """
+        if isinstance(backward_every, bool) or not isinstance(backward_every, int) or backward_every < 1:
+            raise ValueError(f"backward_every must be an int >= 1, got {backward_every!r}")
+        segments, state = self._prepare(x, labels, state, reset)
+        ignore = self.transformer.config.ignore_index
+        total_tokens = sum(int((seg_labels != ignore).sum()) for _, seg_labels in segments)
+        weight = loss_scale / max(total_tokens, 1)
+
+        total_loss = torch.zeros((), device=x.device)
+        pending = None
+        for index, (inputs, segment_labels) in enumerate(segments):
+            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
+            total_loss += loss_sum.detach()
+            pending = loss_sum if pending is None else pending + loss_sum
+            if (index + 1) % backward_every == 0 or index + 1 == len(segments):
+                if pending.requires_grad:
+                    (pending * weight).backward()
+                pending = None
+                state = state.detach()
+        return SegmentResult(total_loss / max(total_tokens, 1), total_tokens, state.detach())
