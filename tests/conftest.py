@@ -1,0 +1,27 @@
+"""Shared test helpers: tiny models built deterministically, in float64 where rounding could hide a bug."""
+
+import pytest
+import torch
+
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+
+TINY = dict(
+    num_tokens=32, dim=32, depth=3, dim_head=8, heads=2, max_seq_len=16, block_width=4,
+    num_state_vectors=3, recurrent_layers=(2,),
+)
+
+
+def make_model(dtype=torch.float64, seed=0, **overrides) -> BlockRecurrentTransformer:
+    torch.manual_seed(seed)
+    model = BlockRecurrentTransformer(BlockRecurrentConfig(**{**TINY, **overrides}))
+    return model.to(dtype).eval()
+
+
+def random_tokens(batch, length, num_tokens=TINY["num_tokens"], seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_tokens, (batch, length), generator=generator)
+
+
+@pytest.fixture
+def model():
+    return make_model()
