@@ -181,24 +181,53 @@ class BlockRecurrentTransformer(nn.Module):
 
     # core: explicit state in, next state out
 
-    def forward_block(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
-        B = x.shape[0]
+    def state_views(self, state: ModelState, batch_size: int) -> tuple[StateView, ...]:
+        """Each recurrent state as seen during one block (computed once at the block's start)."""
+        return tuple(cell.view(s, batch_size) for cell, s in zip(self.cells, state.states))
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        memories: Sequence[XLMemory | None],
+        views: Sequence[StateView],
+        prefix: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Run the next N tokens x (B, N, D) of the current block through every layer; commit nothing.
+
+        prefix: per layer, the raw keys/values (B, P, dh) of the block's earlier tokens (None: the block
+        starts here). Returns (hidden (B, N, D), per-layer block keys and values (B, P + N, dh)).
+        """
         cells = self.cells
-        views = [cell.view(s, B) for cell, s in zip(cells, state.states)]
-        next_memories, next_states = [], list(state.states)
+        keys, values = [], []
         for index, layer in enumerate(self.layers):
             reads = [(cells[i], views[i]) for i in self._reads[index]]
-            memory = state.memories[index]
-            branch, keys, values = layer.attn(x, memory, self.rotary, reads)
+            layer_prefix = None if prefix is None else prefix[index]
+            branch, layer_keys, layer_values = layer.attn(x, memories[index], self.rotary, reads, layer_prefix)
             x = x + branch
             x = x + layer.ff(x)
-            # commit the block: the memory advances; the writing layer rewrites its state
-            next_memories.append(layer.attn.memory.update(memory, keys, values))
-            if layer.attn.cell is not None:
-                i = self._state_index[index]
-                next_states[i] = layer.attn.cell.write(views[i], keys, values)
-        return x, ModelState(tuple(next_memories), tuple(next_states))
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return x, tuple(keys), tuple(values)
+
+    def commit_block(
+        self, state: ModelState, views: Sequence[StateView], keys: Sequence[Tensor], values: Sequence[Tensor]
+    ) -> ModelState:
+        """The state after a block whose per-layer raw keys/values are given: memories advance, writing
+        layers rewrite their state from the views taken at the block's start."""
+        memories = tuple(
+            layer.attn.memory.update(memory, k, v)
+            for layer, memory, k, v in zip(self.layers, state.memories, keys, values)
+        )
+        cells, states = self.cells, list(state.states)
+        for i, layer in enumerate(self.config.recurrent_layers):
+            states[i] = cells[i].write(views[i], keys[layer - 1], values[layer - 1])
+        return ModelState(memories, tuple(states))
+
+    def forward_block(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
+        views = self.state_views(state, x.shape[0])
+        hidden, keys, values = self.forward_tokens(x, state.memories, views)
+        return hidden, self.commit_block(state, views, keys, values)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.to_logits(self.norm_out(hidden))
@@ -228,8 +257,11 @@ class BlockRecurrentTransformer(nn.Module):
         return self.logits(torch.cat(hidden, dim=1)), state
 
     def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of logits (B, T, V) against labels (B, T), skipping ``ignore_index``."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax of a large vocabulary needs more than half precision
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
+            logits.reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
             ignore_index=self.config.ignore_index,
             reduction=reduction,
