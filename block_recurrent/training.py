@@ -150,11 +150,10 @@ class RecurrentTrainerWrapper(nn.Module):
         total_tokens = sum(int((seg_labels != ignore).sum()) for _, seg_labels in segments)
         weight = loss_scale / max(total_tokens, 1)
 
-        total_loss = torch.zeros((), device=x.device)
-        pending = None
+        total_loss, pending = None, None
         for index, (inputs, segment_labels) in enumerate(segments):
             loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
-            total_loss += loss_sum.detach()
+            total_loss = loss_sum.detach() if total_loss is None else total_loss + loss_sum.detach()
             pending = loss_sum if pending is None else pending + loss_sum
             if (index + 1) % backward_every == 0 or index + 1 == len(segments):
                 if pending.requires_grad:

@@ -1,0 +1,231 @@
+"""Equivalences and invariants of the model: block-by-block equals one pass, causality, the state matters,
+fused attention equals the plain path, per-row reset equals a fresh row."""
+
+import pytest
+import torch
+
+from block_recurrent import BlockRecurrentTransformer, ModelState, RecurrentTrainerWrapper
+from block_recurrent.recurrent import FixedGate
+
+from conftest import TINY, make_model, random_tokens
+
+VARIANTS = {
+    "plain": {},
+    "compressed": dict(use_compressed_mem=True, compressed_mem_factor=2),
+    "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
+    "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
+}
+
+
+def assert_close(a, b, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def assert_states_close(a: ModelState, b: ModelState, tol=1e-10):
+    assert len(a.memories) == len(b.memories) and len(a.states) == len(b.states)
+    for m1, m2 in zip(a.memories, b.memories):
+        assert_close(m1.keys, m2.keys, tol)
+        assert_close(m1.values, m2.values, tol)
+    for s1, s2 in zip(a.states, b.states):
+        assert_close(s1, s2, tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_call_equals_block_by_block(variant):
+    model = make_model(**VARIANTS[variant])
+    tokens = random_tokens(2, 16)
+    logits, state = model.run(tokens)
+
+    pieces, block_state = [], None
+    for block in tokens.split(TINY["block_width"], dim=1):
+        block_logits, block_state = model.run(block, block_state)
+        pieces.append(block_logits)
+    assert_close(torch.cat(pieces, dim=1), logits)
+    assert_states_close(block_state, state)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_segments_equal_wrapper_and_long_run(variant):
+    model = make_model(**VARIANTS[variant])
+    seq = random_tokens(2, 3 * TINY["max_seq_len"] + 1)
+    wrapper = RecurrentTrainerWrapper(model)
+    wrapper_loss, memories, states = wrapper(seq, return_memories_and_states=True)
+
+    # the reference's usage: thread memories and states through forward, one window at a time
+    losses, mems, sts = [], [], []
+    for start in range(0, seq.shape[1] - 1, TINY["max_seq_len"]):
+        window = seq[:, start : start + TINY["max_seq_len"] + 1]
+        loss, mems, sts = model(window, return_loss=True, xl_memories=mems, states=sts)
+        losses.append(loss)
+    assert_close(wrapper_loss, torch.stack(losses).mean())
+
+    # one run over the whole sequence: the same computation, since blocks never straddle segments
+    logits, long_state = model.run(seq[:, :-1])
+    assert_close(model.loss(logits, seq[:, 1:]), wrapper_loss)
+    assert_states_close(long_state, ModelState(tuple(memories), tuple(states)))
+
+
+@pytest.mark.parametrize("variant", ["plain", "compressed", "read_below_write"])
+def test_causality_across_blocks_and_segments(variant):
+    model = make_model(**VARIANTS[variant])
+    tokens = random_tokens(1, 40)
+    logits, _ = model.run(tokens)
+    for t in (0, 3, 4, 17, 33):
+        changed = tokens.clone()
+        changed[0, t] = (changed[0, t] + 1) % TINY["num_tokens"]
+        changed_logits, _ = model.run(changed)
+        assert_close(changed_logits[:, :t], logits[:, :t], tol=1e-12)
+        assert not torch.allclose(changed_logits[:, t], logits[:, t])
+        # the change must reach beyond the attention window through the state (block width 4, memory 4)
+        assert not torch.allclose(changed_logits[:, -1], logits[:, -1])
+
+
+def test_state_changes_logits():
+    model = make_model()
+    tokens = random_tokens(2, 8)
+    _, state = model.run(tokens)
+    logits, _ = model.run(tokens, state)
+    perturbed = ModelState(state.memories, tuple(s + torch.randn_like(s) for s in state.states))
+    perturbed_logits, _ = model.run(tokens, perturbed)
+    assert (perturbed_logits - logits).abs().max() > 1e-3
+
+
+def test_every_recurrent_parameter_gets_gradient():
+    model = make_model(dtype=torch.float32).train()
+    wrapper = RecurrentTrainerWrapper(model)
+    wrapper(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
+    cell = model.layers[1].attn.cell
+    recurrent_params = dict(cell.named_parameters())
+    assert {"initial_state", "state_ids", "gate.keep_bias", "gate.to_candidate.weight", "to_update.weight",
+            "to_self_queries.weight", "to_cross_queries.weight", "to_token_queries.weight",
+            "to_state_kv.weight", "self_attn.temperature", "write_attn.temperature"} <= set(recurrent_params)
+    for name, param in recurrent_params.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    for name, param in model.named_parameters():
+        if "compress" not in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_equals_plain_attention(variant):
+    sdpa = make_model(**VARIANTS[variant])
+    plain = make_model(**VARIANTS[variant], attn_implementation="math")
+    plain.load_state_dict(sdpa.state_dict())
+    tokens = random_tokens(3, 24)
+    reset = torch.tensor([False, True, False])
+    _, state = sdpa.run(tokens)
+    a, state_a = sdpa.run(tokens, state, reset=reset)
+    b, state_b = plain.run(tokens, state, reset=reset)
+    assert_close(a, b)
+    assert_states_close(state_a, state_b)
+
+
+@pytest.mark.parametrize("variant", ["plain", "compressed", "read_below_write"])
+def test_reset_row_equals_fresh_row(variant):
+    model = make_model(**VARIANTS[variant])
+    history = random_tokens(3, 24, seed=2)
+    tokens = random_tokens(3, 12, seed=3)
+    _, state = model.run(history)
+    reset = torch.tensor([False, True, False])
+    logits, next_state = model.run(tokens, state, reset=reset)
+
+    fresh_logits, fresh_state = model.run(tokens[1:2])
+    assert_close(logits[1:2], fresh_logits)
+    assert_close(next_state.states[0][1:2], fresh_state.states[0])
+    # rows that were not reset carry on exactly as without a reset
+    carried_logits, _ = model.run(tokens, state)
+    assert_close(logits[[0, 2]], carried_logits[[0, 2]])
+
+
+def test_reset_with_compressed_memory_masks_the_old_document_until_it_leaves():
+    model = make_model(**VARIANTS["compressed"])
+    history, tokens = random_tokens(2, 16, seed=4), random_tokens(2, 16, seed=5)
+    _, state = model.run(history)
+    logits, _ = model.run(tokens, state, reset=torch.tensor([True, True]))
+    fresh, _ = model.run(tokens)
+    assert_close(logits, fresh)
+
+
+def test_fixed_gate_formula():
+    gate = FixedGate(4).double()
+    state, update = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    keep = torch.sigmoid(gate.keep_bias)
+    expected = state * keep + (update @ gate.to_candidate.weight.T + gate.to_candidate.bias) * (1 - keep)
+    assert_close(gate(state, update), expected)
+
+
+def test_partial_last_block_commits_state_and_memory():
+    model = make_model()
+    tokens = random_tokens(1, 6)
+    _, state = model.run(tokens)
+    assert state.memories[0].length == TINY["block_width"]
+    # the committed state is what the 2-token block wrote: running the blocks separately agrees
+    _, first = model.run(tokens[:, :4])
+    _, second = model.run(tokens[:, 4:], first)
+    assert_states_close(state, second)
+
+
+def test_reference_usage_example_runs():
+    # the reference README's example, unchanged
+    model = BlockRecurrentTransformer(
+        num_tokens=2000, dim=64, depth=2, dim_head=16, heads=2, max_seq_len=32, block_width=16,
+        num_state_vectors=16, recurrent_layers=(2,), use_compressed_mem=False, compressed_mem_factor=4,
+        use_flash_attn=True,
+    )
+    seq = torch.randint(0, 2000, (1, 32))
+    out, mems1, states1 = model(seq)
+    out, mems2, states2 = model(seq, xl_memories=mems1, states=states1)
+    out, mems3, states3 = model(seq, xl_memories=mems2, states=states2)
+    assert out.shape == (1, 32, 2000) and len(mems3) == 2 and states3[0].shape == (1, 16, 64)
+
+    wrapper = RecurrentTrainerWrapper(model, xl_memories_dropout=0.1, state_dropout=0.1)
+    loss = wrapper(torch.randint(0, 2000, (1, 32 * 4 + 1)))
+    loss.backward()
+    assert loss.ndim == 0
+    # the reference's (2, B, M, dh) memory tensors are accepted too
+    out_ref, _, _ = model(seq, xl_memories=[m.as_reference() for m in mems1], states=states1)
+    assert out_ref.shape == out.shape
+
+
+def test_short_call_returns_no_state_by_default():
+    model = make_model()
+    logits, mems, states = model(random_tokens(1, 5))
+    assert logits.shape == (1, 5, TINY["num_tokens"]) and mems is None and states is None
+    _, mems, states = model(random_tokens(1, 5), return_memories_and_states=True)
+    assert len(mems) == TINY["depth"] and not mems[0].keys.requires_grad
+
+
+def test_labels_with_ignore_index():
+    model = make_model()
+    x = random_tokens(2, 16)
+    labels = random_tokens(2, 16, seed=9)
+    labels[:, 10:] = -100
+    loss, _, _ = model(x, labels=labels)
+    logits, _ = model.run(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, :10].reshape(-1, 32), labels[:, :10].reshape(-1))
+    assert_close(loss, expected)
+
+
+def test_dropout_options_and_no_dropout_by_default():
+    model = make_model(attn_dropout=0.5, ff_dropout=0.5).train()
+    tokens = random_tokens(1, 8)
+    assert not torch.equal(model.run(tokens)[0], model.run(tokens)[0])
+    model.eval()
+    assert torch.equal(model.run(tokens)[0], model.run(tokens)[0])
+    default = make_model().train()
+    assert torch.equal(default.run(tokens)[0], default.run(tokens)[0])
+
+
+@pytest.mark.parametrize("eval_target", ["wrapper", "inner"])
+def test_memory_and_state_dropout_never_in_eval(eval_target):
+    model = make_model()
+    wrapper = RecurrentTrainerWrapper(model, xl_memories_dropout=1.0, state_dropout=1.0)
+    seq = random_tokens(1, 2 * TINY["max_seq_len"] + 1)
+    wrapper.train()
+    (wrapper if eval_target == "wrapper" else model).eval()
+    plain = RecurrentTrainerWrapper(model)
+    assert_close(wrapper(seq), plain(seq))
+    # and in training mode, dropout 1.0 really drops: each segment starts fresh
+    wrapper.train()
+    fresh = torch.stack([model(seq[:, s : s + 17], return_loss=True)[0] for s in (0, 16)]).mean()
+    assert_close(wrapper(seq), fresh)
