@@ -320,3 +320,26 @@ class BlockRecurrentTransformer(nn.Module):
         if not return_loss:
             return logits, memories_out, states_out
         return self.loss(logits, labels), memories_out, states_out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prime: Tensor,
+        length: int | None = None,
+        xl_memories: Sequence[XLMemory | Tensor | None] = (),
+        states: Sequence[Tensor | None] = (),
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        return_memories_and_states: bool = False,
+    ):
+        """The reference's ``generate``: the ``length - prime_len`` tokens (B, new) that follow ``prime`` (B, T).
+
+        ``length`` counts the prime (default max_seq_len + 1) and, unlike the reference, may exceed
+        max_seq_len + 1; the prime may be of any length. Runs on the exact cache of
+        :mod:`block_recurrent.generation` (see ``generate_reference`` there for the returned memories/states).
+        """
+        from .generation import generate_reference  # generation imports this module
+
+        return generate_reference(
+            self, prime, length, xl_memories, states, temperature, filter_thres, return_memories_and_states
+        )

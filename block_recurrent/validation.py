@@ -128,3 +128,21 @@ def state_from_lists(
         fill(xl_memories, model.config.depth), fill(states, len(model.config.recurrent_layers))
     )
     return normalise_state(model, state, batch_size)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """An int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None, *, open_high: bool = False) -> None:
+    """A real number in [low, high] ([low, high) with ``open_high``; no upper bound when high is None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if not value >= low or too_high:  # `not >=` also rejects NaN
+        bound = "" if high is None else (f", < {high}" if open_high else f", <= {high}")
+        raise ValueError(f"{name} must be a number >= {low}{bound}, got {value}")

@@ -1,0 +1,399 @@
+"""Exact cached generation: prefill a prompt of any length, then decode one token at a time.
+
+The decode state is explicit and travels through every call, as the model state does in training:
+
+    DecodeState = committed ModelState (XL memories and recurrent states after the last full block)
+                + per layer, the raw keys/values of the current, partly filled block
+                + the recurrent states' views for this block (computed once, when the block starts)
+                + how many tokens of the block have been fed
+
+Blocks sit at multiples of ``block_width`` from where the state starts (the document start for a fresh
+state), exactly as ``model.run`` cuts a whole text. A new token attends to at most the memory plus its
+block's earlier tokens, and when a block fills it is committed by ``model.commit_block``, the same call
+``forward_block`` makes, so teacher-forced decoding reproduces ``model.run``'s logits at every position.
+
+Entry points: :func:`generate` (tokens at once), :func:`stream` (tokens as they come), the building blocks
+:func:`prefill`, :func:`decode_step`, :func:`sample`, and :func:`generate_reference` behind the
+reference-compatible ``BlockRecurrentTransformer.generate`` / ``RecurrentTrainerWrapper.generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .recurrent import StateView
+from .state import ModelState
+from .validation import check_float, check_int, check_tokens, normalise_state, state_from_lists
+
+if TYPE_CHECKING:
+    from .model import BlockRecurrentTransformer
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """Where incremental decoding stands; returned anew by every call, never modified in place.
+
+    committed: the model state after the last complete block.
+    partial: per layer, raw (keys, values) of the current block's tokens so far, each (B, position, dh);
+        None while the block is empty (position == 0).
+    views: per recurrent layer, the :class:`StateView` of ``committed.states`` used by this block's reads
+        and by its commit.
+    position: tokens of the current block already fed, 0 <= position < block_width.
+    """
+
+    committed: ModelState
+    partial: tuple[tuple[Tensor, Tensor], ...] | None
+    views: tuple[StateView, ...]
+    position: int
+
+    @property
+    def batch_size(self) -> int:
+        if self.partial is not None:
+            return self.partial[0][0].shape[0]
+        if self.views:
+            return self.views[0].state.shape[0]
+        size = self.committed.batch_size
+        if size is None:
+            raise ValueError("this DecodeState holds no tensor to tell its batch size")
+        return size
+
+
+def start(model: "BlockRecurrentTransformer", state: ModelState | None, batch_size: int) -> DecodeState:
+    """A decode state at a block boundary, from a committed model state (None: a fresh document)."""
+    state = normalise_state(model, state, batch_size)
+    return DecodeState(state, None, model.state_views(state, batch_size), 0)
+
+
+def commit_partial(model: "BlockRecurrentTransformer", decode_state: DecodeState) -> ModelState:
+    """The model state with the partly filled block committed, as ``model.run`` commits a call's last block.
+
+    Continuing from it starts a new block, so it equals running the text seen so far in one ``run`` call,
+    not the whole document: use the DecodeState itself to continue exactly.
+    """
+    if decode_state.partial is None:
+        return decode_state.committed
+    keys = tuple(k for k, _ in decode_state.partial)
+    values = tuple(v for _, v in decode_state.partial)
+    return model.commit_block(decode_state.committed, decode_state.views, keys, values)
+
+
+# the two state-advancing steps
+
+
+def _feed(model: "BlockRecurrentTransformer", tokens: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
+    """Feed tokens (B, N) that fit in the current block (position + N <= block_width).
+
+    Returns the hidden states (B, N, D) and the next decode state; a block that fills is committed.
+    """
+    x = model.token_emb(tokens)  # (B, N, D)
+    hidden, keys, values = model.forward_tokens(x, ds.committed.memories, ds.views, ds.partial)
+    position = ds.position + tokens.shape[1]
+    if position < model.config.block_width:
+        return hidden, DecodeState(ds.committed, tuple(zip(keys, values)), ds.views, position)
+    # the block is full: commit it exactly as forward_block does, then open the next one
+    committed = model.commit_block(ds.committed, ds.views, keys, values)
+    return hidden, DecodeState(committed, None, model.state_views(committed, tokens.shape[0]), 0)
+
+
+def _to_decode_state(
+    model: "BlockRecurrentTransformer", state: ModelState | DecodeState | None, batch_size: int
+) -> DecodeState:
+    if isinstance(state, DecodeState):
+        _check_decode_state(model, state, batch_size)
+        return state
+    if state is not None and not isinstance(state, ModelState):
+        raise TypeError(f"state must be a ModelState, a DecodeState or None, got {type(state).__name__}")
+    return start(model, state, batch_size)
+
+
+def _check_decode_state(model: "BlockRecurrentTransformer", ds: DecodeState, batch_size: int) -> None:
+    width = model.config.block_width
+    if isinstance(ds.position, bool) or not isinstance(ds.position, int) or not 0 <= ds.position < width:
+        raise ValueError(f"state.position must be an int in [0, {width - 1}] (block_width={width}), got {ds.position!r}")
+    if (ds.partial is None) != (ds.position == 0):
+        raise ValueError("state.partial must be None exactly when state.position is 0")
+    if ds.partial is not None and len(ds.partial) != model.config.depth:
+        raise ValueError(f"state.partial has {len(ds.partial)} layers; this model has depth={model.config.depth}")
+    if len(ds.views) != len(model.config.recurrent_layers):
+        raise ValueError(
+            f"state.views has {len(ds.views)} entries; this model has {len(model.config.recurrent_layers)} recurrent layers"
+        )
+    if ds.batch_size != batch_size:
+        raise ValueError(f"state has batch size {ds.batch_size} but the prompt has {batch_size} rows")
+    normalise_state(model, ds.committed, batch_size)
+
+
+def _as_batch(tokens: Tensor, num_tokens: int, name: str) -> Tensor:
+    """Token ids as (B, T): a 1-D tensor is one row. Raises on anything else or on ids out of range."""
+    if isinstance(tokens, Tensor) and tokens.ndim == 1:
+        tokens = tokens[None]
+    check_tokens(tokens, num_tokens, name)
+    return tokens
+
+
+def prefill(
+    model: "BlockRecurrentTransformer", tokens: Tensor, state: ModelState | DecodeState | None = None
+) -> tuple[Tensor, DecodeState]:
+    """Consume a prompt (B, T) of any length; return the logits (B, V) after its last token and the decode state.
+
+    Work goes block by block (the first piece only completes a block a DecodeState left half full), so
+    memory stays that of one block whatever T is. ``state``: where the prompt continues from (None: a fresh
+    document; a ModelState starts a new block; a DecodeState continues its block). Runs the model in its
+    current mode and grad setting: :func:`generate` and :func:`stream` wrap it in eval + no_grad.
+    """
+    tokens = _as_batch(tokens, model.config.num_tokens, "tokens")
+    B, T = tokens.shape
+    ds = _to_decode_state(model, state, B)
+    width = model.config.block_width
+
+    # 1. pieces that end on block boundaries: first to the end of the current block, then whole blocks
+    hidden, begin = None, 0
+    while begin < T:
+        end = min(T, begin + width - ds.position)
+        hidden, ds = _feed(model, tokens[:, begin:end], ds)
+        begin = end
+    # 2. only the last position's logits are kept
+    return model.logits(hidden[:, -1]), ds
+
+
+def decode_step(
+    model: "BlockRecurrentTransformer", token: Tensor, decode_state: DecodeState
+) -> tuple[Tensor, DecodeState]:
+    """Feed one token (B,) per row; return the next-token logits (B, V) and the next decode state.
+
+    The cost is one token through every layer, attending to the memory and the block so far; when the
+    token fills its block, the block is committed (memories pushed, recurrent states written).
+    """
+    if not isinstance(token, Tensor) or token.ndim != 1:
+        raise ValueError(f"token must be a 1-D tensor (batch,) of token ids, got {getattr(token, 'shape', token)!r}")
+    tokens = token[:, None]  # (B, 1)
+    check_tokens(tokens, model.config.num_tokens, "token")
+    if not isinstance(decode_state, DecodeState):
+        raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
+    hidden, ds = _feed(model, tokens, decode_state)
+    return model.logits(hidden[:, -1]), ds
+
+
+# sampling
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token id per row from logits (B, V): greedy when temperature is 0, else softmax(logits / T)
+    restricted to the ``top_k`` most likely ids and then to the smallest set of mass >= ``top_p``."""
+    logits = logits.float()  # sample in float32 whatever autocast produced
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = _nucleus(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the most likely ids until their mass reaches top_p (always at least the most likely one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)  # (B, V), most likely first
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p  # an id is kept while the mass of the ids before it is < top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _check_sampling(
+    model: "BlockRecurrentTransformer",
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token: int | None,
+    generator: torch.Generator | None,
+) -> None:
+    vocab = model.config.num_tokens
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_float("temperature", temperature, 0.0)
+    if top_k is not None:
+        check_int("top_k", top_k, 1)
+    if top_p is not None:
+        check_float("top_p", top_p, 0.0, 1.0)
+        if top_p == 0:
+            raise ValueError("top_p must be in (0, 1], got 0")
+    if eos_token is not None:
+        check_int("eos_token", eos_token, 0)
+        if eos_token >= vocab:
+            raise ValueError(f"eos_token must be in [0, {vocab - 1}], got {eos_token}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: "BlockRecurrentTransformer"):
+    """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards."""
+    was_training = model.training
+    if was_training:  # switching walks every module: skip it when already in eval mode
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+# the loop
+
+
+def _decode_loop(
+    model: "BlockRecurrentTransformer",
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token: int | None,
+    generator: torch.Generator | None,
+    state: ModelState | DecodeState | None,
+    final: list,
+) -> Iterator[Tensor]:
+    """Yield (B,) tokens; ``final`` receives the decode state covering everything fed (all but the last token).
+
+    Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has.
+    """
+    with _eval_no_grad(model):
+        logits, ds = prefill(model, prompt, state)
+    done = None
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token is not None:
+            if done is not None:
+                token = torch.where(done, eos_token, token)  # finished rows are padded with the end token
+            done = token == eos_token if done is None else done | (token == eos_token)
+        final[:] = [ds]
+        yield token
+        if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
+            return
+        with _eval_no_grad(model):
+            logits, ds = decode_step(model, token, ds)
+    final[:] = [ds]
+
+
+def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator) -> Tensor:
+    from .model import BlockRecurrentTransformer
+
+    if not isinstance(model, BlockRecurrentTransformer):
+        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    _check_sampling(model, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    return _as_batch(prompt, model.config.num_tokens, "prompt")
+
+
+def stream(
+    model: "BlockRecurrentTransformer",
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    generator: torch.Generator | None = None,
+    state: ModelState | DecodeState | None = None,
+) -> Iterator[Tensor]:
+    """Like :func:`generate`, but yields each new token (B,) as soon as it is sampled.
+
+    Arguments are checked when this is called, before the first token is asked for.
+    """
+    prompt = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    return _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, [])
+
+
+def generate(
+    model: "BlockRecurrentTransformer",
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    generator: torch.Generator | None = None,
+    state: ModelState | DecodeState | None = None,
+    return_state: bool = False,
+):
+    """Continue ``prompt`` (B, T) by up to ``max_new_tokens`` tokens: returns (B, new) token ids.
+
+    prompt: token ids, (B, T) or (T,) for one row, T >= 1 and of any length (consumed block by block).
+    temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / temperature), optionally
+        restricted to the ``top_k`` most likely ids and then to the nucleus of mass ``top_p``.
+    eos_token: a row that produces it is finished and padded with it; generation stops early once every
+        row is finished, so ``new`` may be < max_new_tokens.
+    generator: a torch.Generator (on the model's device) for reproducible sampling.
+    state: continue a document: a ModelState (the prompt starts a new block) or the DecodeState a previous
+        call returned (exact continuation; pass the last token it generated as the next prompt).
+    return_state: also return the DecodeState after all tokens but the last generated one (which has not
+        been fed to the model yet), i.e. ``(tokens, decode_state)``.
+
+    Runs in eval mode without autograd (the caller's mode is restored); works under
+    ``torch.inference_mode`` and CUDA autocast. The cost per new token is one token's pass against at most
+    the memory plus one block, so it does not grow with the output's length.
+    """
+    prompt = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    final: list = []
+    loop = _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, final)
+    tokens = list(loop)
+    B = prompt.shape[0]
+    out = torch.stack(tokens, dim=1) if tokens else prompt.new_empty((B, 0))  # (B, new)
+    return (out, final[0]) if return_state else out
+
+
+# the reference's interface
+
+
+def generate_reference(
+    model: "BlockRecurrentTransformer",
+    prime: Tensor,
+    length: int | None = None,
+    xl_memories: Sequence = (),
+    states: Sequence = (),
+    temperature: float = 1.0,
+    filter_thres: float = 0.9,
+    return_memories_and_states: bool = False,
+):
+    """The reference port's ``generate``, on the cache and without its length limits.
+
+    ``length`` counts the prime (default max_seq_len + 1); returns the ``length - prime_len`` new tokens
+    (B, length - prime_len). ``filter_thres`` keeps the ceil((1 - filter_thres) * num_tokens) most likely
+    ids, as the reference's ``top_k``. With ``return_memories_and_states``, also the memories and states
+    after every token but the last generated one, as ``model(x[:, :-1], return_memories_and_states=True)``
+    would return them: feed that last token as the next prime to continue, as the reference's wrapper does.
+    """
+    check_tokens(prime, model.config.num_tokens, "prime")
+    B, prime_len = prime.shape
+    length = model.config.max_seq_len + 1 if length is None else length
+    check_int("length", length, prime_len + 1)
+    check_float("filter_thres", filter_thres, 0.0, 1.0, open_high=True)
+    top_k = max(1, math.ceil((1 - filter_thres) * model.config.num_tokens))
+    state = state_from_lists(model, xl_memories, states, B)
+
+    out, ds = generate(
+        model, prime, length - prime_len, temperature=temperature, top_k=top_k, state=state, return_state=True
+    )
+    if not return_memories_and_states:
+        return out
+    with _eval_no_grad(model):
+        committed = commit_partial(model, ds)
+    return out, list(committed.memories), list(committed.states)
