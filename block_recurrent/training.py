@@ -161,3 +161,13 @@ class RecurrentTrainerWrapper(nn.Module):
                 pending = None
                 state = state.detach()
         return SegmentResult(total_loss / max(total_tokens, 1), total_tokens, state.detach())
+
+    @torch.no_grad()
+    def generate(self, prime: Tensor, length: int, **kwargs):
+        """The reference's wrapper ``generate``: the ``length - prime_len`` tokens (B, new) after ``prime``.
+
+        One cached pass instead of the reference's window-by-window re-runs; ``kwargs`` are those of
+        ``BlockRecurrentTransformer.generate`` (``temperature``, ``filter_thres``, and, new here, starting
+        ``xl_memories`` / ``states`` and ``return_memories_and_states``).
+        """
+        return self.transformer.generate(prime, length, **kwargs)
