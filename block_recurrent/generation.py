@@ -242,7 +242,7 @@ def _check_sampling(
 
 
 @contextlib.contextmanager
-def _eval_no_grad(model: "BlockRecurrentTransformer"):
+def eval_no_grad(model: "BlockRecurrentTransformer"):
     """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards."""
     was_training = model.training
     if was_training:  # switching walks every module: skip it when already in eval mode
@@ -274,7 +274,7 @@ def _decode_loop(
 
     Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has.
     """
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         logits, ds = prefill(model, prompt, state)
     done = None
     for step in range(max_new_tokens):
@@ -287,7 +287,7 @@ def _decode_loop(
         yield token
         if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
             return
-        with _eval_no_grad(model):
+        with eval_no_grad(model):
             logits, ds = decode_step(model, token, ds)
     final[:] = [ds]
 
@@ -394,6 +394,6 @@ def generate_reference(
     )
     if not return_memories_and_states:
         return out
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         committed = commit_partial(model, ds)
     return out, list(committed.memories), list(committed.states)
