@@ -1,18 +1,196 @@
-"""The ``brt`` command line: thin subcommands over library functions."""
+"""The ``brt`` command line: thin subcommands over library functions.
+
+- ``brt train``: :func:`block_recurrent.trainer.train` with a preset (or a config JSON) and a
+  :class:`~block_recurrent.trainer.TrainConfig` built from the options (one option per field).
+- ``brt generate``: :func:`block_recurrent.checkpoint.from_pretrained` then
+  :func:`block_recurrent.generation.generate`.
+- ``brt eval``: :func:`block_recurrent.checkpoint.from_pretrained` then
+  :func:`block_recurrent.trainer.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`.
+
+Errors in the input (bad options, data, checkpoints) print one line ``brt: error: ...`` and exit with 2;
+a diverged run exits with 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
+from typing import Any
 
 from . import __version__
+from .config import PRESETS
+
+DEFAULT_PRESET = "small"
+
+TRAIN_HELP = {
+    "data": "text file, .gz file or folder of them (default: the Python standard library's sources)",
+    "val_data": "held-out documents (default: the fixed split of the training data, see docs/training.md)",
+    "hf_dataset": "a Hugging Face dataset name or save_to_disk folder instead of --data (needs [hf])",
+    "hf_split": "split of --hf-dataset",
+    "text_field": "text column of --hf-dataset",
+    "tokenizer": "a `tokenizers` JSON file (needs [tokenizers]); default: bytes",
+    "mode": "stream: rows continue whole documents step after step; crop: random windows",
+    "batch_size": "rows per micro-batch (per rank)",
+    "segments": "segments of max_seq_len tokens per row per step",
+    "backward_every": "back-propagate through this many segments at a time",
+    "grad_accum": "micro-batches per optimiser step",
+    "max_steps": "optimiser steps",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a share of --lr (cosine decay)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "xl_memories_dropout": "chance per segment to start it with an empty memory",
+    "state_dropout": "chance per segment to start it with the initial state",
+    "seed": "seed of the weights, the data order and dropout",
+    "device": "auto, cpu, cuda, cuda:N",
+    "bf16": "bfloat16 autocast (CUDA only)",
+    "compile": "torch.compile the layers (CUDA only)",
+    "out_dir": "run folder: checkpoints, metrics.jsonl, loss_curve.png",
+    "log_every": "steps between metric lines",
+    "eval_every": "steps between validations and samples (0: never)",
+    "eval_tokens": "validation tokens per evaluation",
+    "sample_tokens": "tokens generated after each validation (0: none)",
+    "checkpoint_every": "steps between checkpoints (0: only at the end and on Ctrl-C)",
+    "keep_last": "checkpoints kept",
+    "progress": "show the progress bar",
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; unset options keep the config's defaults (or the resumed run's)."""
+    from .trainer import TrainConfig
+
+    group = parser.add_argument_group("training settings (TrainConfig)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = f"{TRAIN_HELP.get(field.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = str if default is None else type(default)
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brt", description="Block-Recurrent Transformer: train, evaluate, generate")
     parser.add_argument("--version", action="version", version=f"block-recurrent {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model on long documents (or resume a run)")
+    model = train.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=None, default=None,
+                       help=f"model preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    model.add_argument("--model-config", default=None, help="a model config JSON file instead of a preset")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    _add_train_options(train)
+
+    generate = commands.add_parser("generate", help="continue a prompt with a trained model")
+    generate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default="auto")
+
+    evaluate = commands.add_parser("eval", help="bits per byte of a trained model on documents")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
+    evaluate.add_argument("--data", default=None,
+                          help="text file, .gz or folder; default: the built-in corpus's validation documents")
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
+    evaluate.add_argument("--device", default="auto")
     return parser
+
+
+# subcommands
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import BlockRecurrentConfig
+    from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
+
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    options = {name: value for name, value in vars(args).items() if name in known}
+    if args.resume:
+        model_config, config = resume_configs(options.pop("out_dir", TrainConfig.out_dir), **options)
+        asked = _model_config(args, default=None)
+        if asked is not None and asked != model_config:
+            raise ValueError("--resume: the run was trained with another model config; drop --preset/--model-config")
+    else:
+        model_config = _model_config(args, default=DEFAULT_PRESET)
+        config = TrainConfig(**options)
+    try:
+        result = train(model_config, config, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"brt: training stopped: {error}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
+    print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
+    return 0
+
+
+def _model_config(args: argparse.Namespace, default: str | None):
+    from .config import BlockRecurrentConfig
+
+    if args.model_config is not None:
+        path = Path(args.model_config)
+        if not path.is_file():
+            raise ValueError(f"--model-config: no file at {path}")
+        return BlockRecurrentConfig.load(path)
+    name = args.preset or default
+    return None if name is None else BlockRecurrentConfig.from_name(name)
+
+
+def _load(checkpoint: str, device: str):
+    from .checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
+    from .data import load_tokenizer
+    from .trainer import resolve_device
+
+    folder = resolve_checkpoint(checkpoint) if Path(checkpoint).exists() else checkpoint
+    model = from_pretrained(folder, device=resolve_device(device))
+    tokenizer_file = Path(folder) / TOKENIZER_FILE
+    return model, load_tokenizer(tokenizer_file if tokenizer_file.exists() else None)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generation import generate
+
+    model, tokenizer = _load(args.checkpoint, args.device)
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+    prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=model.device)[None]
+    generator = torch.Generator(model.device).manual_seed(args.seed)
+    new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, generator=generator)
+    print(args.prompt + tokenizer.decode(new[0].tolist()))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import TokenCorpus, builtin_documents, path_documents, split_documents
+    from .trainer import evaluate_corpus
+
+    model, tokenizer = _load(args.checkpoint, args.device)
+    documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)
+    corpus = TokenCorpus.from_documents(documents, tokenizer)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens)
+    print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
+          f"({len(corpus)} documents)")
+    return 0
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, ImportError) as error:
+        print(f"brt: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import (
-    CheckpointError, check_same_config, latest_checkpoint, load_training_checkpoint, optimizer_from_tensors,
-    save_training_checkpoint,
+    TRAINER_JSON, CheckpointError, check_same_config, latest_checkpoint, load_training_checkpoint,
+    optimizer_from_tensors, read_config, read_json, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
 from .data import BATCHERS, Batch, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
@@ -358,35 +358,13 @@ class Trainer:
 
     # validation and samples
 
-    def validation_documents(self) -> list[Tensor]:
-        """Held-out documents in name order, whole, until ``eval_tokens`` (the last one cut short)."""
-        docs, budget = [], self.config.eval_tokens
-        for i in range(len(self.val_corpus)):
-            if budget < 2:
-                break
-            doc = self.val_corpus.document(i)[:budget]
-            if len(doc) >= 2:
-                docs.append(torch.from_numpy(doc.astype("int64")))
-                budget -= len(doc)
-        return docs
-
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Streaming loss over the held-out documents (each from a fresh state), split across ranks."""
-        from .evaluation import evaluate
-
-        totals = torch.zeros(2, dtype=torch.float64)
-        was_training = self.model.training
-        self.model.eval()
-        docs = self.validation_documents()
-        for doc in docs[self.dist.rank :: self.dist.world_size]:
-            with self._autocast():
-                result = evaluate(self.model, doc[None].to(self.device))
-            totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
-        self.model.train(was_training)
-        loss_sum, tokens = self.dist.all_reduce(totals).tolist()
-        loss = loss_sum / max(tokens, 1)
-        return {"val_loss": loss, "val_bpb": loss / LN2 / self.val_corpus.bytes_per_token, "val_tokens": int(tokens)}
+        with self._autocast():
+            result = evaluate_corpus(self.model, self.val_corpus, max_tokens=self.config.eval_tokens,
+                                     distributed=self.dist)
+        return {f"val_{k}": v for k, v in result.items()}
 
     def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""
@@ -636,6 +614,51 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def evaluate_corpus(
+    model: BlockRecurrentTransformer, corpus: TokenCorpus, *, max_tokens: int | None = None,
+    distributed: Distributed | None = None,
+) -> dict[str, float]:
+    """Loss and bits per byte over a corpus's documents, each scored from a fresh state by ``evaluate``.
+
+    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with several ranks each
+    scores every world_size-th document and the sums are all-reduced.
+    """
+    from .evaluation import evaluate
+
+    distributed = distributed or Distributed()
+    docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
+    for i in range(len(corpus)):
+        doc = corpus.document(i)[:budget]
+        if budget < 2:
+            break
+        if len(doc) >= 2:
+            docs.append(doc)
+            budget -= len(doc)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for doc in docs[distributed.rank :: distributed.world_size]:
+        tokens = torch.from_numpy(doc.astype("int64"))[None].to(model.device)
+        result = evaluate(model, tokens)
+        totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
+    loss_sum, count = distributed.all_reduce(totals).tolist()
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "bpb": loss / LN2 / corpus.bytes_per_token, "tokens": int(count)}
+
+
+def resume_configs(out_dir: str | Path, **overrides: Any) -> tuple[BlockRecurrentConfig, TrainConfig]:
+    """The model and training configs of the run in ``out_dir`` (its latest checkpoint), with ``overrides``.
+
+    Overriding a setting outside ``TrainConfig.RESUMABLE`` is refused when the run is restored.
+    """
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        raise ValueError(f"resume: {out_dir} holds no checkpoint to resume from")
+    saved = read_json(found / TRAINER_JSON)
+    if not isinstance(saved, dict) or not isinstance(saved.get("train_config"), dict):
+        raise CheckpointError(f"{found / TRAINER_JSON} is damaged (no train_config)")
+    settings = {**saved["train_config"], **overrides, "out_dir": str(out_dir)}
+    return read_config(found), TrainConfig.from_dict(settings)
 
 
 def train(model_config: BlockRecurrentConfig, config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
