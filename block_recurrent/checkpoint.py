@@ -295,7 +295,7 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, saved: dict[str, An
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        state.setdefault(int(index), {})[name] = value.clone()  # never share storage with the caller's tensors
     for key, value in info.get("scalars", {}).items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
