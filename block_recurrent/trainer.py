@@ -135,9 +135,10 @@ class TrainConfig:
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"device must be a str such as 'auto', 'cpu' or 'cuda:0', got {self.device!r}")
 
-    # settings a resumed run may change without changing the losses it computes
+    # settings a resumed run may change: logging and schedule, and how the same global rows are split into
+    # ranks and micro-batches (batch_size * grad_accum * ranks must stay the same; that is checked on restore)
     RESUMABLE = ("max_steps", "out_dir", "log_every", "eval_every", "eval_tokens", "sample_tokens",
-                 "checkpoint_every", "keep_last", "progress", "device", "compile")
+                 "checkpoint_every", "keep_last", "progress", "device", "compile", "batch_size", "grad_accum")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

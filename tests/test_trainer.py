@@ -1,0 +1,196 @@
+"""Trainer: a resumed run equals the uninterrupted one, accumulation equals a bigger batch, faults, outputs."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from block_recurrent import BlockRecurrentConfig
+from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
+from block_recurrent.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads contend badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+TEXT = (
+    "def add(a, b):\n    return a + b\n\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+    "        self.items.append(item)\n" * 3,
+    "# a comment line\n" * 7,
+    "import os\nprint(os.getcwd())\n" * 5,
+    "x = [i * i for i in range(10)]\n" * 11,
+    "while True:\n    break\n",
+)
+
+
+def write_corpus(folder, copies=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(copies):
+        for j, text in enumerate(TEXT):
+            (folder / f"file{i}_{j}.py").write_text(text * (1 + i))
+    return folder
+
+
+def tiny():
+    return BlockRecurrentConfig.from_name("tiny")
+
+
+def settings(tmp_path, **changes):
+    data = write_corpus(tmp_path / "data")
+    base = dict(data=str(data), out_dir=str(tmp_path / "run"), batch_size=2, segments=2, max_steps=6,
+                warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, progress=False, lr=3e-3)
+    return TrainConfig(**{**base, **changes})
+
+
+def losses_of(trainer, steps):
+    return [trainer.train_step()["loss"] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("mode", ["stream", "crop"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path, mode):
+    # memory and state dropout use the global RNG: restoring it is part of the test
+    config = settings(tmp_path, mode=mode, grad_accum=2, state_dropout=0.3, xl_memories_dropout=0.3)
+    whole = Trainer(tiny(), config.replace(out_dir=str(tmp_path / "whole")))
+    expected = losses_of(whole, 6)
+
+    first = Trainer(tiny(), config)
+    head = losses_of(first, 3)
+    first.save()
+    del first
+    torch.manual_seed(1234)  # whatever happened in between must not matter
+    resumed = Trainer(tiny(), config, resume=True)
+    assert resumed.step == 3
+    tail = losses_of(resumed, 3)
+    assert head + tail == expected
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_grad_accumulation_equals_one_bigger_batch(tmp_path):
+    big = Trainer(tiny(), settings(tmp_path, batch_size=4, out_dir=str(tmp_path / "big")))
+    accumulated = Trainer(tiny(), settings(tmp_path, batch_size=2, grad_accum=2, out_dir=str(tmp_path / "acc")))
+    for _ in range(2):  # the second step also checks the carried states of each micro-batch
+        a, b = big.train_step(), accumulated.train_step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["tokens"] == b["tokens"]
+        for p, q in zip(big.model.parameters(), accumulated.model.parameters()):  # the step's gradients
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_streaming_carries_state_between_steps(tmp_path):
+    trainer = Trainer(tiny(), settings(tmp_path))
+    trainer.train_step()
+    carried = trainer.carry[0]
+    assert carried is not None and carried.states[0].shape[0] == 2
+    assert not carried.states[0].requires_grad  # detached between steps
+
+
+def test_fit_writes_metrics_curve_samples_and_checkpoints(tmp_path):
+    config = settings(tmp_path, max_steps=4, eval_every=2, eval_tokens=300, sample_tokens=8, checkpoint_every=2,
+                      keep_last=1)
+    result = train(tiny(), config)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    validations = [r for r in records if "val_bpb" in r]
+    assert [r["step"] for r in validations] == [2, 4]
+    assert 0 < validations[-1]["val_bpb"] < 9 and validations[-1]["val_tokens"] > 0
+    assert isinstance(validations[-1]["sample"]["continuation"], str)
+    assert result["step"] == 4 and math.isfinite(result["val_bpb"])
+    assert [p.name for p in run.iterdir() if p.name.startswith("step-")] == ["step-00000004"]
+    if pytest.importorskip("matplotlib"):
+        assert (run / "loss_curve.png").stat().st_size > 1000
+
+
+def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path):
+    config = settings(tmp_path, max_steps=5, checkpoint_every=1)
+    trainer = Trainer(tiny(), config)
+    trainer.train_step()
+    trainer.save()
+    good = latest_checkpoint(tmp_path / "run")
+    before = (good / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        trainer.model.to_logits.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "run") == good
+    assert (good / "model.safetensors").read_bytes() == before
+
+
+def test_ctrl_c_saves_the_finished_step_and_stops(tmp_path):
+    trainer = Trainer(tiny(), settings(tmp_path, max_steps=50))
+    step = trainer.train_step
+
+    def interrupted_step():
+        metrics = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between steps: the step in flight finishes
+        return metrics
+
+    trainer.train_step = interrupted_step
+    result = trainer.fit()
+    assert result["interrupted"] and trainer.step == 2
+    assert load_training_checkpoint(tmp_path / "run").trainer["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_refuses_other_settings_and_other_models(tmp_path):
+    config = settings(tmp_path)
+    trainer = Trainer(tiny(), config)
+    trainer.train_step()
+    trainer.save()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(tiny(), config)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.003, now 0.01"):
+        Trainer(tiny(), config.replace(lr=1e-2), resume=True)
+    with pytest.raises(ValueError, match="another model config.*dim"):
+        Trainer(BlockRecurrentConfig.from_name("tiny", dim=32), config, resume=True)
+    with pytest.raises(ValueError, match="rows"):
+        Trainer(tiny(), config.replace(batch_size=3), resume=True)
+    resumed = Trainer(tiny(), config.replace(max_steps=9, eval_every=5), resume=True)  # schedule-only changes
+    assert resumed.step == 1
+    with pytest.raises(ValueError, match="no checkpoint to resume"):
+        Trainer(tiny(), config.replace(out_dir=str(tmp_path / "fresh")), resume=True)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(lr=-1.0), "lr must be >= 0"),
+        (dict(mode="shuffle"), "mode must be one of"),
+        (dict(segments=2, backward_every=3), "backward_every"),
+        (dict(data="x", hf_dataset="y"), "give one training source"),
+        (dict(state_dropout=1.5), "state_dropout"),
+        (dict(bf16="yes"), "bf16 must be bool"),
+    ],
+)
+def test_bad_settings_name_the_field(changes, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TrainConfig(**changes)
+
+
+def test_cpu_only_options_and_vocabulary_checks(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            Trainer(tiny(), settings(tmp_path, bf16=True))
+    with pytest.raises(ValueError, match="num_tokens"):
+        Trainer(BlockRecurrentConfig.from_name("tiny", num_tokens=100), settings(tmp_path))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(lr=1.0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    assert [lr_at(config, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(config, 4) == pytest.approx(1.0)
+    assert lr_at(config, 12) == pytest.approx(0.55)
+    assert lr_at(config, 20) == pytest.approx(0.1)
+    assert lr_at(config, 99) == pytest.approx(0.1)
