@@ -48,7 +48,8 @@ class CheckpointError(ValueError):
 
 
 def _refuse_pickles(directory: Path) -> None:
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in directory.iterdir()
+                     if p.suffix in PICKLE_SUFFIXES and (p.suffix != ".bin" or "model" in p.name))
     if pickles and not (directory / WEIGHTS_FILE).exists():
         raise CheckpointError(
             f"{directory} holds {', '.join(pickles)} (pickle files); block-recurrent never unpickles. "

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -548,7 +549,7 @@ class _Loop:
                 if paused:
                     tokens_since, tick = 0, time.perf_counter()
                 if self._stop_everywhere():
-                    bar.write(f"interrupted: saving step {t.step} and stopping")
+                    bar.write(f"interrupted: saving step {t.step} and stopping", file=sys.stderr)
                     break
             if saved_at != t.step:
                 self.checkpoint()

@@ -1,0 +1,118 @@
+"""The brt command line end to end on the tiny preset: train, resume, eval, generate, Ctrl-C, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
+from block_recurrent.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads contend badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i))
+    return folder
+
+
+def brt(*argv):
+    return main([str(a) for a in argv])
+
+
+def tiny_run(corpus, run, *extra):
+    return ("train", "--preset", "tiny", "--data", corpus, "--out-dir", run, "--batch-size", 2, "--warmup-steps", 1,
+            "--log-every", 1, "--no-progress", "--eval-tokens", 200, "--sample-tokens", 5, *extra)
+
+
+def test_train_resume_eval_generate(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert brt(*tiny_run(corpus, run, "--max-steps", 3, "--checkpoint-every", 2, "--eval-every", 3)) == 0
+    assert "step 3:" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == ["step-00000002", "step-00000003"]
+
+    # resume: only what may change is given; the rest comes from the checkpoint
+    assert brt("train", "--resume", "--out-dir", run, "--max-steps", 5, "--no-progress") == 0
+    assert load_training_checkpoint(run).trainer["step"] == 5
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5]  # training lines and the step-3 validation, no repeats
+
+    capsys.readouterr()
+    assert brt("eval", "--checkpoint", run, "--data", corpus / "doc1.txt") == 0
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "1 documents" in out
+
+    assert brt("generate", "--checkpoint", latest_checkpoint(run), "--prompt", "the quick", "--max-new-tokens", 12,
+               "--temperature", 0) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the quick") and len(text.encode()) >= len("the quick")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("train", "--preset", "huge"), "unknown preset 'huge'"),
+        (("train", "--preset", "tiny", "--data", "{tmp}/missing"), "does not exist"),
+        (("train", "--preset", "tiny", "--data", "{tmp}/blob.bin"), "not a UTF-8 text file"),
+        (("train", "--preset", "tiny", "--data", "{tmp}/empty.txt"), "is empty"),
+        (("train", "--preset", "tiny", "--data", "{tmp}/x", "--hf-dataset", "y"), "give one training source"),
+        (("train", "--preset", "tiny", "--segments", "1", "--backward-every", "2"), "backward_every"),
+        (("train", "--resume", "--out-dir", "{tmp}/nothing"), "no checkpoint to resume"),
+        (("generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"), "neither a local folder"),
+        (("eval", "--checkpoint", "{tmp}", "--data", "{tmp}/empty.txt"), "holds no checkpoint"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
+    (tmp_path / "blob.bin").write_bytes(b"\x00\xff\x00binary")
+    (tmp_path / "empty.txt").write_text("")
+    assert brt(*(a.format(tmp=tmp_path) for a in argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("brt: error:") and message in err
+
+
+def test_conflicting_and_mismatched_runs(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert brt(*tiny_run(corpus, run, "--max-steps", 1, "--eval-every", 0)) == 0
+    assert brt(*tiny_run(corpus, run, "--max-steps", 2)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert brt("train", "--resume", "--out-dir", run, "--preset", "small") == 2
+    assert "another model config" in capsys.readouterr().err
+    assert brt("train", "--resume", "--out-dir", run, "--lr", "0.5") == 2
+    assert "lr: checkpoint 0.001, now 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --preset and --model-config exclude each other
+        brt("train", "--preset", "tiny", "--model-config", tmp_path / "c.json")
+
+
+def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, corpus):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "block_recurrent", *map(str, tiny_run(corpus, run, "--max-steps", 100000,
+                                                                             "--checkpoint-every", 0, "--eval-every", 0))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "interrupted" in err and "Traceback" not in err
+    saved = load_training_checkpoint(run)
+    assert saved.trainer["step"] >= 2
