@@ -116,3 +116,24 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, corpus):
     assert "interrupted" in err and "Traceback" not in err
     saved = load_training_checkpoint(run)
     assert saved.trainer["step"] >= 2
+
+
+def test_train_with_a_tokenizer_file_and_a_local_hf_dataset(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from test_data import write_bpe
+
+    texts = [f"row {i}: " + "the quick brown fox jumps over the lazy dog. " * (2 + i % 5) for i in range(30)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    tokenizer = write_bpe(tmp_path / "bpe.json", texts)
+    config = tmp_path / "model.json"
+    from block_recurrent import BlockRecurrentConfig
+
+    BlockRecurrentConfig.from_name("tiny", num_tokens=300).save(config)
+    run = tmp_path / "run"
+    assert brt("train", "--model-config", config, "--hf-dataset", tmp_path / "ds", "--tokenizer", tokenizer,
+               "--out-dir", run, "--max-steps", 2, "--batch-size", 2, "--eval-every", 2, "--eval-tokens", 100,
+               "--sample-tokens", 4, "--no-progress") == 0
+    assert (latest_checkpoint(run) / "tokenizer.json").read_text() == tokenizer.read_text()
+    capsys.readouterr()
+    assert brt("generate", "--checkpoint", run, "--prompt", "the quick", "--max-new-tokens", 3) == 0
+    assert capsys.readouterr().out.startswith("the quick")

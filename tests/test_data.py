@@ -178,17 +178,23 @@ def test_byte_tokenizer_round_trip():
     assert tokenizer.decode(ids.tolist()) == text
 
 
-def test_tokenizers_file(tmp_path):
+def write_bpe(path, texts, vocab_size=300):
+    """A small byte-level BPE tokenizer file, trained here (nothing downloaded)."""
     tokenizers = pytest.importorskip("tokenizers")
-    model = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
-    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size,
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    model.train_from_iterator(["def function(argument):\n    return argument\n"] * 50, trainer)
-    path = tmp_path / "tok.json"
+    model.train_from_iterator(texts, trainer)
     model.save(str(path))
+    return path
+
+
+def test_tokenizers_file(tmp_path):
+    path = write_bpe(tmp_path / "tok.json", ["def function(argument):\n    return argument\n"] * 50)
     tokenizer = load_tokenizer(path)
+    assert 256 < tokenizer.vocab_size <= 300
     ids = tokenizer.encode("def function(x):")
     assert len(ids) < len("def function(x):")
     assert tokenizer.decode(ids.tolist()) == "def function(x):"
