@@ -229,3 +229,14 @@ def test_memory_and_state_dropout_never_in_eval(eval_target):
     wrapper.train()
     fresh = torch.stack([model(seq[:, s : s + 17], return_loss=True)[0] for s in (0, 16)]).mean()
     assert_close(wrapper(seq), fresh)
+
+
+def test_bf16_autocast_trains_and_stays_close_to_float32():
+    model = make_model(dtype=torch.float32, **VARIANTS["compressed"]).train()
+    wrapper = RecurrentTrainerWrapper(model)
+    seq = random_tokens(2, 2 * TINY["max_seq_len"] + 1)
+    full = wrapper(seq).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = wrapper.forward_backward(seq)
+    assert torch.isfinite(result.loss) and abs(result.loss.item() - full) < 0.05
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
