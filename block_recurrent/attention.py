@@ -95,19 +95,32 @@ class Attention(nn.Module):
         rotary: tuple[RotaryTables, RotaryTables] | None = None,
     ) -> Tensor:
         """q: (B, H, N, D); k, v: (B, J, D); rotary: tables for the N query and J key positions."""
-        scale = self.scale
-        if self.qk_norm:
-            q = F.normalize(q, dim=-1) * self.q_gain
-            k = F.normalize(k, dim=-1) * self.k_gain
-        if rotary is not None:
-            q_tables, k_tables = rotary
-            q = apply_rotary(q, q_tables)
-            k = apply_rotary(k, k_tables)
-        if self.qk_norm:
-            q = q * self.temperature.to(q.dtype)[:, None, None]  # (H, 1, 1): per-head temperature
-            scale = 1.0
+        q_tables, k_tables = (None, None) if rotary is None else rotary
+        q, scale = self.prepare_queries(q, q_tables)
+        k = self.prepare_keys(k, k_tables)
         dropout_p = self.dropout if self.training else 0.0
         return attend(q, k, v, mask, scale=scale, dropout_p=dropout_p, implementation=self.implementation)
+
+    # the two halves of forward's key/query preparation, also used by the decoder, which prepares each
+    # key once and keeps it for the rest of its block
+
+    def prepare_queries(self, q: Tensor, tables: RotaryTables | None) -> tuple[Tensor, float]:
+        """Queries (B, H, N, D) as the dot product sees them, and the scale to apply to the logits."""
+        if self.qk_norm:
+            q = F.normalize(q, dim=-1) * self.q_gain
+        if tables is not None:
+            q = apply_rotary(q, tables)
+        if self.qk_norm:
+            return q * self.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
+        return q, self.scale
+
+    def prepare_keys(self, k: Tensor, tables: RotaryTables | None) -> Tensor:
+        """Keys (B, J, D) as the dot product sees them: normalised (with qk_norm), then rotated."""
+        if self.qk_norm:
+            k = F.normalize(k, dim=-1) * self.k_gain
+        if tables is not None:
+            k = apply_rotary(k, tables)
+        return k
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from .attention import attend
 from .recurrent import StateView
 from .state import ModelState
 from .validation import check_float, check_int, check_tokens, normalise_state, state_from_lists
@@ -45,12 +46,16 @@ class DecodeState:
     views: per recurrent layer, the :class:`StateView` of ``committed.states`` used by this block's reads
         and by its commit.
     position: tokens of the current block already fed, 0 <= position < block_width.
+    cache: per layer, the attention inputs of this block (:class:`LayerCache`), a pure function of
+        ``committed`` and ``partial`` kept so that each key is normalised and rotated once; None until
+        the first :func:`decode_step` of a block builds it.
     """
 
     committed: ModelState
     partial: tuple[tuple[Tensor, Tensor], ...] | None
     views: tuple[StateView, ...]
     position: int
+    cache: tuple["LayerCache", ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -83,7 +88,96 @@ def commit_partial(model: "BlockRecurrentTransformer", decode_state: DecodeState
     return model.commit_block(decode_state.committed, decode_state.views, keys, values)
 
 
-# the two state-advancing steps
+class LayerCache(NamedTuple):
+    """One layer's attention inputs for the current block: [memory, block so far] along the key axis."""
+
+    keys: Tensor | None  # (B, M + P, dh): normalised (qk-norm layers) and rotated at their frame slots
+    values: Tensor | None  # (B, M + P, dh): raw, as values are never transformed
+    mask: Tensor | None  # (B, 1, 1, M + block_width) bool when some memory slots are invalid, else None
+    memory_len: int  # M
+
+
+def _layer_cache(model: "BlockRecurrentTransformer", layer: int, ds: DecodeState) -> LayerCache:
+    """Prepare the memory and the block's earlier keys of one layer once, as AttentionBlock.forward would."""
+    attn = model.layers[layer].attn
+    memory = ds.committed.memories[layer]
+    pieces = ([] if memory is None else [(memory.keys, memory.values)]) + (
+        [] if ds.partial is None else [ds.partial[layer]]
+    )
+    M = 0 if memory is None else memory.length
+    keys = values = mask = None
+    if pieces:
+        keys = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, dh)
+        values = torch.cat([v for _, v in pieces], dim=1)
+        base = model.rotary.width - model.config.block_width  # the block's first slot in the frame
+        keys = attn.attn.prepare_keys(keys, model.rotary.keys(base - M, base + ds.position))
+    if memory is not None and memory.valid is not None:
+        block = memory.valid.new_ones((memory.batch_size, model.config.block_width))
+        mask = torch.cat((memory.valid, block), dim=1)[:, None, None, :]  # (B, 1, 1, M + W)
+    return LayerCache(keys, values, mask, M)
+
+
+def _append(cache: Tensor | None, new: Tensor) -> Tensor:
+    return new if cache is None else torch.cat((cache, new.to(cache.dtype)), dim=1)
+
+
+def _attention_step(
+    model: "BlockRecurrentTransformer", layer: int, x: Tensor, cache: LayerCache, ds: DecodeState
+) -> tuple[Tensor, Tensor, LayerCache]:
+    """One token x (B, 1, D) through one layer's attention: (branch (B, 1, D), its raw key, next cache).
+
+    The same computation as AttentionBlock.forward with a prefix, except that the earlier keys come
+    prepared from the cache, and no mask is needed where every cached slot is valid (a query at the
+    block's newest position sees all of them).
+    """
+    attn = model.layers[layer].attn
+    B = x.shape[0]
+    normed = attn.norm(x)
+    q = attn.to_q(normed).view(B, 1, attn.heads, -1).transpose(1, 2)  # (B, H, 1, dh)
+    key, value = attn.to_kv(normed).chunk(2, dim=-1)  # (B, 1, dh) each
+
+    slot = model.rotary.width - model.config.block_width + ds.position  # this token's frame slot
+    q, scale = attn.attn.prepare_queries(q, model.rotary.queries(slot, slot + 1))
+    keys = _append(cache.keys, attn.attn.prepare_keys(key, model.rotary.keys(slot, slot + 1)))  # (B, M + P + 1, dh)
+    values = _append(cache.values, value)
+    mask = None if cache.mask is None else cache.mask[..., : keys.shape[1]]
+    out = attend(q, keys, values, mask, scale=scale, implementation=attn.attn.implementation)  # (B, H, 1, dh)
+    out = out.transpose(1, 2).reshape(B, 1, -1)  # (B, 1, H * dh)
+
+    cells = model.cells
+    for i in model.config.reads_of_layer(layer + 1):  # layers are numbered from 1 in the config
+        out = torch.cat((out, cells[i].read(normed, ds.views[i])), dim=-1)
+    return attn.to_out(out), key, LayerCache(keys, values, cache.mask, cache.memory_len)
+
+
+def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
+    """Feed one token (B,) with the cache: (hidden (B, 1, D), next decode state). Inference only: no dropout."""
+    # 1. prepare this block's keys once (after a commit, or after a prefill that ended mid-block)
+    caches = ds.cache
+    if caches is None:
+        caches = tuple(_layer_cache(model, layer, ds) for layer in range(model.config.depth))
+
+    # 2. the token through every layer, keeping its raw key/value for the block's commit
+    x = model.token_emb(token[:, None])  # (B, 1, D)
+    next_caches, partial = [], []
+    for layer, cache in enumerate(caches):
+        branch, key, cache = _attention_step(model, layer, x, cache, ds)
+        x = x + branch
+        x = x + model.layers[layer].ff(x)
+        block_keys = _append(None if ds.partial is None else ds.partial[layer][0], key)  # (B, P + 1, dh)
+        partial.append((block_keys, cache.values[:, cache.memory_len :]))  # the values: a view of the cache
+        next_caches.append(cache)
+
+    # 3. a full block is committed exactly as forward_block commits it
+    position = ds.position + 1
+    if position < model.config.block_width:
+        return x, DecodeState(ds.committed, tuple(partial), ds.views, position, tuple(next_caches))
+    keys, values = zip(*partial)
+    committed = model.commit_block(ds.committed, ds.views, keys, values)
+    return x, DecodeState(committed, None, model.state_views(committed, x.shape[0]), 0)
+
+
+# prefill: whole pieces of blocks at once
 
 
 def _feed(model: "BlockRecurrentTransformer", tokens: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
@@ -176,7 +270,8 @@ def decode_step(
     check_tokens(tokens, model.config.num_tokens, "token")
     if not isinstance(decode_state, DecodeState):
         raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
-    hidden, ds = _feed(model, tokens, decode_state)
+    _check_decode_state(model, decode_state, token.shape[0])
+    hidden, ds = _step(model, token, decode_state)
     return model.logits(hidden[:, -1]), ds
 
 
@@ -288,7 +383,8 @@ def _decode_loop(
         if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
             return
         with eval_no_grad(model):
-            logits, ds = decode_step(model, token, ds)
+            hidden, ds = _step(model, token, ds)  # sampled ids need no range check
+            logits = model.logits(hidden[:, -1])
     final[:] = [ds]
 
 
