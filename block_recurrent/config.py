@@ -69,6 +69,11 @@ class BlockRecurrentConfig:
     read_recurrent_layers: tuple[int, ...] | None = None
     num_state_vectors: int | None = None
 
+    # the recurrent cell's variants (paper section 3): "fixed" (learned EMA, the paper's best) or "lstm" gate;
+    # "skip" (one gate after attention) or "dual" (a second gate after a feed-forward on the state)
+    gate: str = "fixed"
+    state_update: str = "skip"
+
     # attention
     all_layers_qk_rmsnorm: bool = False
     # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
@@ -107,6 +112,7 @@ class BlockRecurrentConfig:
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of block_width ({self.block_width})"
             )
 
+        # recurrent_layers=() builds the paper's baselines: Transformer-XL without recurrence
         recurrent = self.recurrent_layers
         if recurrent is None:
             if self.depth < 2:
@@ -137,6 +143,10 @@ class BlockRecurrentConfig:
         _check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0)
         if self.qk_rmsnorm_scale == 0:
             raise ValueError("qk_rmsnorm_scale must be > 0")
+        if self.gate not in ("fixed", "lstm"):
+            raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
+        if self.state_update not in ("skip", "dual"):
+            raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
         if self.attn_implementation not in ("sdpa", "math"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")
         _check_float("rotary_theta", self.rotary_theta, 1.0)
@@ -227,4 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the reference's enwik8 example
     "enwik8": dict(num_tokens=256, dim=512, depth=6, dim_head=64, heads=8, max_seq_len=1024, block_width=512,
                    num_state_vectors=512, recurrent_layers=(4,)),
+    # the paper's Rec:fixed:skip shape (12 layers, width 1024, 4096-token segments of 512-token blocks, 512
+    # states, recurrence in layer 10); bytes as tokens: pass num_tokens for a subword vocabulary
+    "paper": dict(num_tokens=256, dim=1024, depth=12, dim_head=128, heads=8, max_seq_len=4096, block_width=512,
+                  num_state_vectors=512, recurrent_layers=(10,)),
 }

@@ -81,10 +81,10 @@ class TrainConfig:
     grad_accum: int = 1
 
     # optimisation
-    max_steps: int = 1000
-    lr: float = 1e-3
+    max_steps: int = 300
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -101,10 +101,10 @@ class TrainConfig:
     # output: metrics, loss curve, samples and checkpoints all go to out_dir
     out_dir: str = "runs/brt"
     log_every: int = 10
-    eval_every: int = 100  # 0: never
-    eval_tokens: int = 32768  # validation budget (whole held-out documents, in name order, up to this many tokens)
+    eval_every: int = 50  # 0: never
+    eval_tokens: int = 16384  # validation budget (whole held-out documents, in name order, up to this many tokens)
     sample_tokens: int = 200  # generated after each validation; 0: never
-    checkpoint_every: int = 100  # 0: only at the end (and on Ctrl-C)
+    checkpoint_every: int = 50  # 0: only at the end (and on Ctrl-C)
     keep_last: int = 3
     progress: bool = True
 
