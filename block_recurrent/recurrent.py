@@ -5,7 +5,8 @@ Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
    view serves every read of this state in the block and the write at its end (meliad's layout).
 2. ``read``: tokens of a reading layer cross-attend to the view (no mask, no positions).
 3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
-   outputs are concatenated per head, projected, and a gate combines them with ``c``.
+   outputs are concatenated per head, projected, and a gate combines them with ``c`` ("skip"); with
+   "dual", a feed-forward on the result is combined with it by a second gate.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .attention import Attention, merge_heads, split_heads
+from .attention import Attention, FeedForward, merge_heads, split_heads
 from .config import BlockRecurrentConfig
 
 
@@ -37,7 +38,24 @@ class FixedGate(nn.Module):
         return state * keep + candidate * (1 - keep)
 
 
-GATES: dict[str, type[nn.Module]] = {"fixed": FixedGate}
+class LSTMGate(nn.Module):
+    """The paper's LSTM gate: c' = c * f + z * i with
+    z = tanh(W_z h + b_z), i = sigmoid(W_i h + b_i - 1), f = sigmoid(W_f h + b_f + 1).
+
+    The -1/+1 offsets start it remembering (forget gate mostly open, input gate mostly shut). meliad omits
+    the tanh in its skip/dual configurations; we follow the paper's equations.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_gates = nn.Linear(dim, dim * 3)  # z, i, f in one projection
+
+    def forward(self, state: Tensor, update: Tensor) -> Tensor:
+        candidate, input_gate, forget_gate = self.to_gates(update).chunk(3, dim=-1)
+        return state * torch.sigmoid(forget_gate + 1) + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
+
+
+GATES: dict[str, type[nn.Module]] = {"fixed": FixedGate, "lstm": LSTMGate}
 
 
 class StateView(NamedTuple):
@@ -73,7 +91,12 @@ class RecurrentStateCell(nn.Module):
         self.write_attn = Attention(dim_head, heads, **attention)
 
         self.to_update = nn.Linear(inner * 2, dim, bias=False)
-        self.gate = GATES["fixed"](dim)
+        self.gate = GATES[config.gate](dim)
+        # "dual": a feed-forward on the gated state, combined by a second gate of the same kind
+        self.state_ff = self.ff_gate = None
+        if config.state_update == "dual":
+            self.state_ff = FeedForward(dim, config.ff_inner_dim)
+            self.ff_gate = GATES[config.gate](dim)
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""
@@ -99,4 +122,7 @@ class RecurrentStateCell(nn.Module):
         from_state = self.self_attn(self_queries, view.keys, view.values)
         from_tokens = self.write_attn(cross_queries, block_keys, block_values)
         update = merge_heads(torch.cat((from_state, from_tokens), dim=-1))  # (B, S, H * 2 dh), per head [self, cross]
-        return self.gate(view.state, self.to_update(update))
+        state = self.gate(view.state, self.to_update(update))
+        if self.state_ff is not None:
+            state = self.ff_gate(state, self.state_ff(state))
+        return state

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentTransformer, ModelState, RecurrentTrainerWrapper
-from block_recurrent.recurrent import FixedGate
+from block_recurrent.recurrent import FixedGate, LSTMGate
 
 from conftest import TINY, make_model, random_tokens
 
@@ -14,6 +14,8 @@ VARIANTS = {
     "compressed": dict(use_compressed_mem=True, compressed_mem_factor=2),
     "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
     "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
+    "lstm_dual": dict(gate="lstm", state_update="dual"),
+    "xl_baseline": dict(recurrent_layers=()),
 }
 
 
@@ -152,6 +154,38 @@ def test_fixed_gate_formula():
     keep = torch.sigmoid(gate.keep_bias)
     expected = state * keep + (update @ gate.to_candidate.weight.T + gate.to_candidate.bias) * (1 - keep)
     assert_close(gate(state, update), expected)
+
+
+def test_lstm_gate_formula():
+    gate = LSTMGate(4).double()
+    state, update = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    W, b = gate.to_gates.weight, gate.to_gates.bias
+    z = torch.tanh(update @ W[:4].T + b[:4])
+    i = torch.sigmoid(update @ W[4:8].T + b[4:8] - 1)
+    f = torch.sigmoid(update @ W[8:].T + b[8:] + 1)
+    assert_close(gate(state, update), state * f + z * i)
+
+
+@pytest.mark.parametrize("variant", ["lstm_dual"])
+def test_variant_recurrent_parameters_get_gradient(variant):
+    model = make_model(dtype=torch.float32, **VARIANTS[variant]).train()
+    RecurrentTrainerWrapper(model)(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_xl_baseline_has_no_state_and_a_receptive_field_of_depth_blocks():
+    model = make_model(**VARIANTS["xl_baseline"])
+    tokens = random_tokens(1, 24)
+    logits, state = model.run(tokens)
+    assert state.states == () and model.cells == []
+    # without recurrence, the receptive field is one block per layer: block 0 reaches blocks 1..depth only
+    changed = tokens.clone()
+    changed[0, 0] += 1
+    changed_logits = model.run(changed)[0]
+    block = TINY["block_width"]
+    assert not torch.allclose(changed_logits[:, 3 * block : 4 * block], logits[:, 3 * block : 4 * block])
+    assert_close(changed_logits[:, 4 * block :], logits[:, 4 * block :], tol=1e-12)
 
 
 def test_partial_last_block_commits_state_and_memory():
