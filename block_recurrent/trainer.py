@@ -171,9 +171,12 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 @dataclass(frozen=True)
 class Distributed:
+    """This process's place in a data-parallel run; collectives run on CUDA under NCCL, on the CPU under gloo."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str = "gloo"
 
     @property
     def active(self) -> bool:
@@ -185,14 +188,32 @@ class Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
-        if self.active:
-            dist.all_reduce(tensor)
-        return tensor
+        """The sum over ranks, on ``tensor``'s device (itself when not distributed)."""
+        if not self.active:
+            return tensor
+        moved = tensor.to(self._device())
+        dist.all_reduce(moved)
+        return moved.to(tensor.device)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same shape on all ranks), concatenated in rank order along dim 0."""
+        if not self.active:
+            return tensor
+        moved = tensor.to(self._device()).contiguous()
+        parts = [torch.empty_like(moved) for _ in range(self.world_size)]
+        dist.all_gather(parts, moved)
+        return torch.cat(parts).to(tensor.device)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -352,8 +373,7 @@ class Trainer:
             return
         params = list(self.model.parameters())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce per step
-        dist.all_reduce(flat)
+        flat = self.dist.all_reduce(torch.cat([g.reshape(-1) for g in grads]))  # one all-reduce per step
         flat /= self.dist.world_size
         for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = chunk.view_as(p).clone()
@@ -391,23 +411,15 @@ class Trainer:
             return {}
         per_micro = [state_to_tensors(state, "carry") for state in self.carry]
         tensors = {key: torch.cat([t[key] for t in per_micro]) for key in per_micro[0]}  # (rows of this rank, ...)
-        if not self.dist.active:
-            return tensors
-        gathered = {}
-        for key, tensor in sorted(tensors.items()):  # every rank holds the same keys and shapes
-            parts = [torch.empty_like(tensor) for _ in range(self.dist.world_size)]
-            dist.all_gather(parts, tensor.contiguous())
-            gathered[key] = torch.cat(parts)  # (all rows, ...)
-        return gathered
+        # every rank holds the same keys and shapes; gathered: (all rows, ...)
+        return {key: self.dist.all_gather(tensor) for key, tensor in sorted(tensors.items())}
 
     def _gathered_positions(self) -> dict[str, Any]:
         state = self.batcher.state_dict()
         if not self.dist.active or state["mode"] != "stream":
             return state
-        positions = torch.tensor(state["positions"], dtype=torch.int64)
-        parts = [torch.empty_like(positions) for _ in range(self.dist.world_size)]
-        dist.all_gather(parts, positions)
-        return {**state, "row_offset": 0, "positions": torch.cat(parts).tolist()}
+        positions = self.dist.all_gather(torch.tensor(state["positions"], dtype=torch.int64))
+        return {**state, "row_offset": 0, "positions": positions.tolist()}
 
     def save(self) -> Path | None:
         """Write a checkpoint of the state after ``self.step`` steps (rank 0 writes; all ranks must call)."""
@@ -664,5 +676,13 @@ def resume_configs(out_dir: str | Path, **overrides: Any) -> tuple[BlockRecurren
 
 
 def train(model_config: BlockRecurrentConfig, config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train (or with ``resume``, continue) a model; returns the last logged metrics."""
-    return Trainer(model_config, config, resume=resume).fit()
+    """Train (or with ``resume``, continue) a model; returns the last logged metrics.
+
+    Under ``torchrun`` every rank calls this; the process group is left when training ends.
+    """
+    trainer = Trainer(model_config, config, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.active and dist.is_initialized():
+            dist.destroy_process_group()

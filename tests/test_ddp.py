@@ -67,3 +67,27 @@ def test_two_gloo_ranks_equal_one_rank_on_the_combined_batch_and_resume(tmp_path
         # AdamW divides by sqrt(v): a rounding-size gradient difference can move a weight by ~lr; still << lr
         torch.testing.assert_close(p, ddp[f"param.{name}"], rtol=1e-3, atol=3e-4)
         torch.testing.assert_close(p, uninterrupted[name], rtol=1e-3, atol=3e-4)
+
+
+def test_torchrun_cli_writes_one_checkpoint_that_resumes_on_one_process(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "block_recurrent", "train", "--preset", "tiny", "--data", str(data), "--out-dir", str(run),
+               "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--eval-tokens", "300",
+               "--sample-tokens", "4", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("checkpoints in") == 2  # both ranks finish; only rank 0 wrote
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 2] and "val_bpb" in records[1]
+    saved = json.loads((run / "step-00000002" / "trainer.json").read_text())
+    assert saved["world_size"] == 2 and len(saved["data"]["positions"]) == 4
+
+    # the same 4 rows on one process
+    from block_recurrent.cli import main
+
+    assert main(["train", "--resume", "--out-dir", str(run), "--batch-size", "4", "--max-steps", "3",
+                 "--no-progress"]) == 0
+    assert json.loads((run / "step-00000003" / "trainer.json").read_text())["world_size"] == 1
