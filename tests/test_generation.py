@@ -317,3 +317,25 @@ def test_reference_signature_bad_inputs():
         model.generate(prime, 8, states=[torch.zeros(3, 3, 32, dtype=torch.float64)])
     with pytest.raises(ValueError, match="prime"):
         RecurrentTrainerWrapper(model).generate(prime[:, :0], 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_and_inference_mode(dtype):
+    """Mixed precision (CPU autocast here; the code path is dtype-agnostic) runs and stays near float32."""
+    model = eval_model(torch.float32, use_compressed_mem=True, all_layers_qk_rmsnorm=True)
+    text = random_tokens(2, N + 2 * W + 3)
+    expected = full_logits(model, text)[:, 4:]
+    with torch.autocast("cpu", dtype=dtype), torch.inference_mode():
+        cached, _ = teacher_forced(model, text, 5)
+        tokens = generate(model, text[:, :5], 2 * N, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert cached.dtype in (torch.float32, dtype)
+    torch.testing.assert_close(cached.float(), expected, rtol=0, atol=0.05)
+    assert tokens.shape == (2, 2 * N) and 0 <= int(tokens.min()) and int(tokens.max()) < TINY["num_tokens"]
+
+
+def test_low_precision_model():
+    model = eval_model(torch.bfloat16)
+    text = random_tokens(2, N + 5)
+    with torch.inference_mode():
+        cached, _ = teacher_forced(model, text, 3)
+    torch.testing.assert_close(cached.float(), full_logits(model, text)[:, 2:].float(), rtol=0, atol=0.05)

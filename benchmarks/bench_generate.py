@@ -1,0 +1,183 @@
+"""Generation speed: block_recurrent's cached decoding against the reference port, side by side in one run.
+
+    python benchmarks/bench_generate.py [--lengths 256 1024 4096] [--reference-cap 1024] [--threads 1]
+
+Both sides build the "small" configuration with random weights and continue a 16-token prompt, batch 1,
+sampling from the 26 most likely ids (the reference's filter_thres=0.9). Ours streams tokens from
+``block_recurrent.generation.stream``; the reference (block-recurrent-transformer-pytorch 0.4.4) runs in
+its own virtual environment (created on first use) through ``RecurrentTrainerWrapper.generate``, the only
+way it can go past max_seq_len, and its per-token latency is read off the end of each forward call.
+The reference re-runs its whole window for every token, so its runs are capped (``--reference-cap``);
+its per-token cost repeats with every window of max_seq_len tokens, so a capped run still gives its rate.
+Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_VENV = ROOT / ".venv-ref"
+REFERENCE_PACKAGES = ("torch==2.13.0", "block-recurrent-transformer-pytorch==0.4.4")
+
+SMALL = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, block_width=128, max_seq_len=256,
+             num_state_vectors=128, recurrent_layers=(2,))
+PROMPT_LEN = 16
+FILTER_THRES = 0.9  # the reference's top-k: keep ceil((1 - 0.9) * 256) = 26 ids
+WARMUP_TOKENS = 32
+# output positions (1-based, inclusive) over which per-token latency is averaged
+BUCKETS = ((1, 64), (65, 128), (129, 192), (193, 256), (257, 512), (513, 1024), (1025, 2048), (2049, 4096))
+
+
+# the two sides: each returns the seconds between consecutive new tokens
+
+
+def time_ours(new_tokens: int, seed: int) -> list[float]:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from block_recurrent import BlockRecurrentTransformer
+    from block_recurrent.generation import stream
+
+    torch.manual_seed(seed)
+    model = BlockRecurrentTransformer(**SMALL).eval()
+    prompt = torch.randint(0, SMALL["num_tokens"], (1, PROMPT_LEN))
+    top_k = math.ceil((1 - FILTER_THRES) * SMALL["num_tokens"])
+    generator = torch.Generator().manual_seed(seed)
+    for _ in stream(model, prompt, WARMUP_TOKENS, top_k=top_k, generator=generator):
+        pass
+
+    latencies, last = [], time.perf_counter()
+    for _ in stream(model, prompt, new_tokens, top_k=top_k, generator=generator):
+        now = time.perf_counter()
+        latencies.append(now - last)
+        last = now
+    return latencies
+
+
+def time_reference(new_tokens: int, seed: int) -> list[float]:
+    """Runs inside the reference's virtual environment (see ``--reference-worker``)."""
+    import torch
+    from block_recurrent_transformer_pytorch import BlockRecurrentTransformer, RecurrentTrainerWrapper
+
+    torch.manual_seed(seed)
+    model = BlockRecurrentTransformer(**SMALL)
+    wrapper = RecurrentTrainerWrapper(model)
+    prompt = torch.randint(0, SMALL["num_tokens"], (1, PROMPT_LEN))
+    wrapper.generate(prompt, PROMPT_LEN + WARMUP_TOKENS, filter_thres=FILTER_THRES)
+
+    # one forward call per new token: the end of each call is when its token is known
+    stamps = []
+    forward = model.forward
+
+    def timed_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        stamps.append(time.perf_counter())
+        return out
+
+    model.forward = timed_forward
+    start = time.perf_counter()
+    out = wrapper.generate(prompt, PROMPT_LEN + new_tokens, filter_thres=FILTER_THRES)
+    if out.shape[-1] != new_tokens or len(stamps) != new_tokens:
+        raise RuntimeError(f"reference produced {out.shape[-1]} tokens in {len(stamps)} forward calls")
+    return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+
+
+# the reference's environment
+
+
+def reference_python(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    python = REFERENCE_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {REFERENCE_VENV} with {' '.join(REFERENCE_PACKAGES)} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", *REFERENCE_PACKAGES], check=True)
+    return python
+
+
+def run_reference(python: Path, lengths: list[int], threads: int, seed: int) -> dict[int, list[float]]:
+    command = [str(python), str(Path(__file__).resolve()), "--reference-worker", "--threads", str(threads), "--seed", str(seed),
+               "--lengths", *map(str, lengths)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd="/")
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+# tables
+
+
+def rate(latencies: list[float]) -> float:
+    return len(latencies) / sum(latencies)
+
+
+def bucket_ms(latencies: list[float], first: int, last: int) -> float | None:
+    if len(latencies) < last:
+        return None
+    chunk = latencies[first - 1 : last]
+    return 1000 * sum(chunk) / len(chunk)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def throughput_table(ours: dict[int, list[float]], ref: dict[int, list[float]], cap: int) -> str:
+    rows = ["| new tokens | ours (tokens/s) | reference (tokens/s) | speed-up |", "|---:|---:|---:|---:|"]
+    for length, latencies in ours.items():
+        measured = min(length, cap)
+        ref_rate = rate(ref[measured])
+        note = "" if measured == length else f" (capped: first {measured} tokens)"
+        rows.append(f"| {length} | {rate(latencies):.1f} | {ref_rate:.2f}{note} | {rate(latencies) / ref_rate:.1f}x |")
+    return "\n".join(rows)
+
+
+def latency_table(ours: list[float], ref: list[float]) -> str:
+    rows = ["| output positions | ours (ms/token) | reference (ms/token) |", "|---|---:|---:|"]
+    for first, last in BUCKETS:
+        if len(ours) < last:
+            break
+        rows.append(f"| {first}-{last} | {fmt(bucket_ms(ours, first, last), 2)} | {fmt(bucket_ms(ref, first, last))} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--reference-cap", type=int, default=1024, help="most new tokens per reference run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-python", help="python of an environment with the reference installed")
+    parser.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.reference_worker:
+        print(json.dumps({n: time_reference(n, args.seed) for n in args.lengths}))
+        return
+
+    lengths = sorted(args.lengths)
+    ref_lengths = sorted({min(n, args.reference_cap) for n in lengths})
+    started = time.perf_counter()
+    ref = run_reference(reference_python(args.reference_python), ref_lengths, args.threads, args.seed)
+    ours = {n: time_ours(n, args.seed) for n in lengths}
+    elapsed = time.perf_counter() - started
+
+    print(f"small configuration, batch 1, {PROMPT_LEN}-token prompt, top-26 sampling, "
+          f"torch {torch.__version__}, {args.threads} thread(s), CPU; {elapsed:.0f} s in all\n")
+    print(throughput_table(ours, ref, args.reference_cap))
+    print(f"\nper-token latency as the output grows (ours: the {lengths[-1]}-token run; "
+          f"reference: its {ref_lengths[-1]}-token run)\n")
+    print(latency_table(ours[lengths[-1]], ref[ref_lengths[-1]]))
+
+
+if __name__ == "__main__":
+    main()
