@@ -69,7 +69,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        help_text = f"{TRAIN_HELP.get(field.name, '')} (default: {default})"
+        help_text = TRAIN_HELP.get(field.name, "")
+        if "default" not in help_text:
+            help_text += f" (default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

@@ -143,3 +143,15 @@ def test_weights_of_another_model_are_refused(tmp_path):
     (tmp_path / "other" / "config.json").write_text('{"dim": 3}')
     with pytest.raises(CheckpointError, match="not a valid model config"):
         from_pretrained(tmp_path / "other")
+
+
+def test_hub_mixin_reads_and_writes_the_same_folders(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    from block_recurrent.hub import BlockRecurrentHubModel
+
+    model = tiny_model().eval()
+    tokens = torch.randint(0, 256, (1, 40))
+    hub = BlockRecurrentHubModel.from_pretrained(save_pretrained(model, tmp_path / "ours")).eval()  # local: no network
+    assert torch.equal(hub.run(tokens)[0], model.run(tokens)[0])
+    hub.save_pretrained(tmp_path / "theirs")
+    assert torch.equal(from_pretrained(tmp_path / "theirs").run(tokens)[0], model.run(tokens)[0])
