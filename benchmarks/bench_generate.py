@@ -35,10 +35,10 @@ WARMUP_TOKENS = 32
 BUCKETS = ((1, 64), (65, 128), (129, 192), (193, 256), (257, 512), (513, 1024), (1025, 2048), (2049, 4096))
 
 
-# the two sides: each returns the seconds between consecutive new tokens
+# the two sides: each returns (wall, CPU) seconds between consecutive new tokens
 
 
-def time_ours(new_tokens: int, seed: int) -> list[float]:
+def time_ours(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -53,15 +53,15 @@ def time_ours(new_tokens: int, seed: int) -> list[float]:
     for _ in stream(model, prompt, WARMUP_TOKENS, top_k=top_k, generator=generator):
         pass
 
-    latencies, last = [], time.perf_counter()
+    latencies, last = [], clocks()
     for _ in stream(model, prompt, new_tokens, top_k=top_k, generator=generator):
-        now = time.perf_counter()
-        latencies.append(now - last)
+        now = clocks()
+        latencies.append((now[0] - last[0], now[1] - last[1]))
         last = now
     return latencies
 
 
-def time_reference(new_tokens: int, seed: int) -> list[float]:
+def time_reference(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     """Runs inside the reference's virtual environment (see ``--reference-worker``)."""
     import torch
     from block_recurrent_transformer_pytorch import BlockRecurrentTransformer, RecurrentTrainerWrapper
@@ -78,15 +78,21 @@ def time_reference(new_tokens: int, seed: int) -> list[float]:
 
     def timed_forward(*args, **kwargs):
         out = forward(*args, **kwargs)
-        stamps.append(time.perf_counter())
+        stamps.append(clocks())
         return out
 
     model.forward = timed_forward
-    start = time.perf_counter()
+    start = clocks()
     out = wrapper.generate(prompt, PROMPT_LEN + new_tokens, filter_thres=FILTER_THRES)
     if out.shape[-1] != new_tokens or len(stamps) != new_tokens:
         raise RuntimeError(f"reference produced {out.shape[-1]} tokens in {len(stamps)} forward calls")
-    return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip([start] + stamps[:-1], stamps)]
+
+
+def clocks() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is what contention on a shared machine
+    disturbs least, wall time is what a user waits."""
+    return time.perf_counter(), time.process_time()
 
 
 # the reference's environment
@@ -113,14 +119,15 @@ def run_reference(python: Path, lengths: list[int], threads: int, seed: int) -> 
 # tables
 
 
-def rate(latencies: list[float]) -> float:
-    return len(latencies) / sum(latencies)
+def rate(latencies: list, clock: int) -> float:
+    """Tokens per second on one clock (0: wall, 1: CPU)."""
+    return len(latencies) / sum(pair[clock] for pair in latencies)
 
 
-def bucket_ms(latencies: list[float], first: int, last: int) -> float | None:
+def bucket_ms(latencies: list, first: int, last: int, clock: int) -> float | None:
     if len(latencies) < last:
         return None
-    chunk = latencies[first - 1 : last]
+    chunk = [pair[clock] for pair in latencies[first - 1 : last]]
     return 1000 * sum(chunk) / len(chunk)
 
 
@@ -128,22 +135,33 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def throughput_table(ours: dict[int, list[float]], ref: dict[int, list[float]], cap: int) -> str:
-    rows = ["| new tokens | ours (tokens/s) | reference (tokens/s) | speed-up |", "|---:|---:|---:|---:|"]
+def throughput_table(ours: dict, ref: dict, cap: int) -> str:
+    rows = [
+        "| new tokens | ours, tokens/s (wall) | reference, tokens/s (wall) | speed-up (wall) | speed-up (CPU time) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for length, latencies in ours.items():
         measured = min(length, cap)
-        ref_rate = rate(ref[measured])
         note = "" if measured == length else f" (capped: first {measured} tokens)"
-        rows.append(f"| {length} | {rate(latencies):.1f} | {ref_rate:.2f}{note} | {rate(latencies) / ref_rate:.1f}x |")
+        wall = rate(latencies, 0) / rate(ref[measured], 0)
+        cpu = rate(latencies, 1) / rate(ref[measured], 1)
+        rows.append(
+            f"| {length} | {rate(latencies, 0):.1f} | {rate(ref[measured], 0):.2f}{note} | {wall:.1f}x | {cpu:.1f}x |"
+        )
     return "\n".join(rows)
 
 
-def latency_table(ours: list[float], ref: list[float]) -> str:
-    rows = ["| output positions | ours (ms/token) | reference (ms/token) |", "|---|---:|---:|"]
+def latency_table(ours: list, ref: list) -> str:
+    rows = [
+        "| output positions | ours, ms/token (wall) | ours (CPU) | reference, ms/token (wall) | reference (CPU) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for first, last in BUCKETS:
         if len(ours) < last:
             break
-        rows.append(f"| {first}-{last} | {fmt(bucket_ms(ours, first, last), 2)} | {fmt(bucket_ms(ref, first, last))} |")
+        cells = [fmt(bucket_ms(ours, first, last, c), 2) for c in (0, 1)]
+        cells += [fmt(bucket_ms(ref, first, last, c)) for c in (0, 1)]
+        rows.append(f"| {first}-{last} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
