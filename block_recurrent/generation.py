@@ -6,6 +6,8 @@ The decode state is explicit and travels through every call, as the model state 
                 + per layer, the raw keys/values of the current, partly filled block
                 + the recurrent states' views for this block (computed once, when the block starts)
                 + how many tokens of the block have been fed
+                + per layer, the block's attention inputs ([memory, block so far] keys, normalised and
+                  rotated once, and values), derived from the above and kept so that a step is cheap
 
 Blocks sit at multiples of ``block_width`` from where the state starts (the document start for a fresh
 state), exactly as ``model.run`` cuts a whole text. A new token attends to at most the memory plus its
@@ -263,6 +265,7 @@ def decode_step(
 
     The cost is one token through every layer, attending to the memory and the block so far; when the
     token fills its block, the block is committed (memories pushed, recurrent states written).
+    Inference only: it applies no dropout whatever the model's mode (call it under ``torch.no_grad``).
     """
     if not isinstance(token, Tensor) or token.ndim != 1:
         raise ValueError(f"token must be a 1-D tensor (batch,) of token ids, got {getattr(token, 'shape', token)!r}")

@@ -339,3 +339,20 @@ def test_low_precision_model():
     with torch.inference_mode():
         cached, _ = teacher_forced(model, text, 3)
     torch.testing.assert_close(cached.float(), full_logits(model, text)[:, 2:].float(), rtol=0, atol=0.05)
+
+
+def test_decode_from_a_state_with_reset_rows():
+    """Row 0 starts a new document: its memory slots turn invalid and decoding must mask them as run does."""
+    model = eval_model(use_compressed_mem=True)
+    history, text = random_tokens(2, N + W, seed=3), random_tokens(2, N + 3)
+    reset = torch.tensor([True, False])
+    with torch.no_grad():
+        _, state = model.run(history)
+        expected, _ = model.run(text, state, reset=reset)
+        reset_state = state.reset_rows(reset, model.initial_states())
+        logits, ds = prefill(model, text[:, :2], state=reset_state)
+        cached = [logits]
+        for t in range(2, text.shape[1]):
+            logits, ds = decode_step(model, text[:, t], ds)
+            cached.append(logits)
+    torch.testing.assert_close(torch.stack(cached, 1), expected[:, 1:], rtol=0, atol=1e-10)
