@@ -308,7 +308,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(config.beta1, config.beta2), foreach=False,
+            lr=config.lr, betas=(config.beta1, config.beta2),
         )
 
         # 3. progress: steps done, and per micro-batch the state its rows carry into the next step
