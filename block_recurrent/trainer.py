@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -512,10 +513,11 @@ class _Loop:
                      if line.strip() and json.loads(line).get("step", 0) <= step]
             self.metrics_path.write_text("".join(line + "\n" for line in lines))
 
-    def _on_sigint(self, signum, frame) -> None:
-        # finish the step in flight, save, exit; a second Ctrl-C interrupts at once
+    def _on_signal(self, signum, frame) -> None:
+        # finish the step in flight, save, exit; a second signal interrupts at once
         self.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _stop_everywhere(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
@@ -528,9 +530,12 @@ class _Loop:
         if t.is_main:
             t.out_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_log(t.step)
-        previous = None
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        # Ctrl-C (and SIGTERM, which torchrun sends its workers on Ctrl-C) stop after the step in flight
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(number) is default:
+                    previous[number] = signal.signal(number, self._on_signal)
         bar = tqdm(total=config.max_steps, initial=t.step, disable=not (t.is_main and config.progress),
                    unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {"step": t.step}
@@ -567,8 +572,8 @@ class _Loop:
                 self.checkpoint()
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         last["interrupted"] = self.stop_requested
         return last
 

@@ -141,7 +141,8 @@ def test_ctrl_c_saves_the_finished_step_and_stops(tmp_path):
     result = trainer.fit()
     assert result["interrupted"] and trainer.step == 2
     assert load_training_checkpoint(tmp_path / "run").trainer["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_resume_refuses_other_settings_and_other_models(tmp_path):
