@@ -146,9 +146,7 @@ def _attention_step(
     out = attend(q, keys, values, mask, scale=scale, implementation=attn.attn.implementation)  # (B, H, 1, dh)
     out = out.transpose(1, 2).reshape(B, 1, -1)  # (B, 1, H * dh)
 
-    cells = model.cells
-    for i in model.config.reads_of_layer(layer + 1):  # layers are numbered from 1 in the config
-        out = torch.cat((out, cells[i].read(normed, ds.views[i])), dim=-1)
+    out = torch.cat((out, *attn.read_states(normed, ds.views)), dim=-1)
     return attn.to_out(out), key, LayerCache(keys, values, cache.mask, cache.memory_len)
 
 
@@ -417,6 +415,7 @@ def stream(
     Arguments are checked when this is called, before the first token is asked for.
     """
     prompt = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    state = _to_decode_state(model, state, prompt.shape[0])  # checked now, not at the first token
     return _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, [])
 
 

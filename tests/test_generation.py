@@ -11,6 +11,16 @@ from conftest import TINY, make_model, random_tokens
 
 W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' waits
+    can make them 10x slower; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 CONFIGS = {
     "default": {},
     "compressed": dict(use_compressed_mem=True),
@@ -356,3 +366,11 @@ def test_decode_from_a_state_with_reset_rows():
             logits, ds = decode_step(model, text[:, t], ds)
             cached.append(logits)
     torch.testing.assert_close(torch.stack(cached, 1), expected[:, 1:], rtol=0, atol=1e-10)
+
+
+def test_stream_checks_its_state_before_the_first_token():
+    model = eval_model()
+    with torch.no_grad():
+        _, state3 = model.run(random_tokens(3, W))
+    with pytest.raises(ValueError, match="batch size"):
+        stream(model, random_tokens(2, 3), 4, state=state3)  # no next() needed
