@@ -93,10 +93,15 @@ def commit_partial(model: "BlockRecurrentTransformer", decode_state: DecodeState
 class LayerCache(NamedTuple):
     """One layer's attention inputs for the current block: [memory, block so far] along the key axis."""
 
-    keys: Tensor | None  # (B, M + P, dh): normalised (qk-norm layers) and rotated at their frame slots
+    keys: Tensor | None  # (B, M + P, dh): normalised (qk-norm layers) and rotated (rotary) at their frame slots
     values: Tensor | None  # (B, M + P, dh): raw, as values are never transformed
-    mask: Tensor | None  # (B, 1, 1, M + block_width) bool when some memory slots are invalid, else None
     memory_len: int  # M
+    # what each of the block's W positions sees, from AttentionBlock.visibility, or None where it sees
+    # every key so far: mask (W, M + W) or (B, 1, W, M + W) bool, T5 bias (H, W, M + W), and the rows
+    # that see nothing (sliding window at a document's first token), (W, 1) or (B, 1, W, 1)
+    mask: Tensor | None
+    bias: Tensor | None
+    empty: Tensor | None
 
 
 def _layer_cache(model: "BlockRecurrentTransformer", layer: int, ds: DecodeState) -> LayerCache:
@@ -107,16 +112,22 @@ def _layer_cache(model: "BlockRecurrentTransformer", layer: int, ds: DecodeState
         [] if ds.partial is None else [ds.partial[layer]]
     )
     M = 0 if memory is None else memory.length
-    keys = values = mask = None
+    keys = values = None
     if pieces:
         keys = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, dh)
         values = torch.cat([v for _, v in pieces], dim=1)
-        base = model.rotary.width - model.config.block_width  # the block's first slot in the frame
-        keys = attn.attn.prepare_keys(keys, model.rotary.keys(base - M, base + ds.position))
-    if memory is not None and memory.valid is not None:
-        block = memory.valid.new_ones((memory.batch_size, model.config.block_width))
-        mask = torch.cat((memory.valid, block), dim=1)[:, None, None, :]  # (B, 1, 1, M + W)
-    return LayerCache(keys, values, mask, M)
+        tables = attn.rotary_tables(model.rotary, M, ds.position, 0)
+        keys = attn.attn.prepare_keys(keys, None if tables is None else tables[1])
+
+    # the whole block's visibility at once; a step reads its row
+    mask = bias = empty = None
+    valid = None if memory is None else memory.valid
+    if valid is not None or attn.sliding_window or attn.position_bias is not None:
+        device = model.token_emb.weight.device
+        mask, bias, empty = attn.visibility(M, 0, model.config.block_width, valid, device)
+        if valid is None and not attn.sliding_window:
+            mask = None  # causal only: the newest token sees every key so far
+    return LayerCache(keys, values, M, mask, bias, empty)
 
 
 def _append(cache: Tensor | None, new: Tensor) -> Tensor:
@@ -129,25 +140,32 @@ def _attention_step(
     """One token x (B, 1, D) through one layer's attention: (branch (B, 1, D), its raw key, next cache).
 
     The same computation as AttentionBlock.forward with a prefix, except that the earlier keys come
-    prepared from the cache, and no mask is needed where every cached slot is valid (a query at the
-    block's newest position sees all of them).
+    prepared from the cache and the visibility rows were computed once for the block.
     """
     attn = model.layers[layer].attn
-    B = x.shape[0]
+    B, P = x.shape[0], ds.position
     normed = attn.norm(x)
     q = attn.to_q(normed).view(B, 1, attn.heads, -1).transpose(1, 2)  # (B, H, 1, dh)
     key, value = attn.to_kv(normed).chunk(2, dim=-1)  # (B, 1, dh) each
 
-    slot = model.rotary.width - model.config.block_width + ds.position  # this token's frame slot
-    q, scale = attn.attn.prepare_queries(q, model.rotary.queries(slot, slot + 1))
-    keys = _append(cache.keys, attn.attn.prepare_keys(key, model.rotary.keys(slot, slot + 1)))  # (B, M + P + 1, dh)
+    q_tables = k_tables = None
+    if attn.use_rotary:
+        slot = model.rotary.width - model.config.block_width + P  # this token's frame slot
+        q_tables, k_tables = model.rotary.queries(slot, slot + 1), model.rotary.keys(slot, slot + 1)
+    q, scale = attn.attn.prepare_queries(q, q_tables)
+    keys = _append(cache.keys, attn.attn.prepare_keys(key, k_tables))  # (B, M + P + 1, dh)
     values = _append(cache.values, value)
-    mask = None if cache.mask is None else cache.mask[..., : keys.shape[1]]
-    out = attend(q, keys, values, mask, scale=scale, implementation=attn.attn.implementation)  # (B, H, 1, dh)
-    out = out.transpose(1, 2).reshape(B, 1, -1)  # (B, 1, H * dh)
+
+    J = keys.shape[1]
+    mask = None if cache.mask is None else cache.mask[..., P : P + 1, :J]  # (1, J) or (B, 1, 1, J)
+    bias = None if cache.bias is None else cache.bias[:, P : P + 1, :J]  # (H, 1, J)
+    out = attend(q, keys, values, mask, scale=scale, bias=bias, implementation=attn.attn.implementation)
+    if cache.empty is not None:
+        out = out.masked_fill(cache.empty[..., P : P + 1, :], 0.0)  # nothing to see: read nothing
+    out = out.transpose(1, 2).reshape(B, 1, -1)  # (B, H, 1, dh) -> (B, 1, H * dh)
 
     out = torch.cat((out, *attn.read_states(normed, ds.views)), dim=-1)
-    return attn.to_out(out), key, LayerCache(keys, values, cache.mask, cache.memory_len)
+    return attn.to_out(out), key, cache._replace(keys=keys, values=values)
 
 
 def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:

@@ -26,6 +26,9 @@ CONFIGS = {
     "compressed": dict(use_compressed_mem=True),
     "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
     "two_states": dict(depth=4, recurrent_layers=(2, 4), read_recurrent_layers=(1, 4), all_layers_qk_rmsnorm=True),
+    "sliding_t5_feedback": dict(attention_window="sliding", position_encoding="t5", state_feedback=True,
+                                gate="lstm", state_update="dual"),
+    "t5_compressed": dict(position_encoding="t5", use_compressed_mem=True),
 }
 
 
@@ -147,7 +150,7 @@ def test_commit_partial_equals_run_of_the_text_so_far():
 # generation
 
 
-@pytest.mark.parametrize("config", ["default", "read_below_write"])
+@pytest.mark.parametrize("config", ["default", "read_below_write", "sliding_t5_feedback"])
 def test_greedy_equals_argmax_by_recompute(config):
     model = eval_model(**CONFIGS[config])
     prompt = random_tokens(2, 5)
@@ -351,9 +354,10 @@ def test_low_precision_model():
     torch.testing.assert_close(cached.float(), full_logits(model, text)[:, 2:].float(), rtol=0, atol=0.05)
 
 
-def test_decode_from_a_state_with_reset_rows():
+@pytest.mark.parametrize("config", ["compressed", "sliding_t5_feedback"])
+def test_decode_from_a_state_with_reset_rows(config):
     """Row 0 starts a new document: its memory slots turn invalid and decoding must mask them as run does."""
-    model = eval_model(use_compressed_mem=True)
+    model = eval_model(**CONFIGS[config])
     history, text = random_tokens(2, N + W, seed=3), random_tokens(2, N + 3)
     reset = torch.tensor([True, False])
     with torch.no_grad():
