@@ -51,7 +51,7 @@ TRAIN_HELP = {
     "bf16": "bfloat16 autocast (CUDA only)",
     "compile": "torch.compile the layers (CUDA only)",
     "out_dir": "run folder: checkpoints, metrics.jsonl, loss_curve.png",
-    "log_every": "steps between metric lines",
+    "log_every": "steps between metric lines (loss and bits per byte averaged over them)",
     "eval_every": "steps between validations and samples (0: never)",
     "eval_tokens": "validation tokens per evaluation",
     "sample_tokens": "tokens generated after each validation (0: none)",

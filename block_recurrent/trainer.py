@@ -101,7 +101,7 @@ class TrainConfig:
 
     # output: metrics, loss curve, samples and checkpoints all go to out_dir
     out_dir: str = "runs/brt"
-    log_every: int = 10
+    log_every: int = 10  # steps between metric lines; loss and bpb are averaged over them
     eval_every: int = 50  # 0: never
     eval_tokens: int = 16384  # validation budget (whole held-out documents, in name order, up to this many tokens)
     sample_tokens: int = 200  # generated after each validation; 0: never
@@ -541,21 +541,26 @@ class _Loop:
         last: dict[str, Any] = {"step": t.step}
         saved_at = t.step
         start, tokens_since, tick = time.perf_counter(), 0, time.perf_counter()
+        interval_loss, interval_tokens = 0.0, 0  # loss and bpb are logged as means over the log interval
         try:
             while t.step < config.max_steps:
                 metrics = t.train_step()
                 tokens_since += metrics["tokens"]
+                interval_loss += metrics["loss"] * metrics["tokens"]
+                interval_tokens += metrics["tokens"]
                 now = time.perf_counter()
                 t.elapsed += now - start
                 start = now
                 bar.update(1)
                 if t.step % config.log_every == 0 or t.step == config.max_steps:
                     rate = tokens_since / max(now - tick, 1e-9)
-                    tokens_since, tick = 0, now
-                    last = {"step": t.step, **metrics, "tokens_per_s": rate, "tokens_seen": t.tokens_seen,
-                            "elapsed_s": round(t.elapsed, 2)}
+                    loss = interval_loss / max(interval_tokens, 1)
+                    bpb = loss / LN2 / t.train_corpus.bytes_per_token
+                    tokens_since, tick, interval_loss, interval_tokens = 0, now, 0.0, 0
+                    last = {"step": t.step, **metrics, "loss": loss, "bpb": bpb, "tokens_per_s": rate,
+                            "tokens_seen": t.tokens_seen, "elapsed_s": round(t.elapsed, 2)}
                     self.log(last)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpb=f"{metrics['bpb']:.3f}", tok_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", tok_s=f"{rate:.0f}")
                 paused = False  # validation and checkpoints do not count towards tokens/s
                 if config.eval_every and t.step % config.eval_every == 0:
                     last.update(self.evaluate(bar))
