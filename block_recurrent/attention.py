@@ -22,14 +22,15 @@ def attend(
     mask: Tensor | None = None,
     *,
     scale: float,
+    bias: Tensor | None = None,
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
 ) -> Tensor:
-    """softmax(q k^T * scale) v.
+    """softmax(q k^T * scale + bias) v.
 
     q: (B, H, N, D). k, v: (B, J, D), one head shared by all query heads.
-    mask: bool, True where a query may attend: (N, J) or (B, 1, N, J). Every query row must keep at least
-    one key (ours always keep the token itself or the state), so no row is fully masked.
+    mask: bool, True where a query may attend: (N, J) or (B, 1, N, J). No row may be fully masked (callers
+    that can produce such rows unmask them and zero their output). bias: additive logits (H, N, J).
     """
     B, H, N, D = q.shape
     if implementation == "sdpa":
@@ -38,6 +39,9 @@ def attend(
         # (about 15% faster forward+backward on CPU than expanding k and v over heads)
         if mask is not None:
             mask = mask.repeat(H, 1) if mask.ndim == 2 else mask.repeat(1, 1, H, 1)  # (H * N, J) / (B, 1, H * N, J)
+        if bias is not None:
+            bias = bias.reshape(H * N, -1).to(q.dtype)  # (H * N, J)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))  # additive float mask
         # SDPA picks flash / memory-efficient / math kernels itself; a boolean mask rules out the
         # flash-only kernels on CUDA, and we never force one, so there is no invalid combination
         out = F.scaled_dot_product_attention(
@@ -49,6 +53,8 @@ def attend(
     k = k[:, None].expand(B, H, -1, -1)  # (B, H, J, D), a view
     v = v[:, None].expand(B, H, -1, -1)
     sim = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        sim = sim + bias
     if mask is not None:
         sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
     weights = sim.softmax(dim=-1)
@@ -93,13 +99,17 @@ class Attention(nn.Module):
         v: Tensor,
         mask: Tensor | None = None,
         rotary: tuple[RotaryTables, RotaryTables] | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        """q: (B, H, N, D); k, v: (B, J, D); rotary: tables for the N query and J key positions."""
+        """q: (B, H, N, D); k, v: (B, J, D); rotary: tables for the N query and J key positions;
+        bias: additive position bias (H, N, J)."""
         q_tables, k_tables = (None, None) if rotary is None else rotary
         q, scale = self.prepare_queries(q, q_tables)
         k = self.prepare_keys(k, k_tables)
         dropout_p = self.dropout if self.training else 0.0
-        return attend(q, k, v, mask, scale=scale, dropout_p=dropout_p, implementation=self.implementation)
+        return attend(
+            q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation
+        )
 
     # the two halves of forward's key/query preparation, also used by the decoder, which prepares each
     # key once and keeps it for the rest of its block

@@ -74,6 +74,16 @@ class BlockRecurrentConfig:
     gate: str = "fixed"
     state_update: str = "skip"
 
+    # attention window: "block" (the reference: the whole previous block, the causal prefix and the token
+    # itself) or "sliding" (meliad: exactly the block_width tokens before each token)
+    attention_window: str = "block"
+    # token self-attention positions: "rotary_xpos" (the reference) or "t5" (the paper's relative bias)
+    position_encoding: str = "rotary_xpos"
+    t5_num_buckets: int = 32
+    t5_max_distance: int = 128
+    # the paper's Block-Feedback: every layer reads every recurrent state
+    state_feedback: bool = False
+
     # attention
     all_layers_qk_rmsnorm: bool = False
     # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
@@ -147,6 +157,16 @@ class BlockRecurrentConfig:
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
+        if self.attention_window not in ("block", "sliding"):
+            raise ValueError(f"attention_window must be 'block' or 'sliding', got {self.attention_window!r}")
+        if self.attention_window == "sliding" and self.use_compressed_mem:
+            raise ValueError("attention_window='sliding' counts tokens; it cannot be combined with use_compressed_mem")
+        if self.position_encoding not in ("rotary_xpos", "t5"):
+            raise ValueError(f"position_encoding must be 'rotary_xpos' or 't5', got {self.position_encoding!r}")
+        _check_int("t5_num_buckets", self.t5_num_buckets, 2)
+        _check_int("t5_max_distance", self.t5_max_distance, self.t5_num_buckets // 2 + 1)
+        if self.state_feedback and read is not recurrent and self.read_recurrent_layers is not None:
+            raise ValueError("state_feedback makes every layer read every state; do not also pass read_recurrent_layers")
         if self.attn_implementation not in ("sdpa", "math"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")
         _check_float("rotary_theta", self.rotary_theta, 1.0)
@@ -178,6 +198,8 @@ class BlockRecurrentConfig:
 
     def reads_of_layer(self, layer: int) -> tuple[int, ...]:
         """Indices into ``recurrent_layers`` of the states that ``layer`` (1-based) reads."""
+        if self.state_feedback:
+            return tuple(range(len(self.recurrent_layers)))
         return tuple(i for i, read in enumerate(self.read_recurrent_layers) if read == layer)
 
     # serialisation

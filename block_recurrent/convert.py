@@ -24,14 +24,12 @@ _LAYER_RENAMES = {
     r"0\.attn\.q_scale": "attn.attn.q_gain",
     r"0\.attn\.k_scale": "attn.attn.k_gain",
     r"0\.state_container\.state_norm\.gamma": "attn.cell.norm.weight",
-    r"0\.state_container\.q_to_state\.weight": "attn.cell.to_token_queries.weight",
     r"0\.state_container\.q_from_state\.weight": "attn.cell.to_cross_queries.weight",
     r"0\.state_container\.state_to_q\.weight": "attn.cell.to_self_queries.weight",
     r"0\.state_container\.state_to_kv\.weight": "attn.cell.to_state_kv.weight",
     r"0\.state_container\.init_state": "attn.cell.initial_state",
     r"0\.state_container\.state_pos_ids": "attn.cell.state_ids",
     r"0\.state_container\.to_state_out\.weight": "attn.cell.to_update.weight",
-    r"0\.state_container\.to_state_cross_attn\.(q|k)_scale": "attn.cell.read_attn.{0}_gain",
     r"0\.state_container\.state_self_attn\.(q|k)_scale": "attn.cell.self_attn.{0}_gain",
     r"0\.state_container\.from_state_cross_attn\.(q|k)_scale": "attn.cell.write_attn.{0}_gain",
     r"0\.state_container\.state_out_to_gate\.(weight|bias)": "attn.cell.gate.to_candidate.{0}",
@@ -43,7 +41,20 @@ _GATE_BETA = r"0\.state_container\.learned_ema_beta"
 _SKIPPED = re.compile(r".*\.beta$")  # the reference's LayerNorm keeps a zero bias buffer
 
 
-def _our_name(name: str) -> tuple[str, bool] | None:
+def _read_target(config: BlockRecurrentConfig, write_index: int) -> str | None:
+    """Our prefix of the StateRead that reads the state written by 0-based layer ``write_index``.
+
+    The reference keeps the tokens' read projection in the writing layer's state container; ours lives
+    in the reading layer, one per read, in the order of ``config.recurrent_layers``.
+    """
+    if write_index + 1 not in config.recurrent_layers:
+        return None
+    state = config.recurrent_layers.index(write_index + 1)
+    read_layer = config.read_recurrent_layers[state]
+    return f"layers.{read_layer - 1}.attn.state_reads.{config.reads_of_layer(read_layer).index(state)}"
+
+
+def _our_name(name: str, config: BlockRecurrentConfig) -> tuple[str, bool] | None:
     """(our parameter name, negate) for a reference parameter name, or None if it has no counterpart."""
     if name == "token_emb.weight":
         return name, False
@@ -57,6 +68,12 @@ def _our_name(name: str) -> tuple[str, bool] | None:
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if match:
         index, rest = match.groups()
+        read = re.fullmatch(r"0\.state_container\.(q_to_state\.weight|to_state_cross_attn\.(q|k)_scale)", rest)
+        if read:
+            target = _read_target(config, int(index))
+            if target is None:
+                return None
+            return target + (".to_queries.weight" if read[2] is None else f".attn.{read[2]}_gain"), False
         if re.fullmatch(_GATE_BETA, rest):
             # the reference's gate is sigmoid(beta) * z + (1 - sigmoid(beta)) * c; ours keeps c with sigmoid(b)
             return f"layers.{index}.attn.cell.gate.keep_bias", True
@@ -78,7 +95,7 @@ def from_reference_state_dict(
     for name, tensor in state_dict.items():
         if _SKIPPED.fullmatch(name):
             continue
-        target = _our_name(name)
+        target = _our_name(name, config)
         if target is None or target[0] not in ours:
             unknown.append(name)
             continue

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .attention import Attention, FeedForward, merge_heads, split_heads
 from .config import BlockRecurrentConfig
 from .memory import build_memory
-from .positions import RotaryXPos
-from .recurrent import RecurrentStateCell, StateView
+from .positions import RotaryTables, RotaryXPos, T5RelativeBias
+from .recurrent import RecurrentStateCell, StateRead, StateView
 from .state import ModelState, XLMemory
 from .validation import check_labels, check_reset, check_tokens, normalise_state, state_from_lists
 
@@ -36,7 +36,9 @@ class AttentionBlock(nn.Module):
         self.heads = heads
         self.block_width = config.block_width
         self.is_recurrent = layer in config.recurrent_layers
-        num_reads = len(config.reads_of_layer(layer))
+        # the recurrent states this layer reads (indices into config.recurrent_layers), one StateRead each
+        self.reads = config.reads_of_layer(layer)
+        self.state_reads = nn.ModuleList([StateRead(config) for _ in self.reads])
 
         self.norm = nn.LayerNorm(dim, bias=False)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -49,8 +51,14 @@ class AttentionBlock(nn.Module):
             dropout=config.attn_dropout,
             implementation=config.attn_implementation,
         )
+        # positions: rotary + xPos (reference) or a T5 relative bias (paper), on token self-attention only
+        self.use_rotary = config.position_encoding == "rotary_xpos"
+        self.position_bias = None
+        if config.position_encoding == "t5":
+            self.position_bias = T5RelativeBias(heads, config.t5_num_buckets, config.t5_max_distance)
+        self.sliding_window = config.attention_window == "sliding"
         # self-attention output and each state read are concatenated, then projected once
-        self.to_out = nn.Linear(inner * (1 + num_reads), dim, bias=False)
+        self.to_out = nn.Linear(inner * (1 + len(self.reads)), dim, bias=False)
         self.memory = build_memory(config)
         self.cell = RecurrentStateCell(config) if self.is_recurrent else None
 
@@ -59,10 +67,11 @@ class AttentionBlock(nn.Module):
         x: Tensor,
         memory: XLMemory | None,
         rotary: RotaryXPos,
-        reads: Sequence[tuple[RecurrentStateCell, StateView]] = (),
+        views: Sequence[StateView] = (),
         prefix: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, N, D), the block's next N tokens; prefix: raw keys/values (B, P, dh) of its earlier tokens.
+        """x: (B, N, D), the block's next N tokens; views: every recurrent state's view for this block;
+        prefix: raw keys/values (B, P, dh) of the block's earlier tokens.
 
         Returns (branch output (B, N, D), block keys (B, P + N, dh), block values (B, P + N, dh)).
         """
@@ -75,29 +84,57 @@ class AttentionBlock(nn.Module):
         block_keys, block_values = keys, values
         P = keys.shape[1] - N
 
-        # causal within the block: query P + i sees block positions <= P + i
-        key_pos = torch.arange(P + N, device=x.device)
-        query_pos = torch.arange(P, P + N, device=x.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # (N, P + N)
-
         M = 0
         if memory is not None:
             M = memory.length
             keys, values = torch.cat((memory.keys, keys), dim=1), torch.cat((memory.values, values), dim=1)
-            if memory.valid is None:
-                mask = F.pad(mask, (M, 0), value=True)  # (N, M + P + N)
-            else:
-                memory_mask = memory.valid[:, None, None, :].expand(B, 1, N, M)
-                mask = torch.cat((memory_mask, mask.expand(B, 1, N, P + N)), dim=-1)  # (B, 1, N, M + P + N)
+        mask, bias, empty = self.visibility(M, P, N, None if memory is None else memory.valid, x.device)
+        out = self.attn(q, keys, values, mask, self.rotary_tables(rotary, M, P, N), bias)  # (B, H, N, dh)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)  # a query with nothing to attend to reads nothing (meliad)
+        out = merge_heads(out)  # (B, N, H * dh)
 
-        # the block's tokens sit in the frame's last block_width slots, the memory just before them
-        base = rotary.width - self.block_width
-        tables = (rotary.queries(base + P, base + P + N), rotary.keys(base - M, base + P + N))
-        out = merge_heads(self.attn(q, keys, values, mask, tables))  # (B, N, H * dh)
-
-        for cell, view in reads:
-            out = torch.cat((out, cell.read(normed, view)), dim=-1)
+        out = torch.cat((out, *self.read_states(normed, views)), dim=-1)
         return self.to_out(out), block_keys, block_values
+
+    def read_states(self, normed: Tensor, views: Sequence[StateView]) -> list[Tensor]:
+        """This layer's reads of the recurrent states: one (B, N, H * dh) tensor per read."""
+        return [read(normed, views[i]) for read, i in zip(self.state_reads, self.reads)]
+
+
+    def visibility(
+        self, M: int, P: int, N: int, valid: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Which keys [memory (M), block so far (P + N)] each of the N newest queries sees.
+
+        Returns (mask (N, J) or (B, 1, N, J) bool, T5 bias (H, N, J) or None, rows with no visible key
+        (..., N, 1) or None). Memory slots sit at block positions -M .. -1.
+        """
+        distance = torch.arange(P, P + N, device=device)[:, None] - torch.arange(-M, P + N, device=device)  # (N, J)
+        if self.sliding_window:
+            mask = (distance >= 1) & (distance <= self.block_width)  # meliad: exactly the W previous tokens
+        else:
+            mask = distance >= 0  # the reference: all of the memory, the causal prefix and the token itself
+        if valid is not None:
+            valid = F.pad(valid, (0, P + N), value=True)  # (B, J)
+            mask = mask & valid[:, None, None, :]  # (B, 1, N, J)
+        empty = None
+        if self.sliding_window:
+            # the first token of a document has no previous token: unmask its row, zero its output
+            empty = ~mask.any(dim=-1, keepdim=True)
+            mask = mask | empty
+        bias = None if self.position_bias is None else self.position_bias(distance)
+        return mask, bias, empty
+
+    def rotary_tables(self, rotary: RotaryXPos, M: int, P: int, N: int) -> tuple[RotaryTables, RotaryTables] | None:
+        """Rotary tables of the N newest queries and the M + P + N keys (None with T5 positions).
+
+        The block's tokens sit in the frame's last block_width slots, the memory just before them.
+        """
+        if not self.use_rotary:
+            return None
+        base = rotary.width - self.block_width
+        return rotary.queries(base + P, base + P + N), rotary.keys(base - M, base + P + N)
 
 
 class Layer(nn.Module):
@@ -138,8 +175,6 @@ class BlockRecurrentTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
 
-        # for each layer (0-based), the indices of the recurrent states it reads
-        self._reads = [config.reads_of_layer(layer) for layer in range(1, config.depth + 1)]
         self._state_index = {layer - 1: i for i, layer in enumerate(config.recurrent_layers)}
 
     # reference-compatible attributes
@@ -197,12 +232,10 @@ class BlockRecurrentTransformer(nn.Module):
         prefix: per layer, the raw keys/values (B, P, dh) of the block's earlier tokens (None: the block
         starts here). Returns (hidden (B, N, D), per-layer block keys and values (B, P + N, dh)).
         """
-        cells = self.cells
         keys, values = [], []
         for index, layer in enumerate(self.layers):
-            reads = [(cells[i], views[i]) for i in self._reads[index]]
             layer_prefix = None if prefix is None else prefix[index]
-            branch, layer_keys, layer_values = layer.attn(x, memories[index], self.rotary, reads, layer_prefix)
+            branch, layer_keys, layer_values = layer.attn(x, memories[index], self.rotary, views, layer_prefix)
             x = x + branch
             x = x + layer.ff(x)
             keys.append(layer_keys)

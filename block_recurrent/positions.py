@@ -9,6 +9,7 @@ token at a time reproduce the full forward pass.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -75,3 +76,32 @@ class RotaryXPos(nn.Module):
 
     def keys(self, start: int, stop: int) -> RotaryTables:
         return RotaryTables(self.k_cos[start:stop], self.k_sin[start:stop])
+
+
+def t5_relative_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """T5's bucket of each query-minus-key distance, for causal attention (distances <= 0 share bucket 0).
+
+    Half the buckets count distances exactly (0 .. num_buckets/2 - 1); the rest cover distances up to
+    ``max_distance`` logarithmically; anything farther falls in the last bucket.
+    """
+    n = distance.clamp(min=0)
+    exact = num_buckets // 2
+    # log-spaced buckets for the far half; clamp n >= 1 so the log of the (unused) small values is finite
+    far = exact + (
+        torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    far = far.clamp(max=num_buckets - 1)
+    return torch.where(n < exact, n, far)
+
+
+class T5RelativeBias(nn.Module):
+    """A learned per-head logit bias for each distance bucket (the paper's position encoding)."""
+
+    def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.bias = nn.Parameter(torch.randn(heads, num_buckets) * num_buckets**-0.5)
+
+    def forward(self, distance: Tensor) -> Tensor:
+        """distance (N, J), query position minus key position -> bias (H, N, J)."""
+        return self.bias[:, t5_relative_bucket(distance, self.num_buckets, self.max_distance)]

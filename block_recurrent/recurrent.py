@@ -3,7 +3,7 @@
 Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
 1. ``view``: pre-norm the state, add learned state IDs, project keys/values once (one head). The same
    view serves every read of this state in the block and the write at its end (meliad's layout).
-2. ``read``: tokens of a reading layer cross-attend to the view (no mask, no positions).
+2. read (:class:`StateRead`, owned by each reading layer): its tokens cross-attend to the view.
 3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
    outputs are concatenated per head, projected, and a gate combines them with ``c`` ("skip"); with
    "dual", a feed-forward on the result is combined with it by a second gate.
@@ -67,6 +67,25 @@ class StateView(NamedTuple):
     values: Tensor  # (B, S, dim_head)
 
 
+class StateRead(nn.Module):
+    """A reading layer's cross-attention from its (normed) tokens to a recurrent state: no mask, no
+    positions. Owned by the reading layer, so that layers reading the same state have their own queries."""
+
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.to_queries = nn.Linear(config.dim, config.heads * config.dim_head, bias=False)
+        self.attn = Attention(
+            config.dim_head, config.heads, qk_norm=True, temperature=config.qk_rmsnorm_scale,
+            implementation=config.attn_implementation,
+        )
+
+    def forward(self, tokens: Tensor, view: StateView) -> Tensor:
+        """tokens (B, N, D) -> (B, N, heads * dim_head)."""
+        queries = split_heads(self.to_queries(tokens), self.heads)  # (B, H, N, dh)
+        return merge_heads(self.attn(queries, view.keys, view.values))
+
+
 class RecurrentStateCell(nn.Module):
     def __init__(self, config: BlockRecurrentConfig):
         super().__init__()
@@ -79,14 +98,12 @@ class RecurrentStateCell(nn.Module):
         self.state_ids = nn.Parameter(torch.randn(config.num_state_vectors, dim))
         self.norm = nn.LayerNorm(dim, bias=False)
 
-        # state keys/values, shared by the tokens' read and the state's self-attention
+        # state keys/values, shared by the tokens' reads and the state's self-attention
         self.to_state_kv = nn.Linear(dim, dim_head * 2, bias=False)
-        self.to_token_queries = nn.Linear(dim, inner, bias=False)  # tokens -> state (read)
         self.to_self_queries = nn.Linear(dim, inner, bias=False)  # state -> state
         self.to_cross_queries = nn.Linear(dim, inner, bias=False)  # state -> tokens (write)
 
         attention = dict(qk_norm=True, temperature=config.qk_rmsnorm_scale, implementation=config.attn_implementation)
-        self.read_attn = Attention(dim_head, heads, **attention)
         self.self_attn = Attention(dim_head, heads, **attention)
         self.write_attn = Attention(dim_head, heads, **attention)
 
@@ -109,11 +126,6 @@ class RecurrentStateCell(nn.Module):
             expand = lambda t: t.expand(batch_size, *t.shape[1:])
             state, normed, keys, values = map(expand, (state, normed, keys, values))
         return StateView(state, normed, keys, values)
-
-    def read(self, tokens: Tensor, view: StateView) -> Tensor:
-        """Cross-attention from (normed) tokens (B, N, D) to the state: (B, N, heads * dim_head)."""
-        queries = split_heads(self.to_token_queries(tokens), self.heads)  # (B, H, N, dh)
-        return merge_heads(self.read_attn(queries, view.keys, view.values))
 
     def write(self, view: StateView, block_keys: Tensor, block_values: Tensor) -> Tensor:
         """The next state (B, S, D), from the block's raw keys/values (B, N, dim_head) of the writing layer."""

@@ -16,6 +16,9 @@ VARIANTS = {
     "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
     "lstm_dual": dict(gate="lstm", state_update="dual"),
     "xl_baseline": dict(recurrent_layers=()),
+    "sliding_t5": dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
+    "sliding_baseline": dict(attention_window="sliding", recurrent_layers=()),
+    "feedback": dict(state_feedback=True, gate="lstm"),
 }
 
 
@@ -99,8 +102,10 @@ def test_every_recurrent_parameter_gets_gradient():
     cell = model.layers[1].attn.cell
     recurrent_params = dict(cell.named_parameters())
     assert {"initial_state", "state_ids", "gate.keep_bias", "gate.to_candidate.weight", "to_update.weight",
-            "to_self_queries.weight", "to_cross_queries.weight", "to_token_queries.weight",
+            "to_self_queries.weight", "to_cross_queries.weight",
             "to_state_kv.weight", "self_attn.temperature", "write_attn.temperature"} <= set(recurrent_params)
+    read = dict(model.layers[1].attn.state_reads[0].named_parameters())
+    assert {"to_queries.weight", "attn.temperature"} <= set(read)
     for name, param in recurrent_params.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     for name, param in model.named_parameters():
@@ -274,3 +279,57 @@ def test_bf16_autocast_trains_and_stays_close_to_float32():
         result = wrapper.forward_backward(seq)
     assert torch.isfinite(result.loss) and abs(result.loss.item() - full) < 0.05
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_sliding_window_mask_matches_a_per_token_loop():
+    model = make_model(**VARIANTS["sliding_t5"])
+    attn = model.layers[0].attn
+    W = TINY["block_width"]
+    for M, P, N in [(0, 0, 4), (4, 0, 4), (4, 2, 2), (4, 3, 1), (2, 1, 3)]:
+        mask, _, empty = attn.visibility(M, P, N, None, torch.device("cpu"))
+        for i in range(N):
+            query = P + i  # block position; memory slots are -M .. -1
+            for j, key in enumerate(range(-M, P + N)):
+                expected = 1 <= query - key <= W
+                if empty[i, 0]:
+                    assert not any(1 <= query - k <= W for k in range(-M, P + N))
+                    continue
+                assert bool(mask[i, j]) == expected, (M, P, N, i, j)
+    # the first token of a document sees nothing, and its attention output is zero
+    _, _, empty = attn.visibility(0, 0, 4, None, torch.device("cpu"))
+    assert empty[:, 0].tolist() == [True, False, False, False]
+
+
+def test_block_window_mask_is_memory_plus_causal_prefix():
+    attn = make_model().layers[0].attn
+    mask, bias, empty = attn.visibility(4, 1, 2, torch.tensor([[True, False, True, True]]), torch.device("cpu"))
+    expected = torch.tensor([[1, 0, 1, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected) and bias is None and empty is None
+
+
+def test_t5_buckets_by_hand():
+    from block_recurrent.positions import t5_relative_bucket
+
+    distance = torch.tensor([-3, 0, 1, 15, 16, 17, 31, 32, 63, 64, 127, 128, 5000])
+    # exact below 16; above, 16 + floor(log(n / 16) / log(8) * 16), capped at 31
+    expected = [0, 0, 1, 15, 16, 16, 21, 21, 26, 26, 31, 31, 31]
+    assert t5_relative_bucket(distance, 32, 128).tolist() == expected
+
+
+def test_t5_bias_reaches_the_logits_and_sliding_excludes_self():
+    model = make_model(**VARIANTS["sliding_t5"])
+    attn = model.layers[0].attn
+    _, bias, _ = attn.visibility(4, 0, 4, None, torch.device("cpu"))
+    assert bias.shape == (TINY["heads"], 4, 8)
+    assert torch.equal(bias[:, 0, 3], attn.position_bias.bias[:, 1])  # distance 1 -> bucket 1
+    tokens = random_tokens(1, 8)
+    logits, _ = model.run(tokens)
+    with torch.no_grad():
+        attn.position_bias.bias.add_(1.0 * torch.arange(8.0))
+    assert not torch.allclose(model.run(tokens)[0], logits)
+
+
+def test_feedback_every_layer_reads_the_state_with_its_own_queries():
+    model = make_model(**VARIANTS["feedback"])
+    assert [layer.attn.to_out.in_features for layer in model.layers] == [2 * 16] * 3
+    assert [len(layer.attn.state_reads) for layer in model.layers] == [1, 1, 1]

@@ -28,6 +28,12 @@ from conftest import TINY, make_model, random_tokens
         (dict(attn_dropout=1.0), ValueError, "attn_dropout"),
         (dict(attn_implementation="flash"), ValueError, "attn_implementation"),
         (dict(use_compressed_mem=True, compressed_mem_factor=1), ValueError, "compressed_mem_factor"),
+        (dict(gate="gru"), ValueError, "gate must be 'fixed' or 'lstm'"),
+        (dict(state_update="single"), ValueError, "state_update must be 'skip' or 'dual'"),
+        (dict(attention_window="global"), ValueError, "attention_window"),
+        (dict(attention_window="sliding", use_compressed_mem=True), ValueError, "cannot be combined"),
+        (dict(position_encoding="alibi"), ValueError, "position_encoding"),
+        (dict(state_feedback=True, read_recurrent_layers=(1,)), ValueError, "state_feedback"),
     ],
 )
 def test_bad_config(overrides, error, pattern):
