@@ -188,7 +188,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens)
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
-          f"({len(corpus)} documents)")
+          f"({result['documents']} of {len(corpus)} documents)")
     return 0
 
 

@@ -387,7 +387,7 @@ class Trainer:
         with self._autocast():
             result = evaluate_corpus(self.model, self.val_corpus, max_tokens=self.config.eval_tokens,
                                      distributed=self.dist)
-        return {f"val_{k}": v for k, v in result.items()}
+        return {f"val_{k}": v for k, v in result.items() if k != "documents"}
 
     def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""
@@ -667,7 +667,7 @@ def evaluate_corpus(
         totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
     loss_sum, count = distributed.all_reduce(totals).tolist()
     loss = loss_sum / max(count, 1)
-    return {"loss": loss, "bpb": loss / LN2 / corpus.bytes_per_token, "tokens": int(count)}
+    return {"loss": loss, "bpb": loss / LN2 / corpus.bytes_per_token, "tokens": int(count), "documents": len(docs)}
 
 
 def resume_configs(out_dir: str | Path, **overrides: Any) -> tuple[BlockRecurrentConfig, TrainConfig]:

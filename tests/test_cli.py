@@ -56,7 +56,7 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
     capsys.readouterr()
     assert brt("eval", "--checkpoint", run, "--data", corpus / "doc1.txt") == 0
     out = capsys.readouterr().out
-    assert "bits/byte" in out and "1 documents" in out
+    assert "bits/byte" in out and "(1 of 1 documents)" in out
 
     assert brt("generate", "--checkpoint", latest_checkpoint(run), "--prompt", "the quick", "--max-new-tokens", 12,
                "--temperature", 0) == 0
