@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import PRESETS
@@ -115,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import BlockRecurrentConfig
     from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
     known = {field.name for field in dataclasses.fields(TrainConfig)}

@@ -40,7 +40,7 @@ from .checkpoint import (
     optimizer_from_tensors, read_config, read_json, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
-from .data import BATCHERS, Batch, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
+from .data import BATCHERS, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
 from .model import BlockRecurrentTransformer
 from .state import ModelState, XLMemory
 from .training import RecurrentTrainerWrapper
