@@ -107,7 +107,11 @@ def check_same_config(saved: BlockRecurrentConfig, expected: BlockRecurrentConfi
 
 def load_weights(model: BlockRecurrentTransformer, path: Path) -> None:
     """Load ``model.safetensors`` into ``model``, naming missing, unexpected or mis-shaped tensors."""
-    tensors = read_tensors(path)
+    load_state(model, read_tensors(path), path)
+
+
+def load_state(model: BlockRecurrentTransformer, tensors: dict[str, Tensor], path: Path) -> None:
+    """``model.load_state_dict(tensors)``, with a CheckpointError naming what does not fit."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import (
-    TRAINER_JSON, CheckpointError, check_same_config, latest_checkpoint, load_training_checkpoint,
-    optimizer_from_tensors, read_config, read_json, save_training_checkpoint,
+    TRAINER_JSON, WEIGHTS_FILE, CheckpointError, check_same_config, latest_checkpoint, load_state,
+    load_training_checkpoint, optimizer_from_tensors, read_config, read_json, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
 from .data import BATCHERS, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
@@ -452,7 +452,7 @@ class Trainer:
         if differs:
             details = "; ".join(f"{k}: checkpoint {settings.get(k)!r}, now {mine[k]!r}" for k in differs)
             raise CheckpointError(f"cannot resume {saved.path} with other training settings ({details})")
-        self.model.load_state_dict(saved.weights)
+        load_state(self.model, saved.weights, saved.path / WEIGHTS_FILE)
         optimizer_from_tensors(self.optimizer, saved.optimizer)
         self.step = saved.trainer["step"]
         self.tokens_seen = saved.trainer.get("tokens_seen", 0)
@@ -509,9 +509,14 @@ class _Loop:
     def _truncate_log(self, step: int) -> None:
         """On resume, forget records past the checkpoint (a crashed run may have logged further)."""
         if self.metrics_path.exists():
-            lines = [line for line in self.metrics_path.read_text().splitlines()
-                     if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.metrics_path.write_text("".join(line + "\n" for line in lines))
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _on_signal(self, signum, frame) -> None:
         # finish the step in flight, save, exit; a second signal interrupts at once
