@@ -196,3 +196,22 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lr_at(config, 12) == pytest.approx(0.55)
     assert lr_at(config, 20) == pytest.approx(0.1)
     assert lr_at(config, 99) == pytest.approx(0.1)
+
+
+def test_resume_names_weights_that_do_not_fit_and_survives_a_cut_metrics_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = settings(tmp_path, max_steps=2)
+    train(tiny(), config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "lo')  # a crash mid-line
+    resumed = Trainer(tiny(), config.replace(max_steps=3), resume=True)
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+    weights = latest_checkpoint(tmp_path / "run") / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["renamed.weight"] = tensors.pop("to_logits.weight")
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"does not fit this model: missing \['to_logits.weight'\]"):
+        Trainer(tiny(), config.replace(max_steps=4), resume=True)
