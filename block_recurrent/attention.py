@@ -12,8 +12,6 @@ from torch import Tensor, nn
 
 from .positions import RotaryTables, apply_rotary
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "math")
-
 
 def attend(
     q: Tensor,

@@ -175,8 +175,6 @@ class BlockRecurrentTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
 
-        self._state_index = {layer - 1: i for i, layer in enumerate(config.recurrent_layers)}
-
     # reference-compatible attributes
     @property
     def max_seq_len(self) -> int:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, ModelState, RecurrentTrainerWrapper, XLMemory
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, RecurrentTrainerWrapper, XLMemory
 
 from conftest import TINY, make_model, random_tokens
 
