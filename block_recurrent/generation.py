@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import attend
@@ -49,8 +50,10 @@ class DecodeState:
         and by its commit.
     position: tokens of the current block already fed, 0 <= position < block_width.
     cache: per layer, the attention inputs of this block (:class:`LayerCache`), a pure function of
-        ``committed`` and ``partial`` kept so that each key is normalised and rotated once; None until
-        the first :func:`decode_step` of a block builds it.
+        ``committed``, ``partial`` and the weights, kept so that each key is normalised and rotated once;
+        None until the first :func:`decode_step` of a block builds it. Its block-sized buffers may be
+        shared with the states before and after this one; a step writes only past every state's prefix
+        and copies them first when that slot is taken (decoding twice from one state is safe).
     """
 
     committed: ModelState
@@ -91,10 +94,18 @@ def commit_partial(model: "BlockRecurrentTransformer", decode_state: DecodeState
 
 
 class LayerCache(NamedTuple):
-    """One layer's attention inputs for the current block: [memory, block so far] along the key axis."""
+    """One layer's attention inputs for the current block, in buffers sized for the whole block.
 
-    keys: Tensor | None  # (B, M + P, dh): normalised (qk-norm layers) and rotated (rotary) at their frame slots
-    values: Tensor | None  # (B, M + P, dh): raw, as values are never transformed
+    The buffers hold [memory, block] along the key axis and are written one slot per token, so a step
+    copies one key instead of re-concatenating the block so far. Several DecodeStates may share them:
+    each sees only its own prefix, and ``written`` (shared, the one mutable part) says how far any of
+    them has written, so a step from an older state copies the buffers before writing (copy on write).
+    """
+
+    keys: Tensor | None  # (B, M + W, dh): normalised (qk-norm layers) and rotated (rotary) at their frame slots
+    values: Tensor | None  # (B, M + W, dh): raw, as values are never transformed
+    raw_keys: Tensor | None  # (B, W, dh): the block's raw keys, for the commit (None until the first write)
+    written: list  # [slots of the block written so far by any state sharing these buffers]
     memory_len: int  # M
     # what each of the block's W positions sees, from AttentionBlock.visibility, or None where it sees
     # every key so far: mask (W, M + W) or (B, 1, W, M + W) bool, T5 bias (H, W, M + W), and the rows
@@ -102,70 +113,189 @@ class LayerCache(NamedTuple):
     mask: Tensor | None
     bias: Tensor | None
     empty: Tensor | None
+    # derived from the weights once per block: [to_q; to_kv; each read's to_queries] as one matrix, so a
+    # token needs one vector-matrix product for all of them, and each read state's keys prepared once.
+    # The wide input projections are kept transposed, (D, out), contiguous: for one token x @ W^T on them
+    # ran 1.2-3x faster on CPU than F.linear(x, W), equal up to rounding (summation order)
+    in_proj: Tensor  # (D, Q + 2 dh + reads * Q)
+    ff_in: Tensor  # (D, 2 * ff_inner_dim): FeedForward.proj_in, transposed
+    read_keys: tuple[Tensor, ...]
+    # the block's W frame slots' rotary tables (q cos, q signed sin, k cos, k signed sin), each (W, dh),
+    # shared by all layers (None with T5 positions): see _rotate
+    slot_tables: tuple[Tensor, Tensor, Tensor, Tensor] | None
 
 
-def _layer_cache(model: "BlockRecurrentTransformer", layer: int, ds: DecodeState) -> LayerCache:
+def _layer_cache(
+    model: "BlockRecurrentTransformer", layer: int, ds: DecodeState, slot_tables: tuple | None
+) -> LayerCache:
     """Prepare the memory and the block's earlier keys of one layer once, as AttentionBlock.forward would."""
     attn = model.layers[layer].attn
+    W = model.config.block_width
     memory = ds.committed.memories[layer]
     pieces = ([] if memory is None else [(memory.keys, memory.values)]) + (
         [] if ds.partial is None else [ds.partial[layer]]
     )
     M = 0 if memory is None else memory.length
-    keys = values = None
+    keys = values = raw_keys = None
     if pieces:
-        keys = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, dh)
-        values = torch.cat([v for _, v in pieces], dim=1)
+        known = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, dh)
         tables = attn.rotary_tables(model.rotary, M, ds.position, 0)
-        keys = attn.attn.prepare_keys(keys, None if tables is None else tables[1])
+        known = attn.attn.prepare_keys(known, None if tables is None else tables[1])
+        keys = _buffer(known, M + W)
+        values = _buffer(torch.cat([v for _, v in pieces], dim=1), M + W)
+    if ds.partial is not None:
+        raw_keys = _buffer(ds.partial[layer][0], W)
 
     # the whole block's visibility at once; a step reads its row
     mask = bias = empty = None
     valid = None if memory is None else memory.valid
     if valid is not None or attn.sliding_window or attn.position_bias is not None:
         device = model.token_emb.weight.device
-        mask, bias, empty = attn.visibility(M, 0, model.config.block_width, valid, device)
+        mask, bias, empty = attn.visibility(M, 0, W, valid, device)
         if valid is None and not attn.sliding_window:
             mask = None  # causal only: the newest token sees every key so far
-    return LayerCache(keys, values, M, mask, bias, empty)
+
+    # the weights' derived forms, once per block (a few hundred KB copied per layer every block_width tokens)
+    reads = list(attn.state_reads)
+    in_proj = torch.cat([attn.to_q.weight, attn.to_kv.weight, *(r.to_queries.weight for r in reads)])
+    in_proj = in_proj.t().contiguous()  # (D, Q + 2 dh + reads * Q)
+    ff_in = model.layers[layer].ff.proj_in.weight.t().contiguous()  # (D, 2 * ff_inner_dim)
+    read_keys = tuple(r.attn.prepare_keys(ds.views[i].keys, None) for r, i in zip(reads, attn.reads))
+    return LayerCache(
+        keys, values, raw_keys, [ds.position], M, mask, bias, empty, in_proj, ff_in, read_keys, slot_tables
+    )
 
 
-def _append(cache: Tensor | None, new: Tensor) -> Tensor:
-    return new if cache is None else torch.cat((cache, new.to(cache.dtype)), dim=1)
+def _slot_tables(model: "BlockRecurrentTransformer") -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Rotary tables of the block's W frame slots with the sine's first half negated (see _rotate)."""
+    if model.config.position_encoding != "rotary_xpos":
+        return None
+    W, rotary = model.config.block_width, model.rotary
+    half = rotary.q_sin.shape[-1] // 2
+    q, k = rotary.queries(rotary.width - W, rotary.width), rotary.keys(rotary.width - W, rotary.width)
+    signed = lambda sin: torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (W, dh)
+    return q.cos, signed(q.sin), k.cos, signed(k.sin)
+
+
+def _rotate(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """apply_rotary with the same result in fewer operator calls: rotate_half(t) * sin, i.e.
+    [-t2, t1] * [s1, s2], equals [t2, t1] * [-s1, s2] exactly (negation is exact), and [t2, t1] is a roll."""
+    return t * cos.to(t.dtype) + t.roll(t.shape[-1] // 2, dims=-1) * signed_sin.to(t.dtype)
+
+
+# Attention.prepare_queries / prepare_keys for one token, rotating with _rotate (same steps, same order:
+# the float64 exactness tests of the rotary and qk-norm variants hold them to the forward pass)
+
+
+def _prepare_queries(attention, q: Tensor, tables: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float]:
+    if attention.qk_norm:
+        q = F.normalize(q, dim=-1) * attention.q_gain
+    if tables is not None:
+        q = _rotate(q, *tables)
+    if attention.qk_norm:
+        return q * attention.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
+    return q, attention.scale
+
+
+def _prepare_key(attention, k: Tensor, tables: tuple[Tensor, Tensor] | None) -> Tensor:
+    if attention.qk_norm:
+        k = F.normalize(k, dim=-1) * attention.k_gain
+    if tables is not None:
+        k = _rotate(k, *tables)
+    return k
+
+
+def _buffer(known: Tensor, capacity: int) -> Tensor:
+    """A (B, capacity, dh) buffer whose first slots hold ``known`` (B, n, dh)."""
+    buffer = known.new_empty((known.shape[0], capacity, known.shape[2]))
+    buffer[:, : known.shape[1]] = known
+    return buffer
+
+
+def _must_copy(buffer: Tensor, cache: LayerCache, position: int) -> bool:
+    """Whether writing slot ``position`` in place could change what another state or autograd sees."""
+    return (
+        cache.written[0] > position  # another continuation of an older state has written here
+        or torch.is_grad_enabled()  # views of the buffer may be saved for backward
+        or (buffer.is_inference() and not torch.is_inference_mode_enabled())  # cannot be written outside it
+    )
+
+
+def _write(buffer: Tensor | None, at: int, new: Tensor, capacity: int, copy: bool) -> Tensor:
+    """``buffer`` (or a copy, or a new one) with slot ``at`` set to ``new`` (B, 1, dh)."""
+    if buffer is None:
+        buffer = new.new_empty((new.shape[0], capacity, new.shape[2]))
+    elif copy:
+        buffer = buffer.clone()
+    buffer[:, at : at + 1] = new  # cast to the buffer's dtype, as the concatenation did
+    return buffer
 
 
 def _attention_step(
-    model: "BlockRecurrentTransformer", layer: int, x: Tensor, cache: LayerCache, ds: DecodeState
-) -> tuple[Tensor, Tensor, LayerCache]:
-    """One token x (B, 1, D) through one layer's attention: (branch (B, 1, D), its raw key, next cache).
+    model: "BlockRecurrentTransformer",
+    layer: int,
+    x: Tensor,
+    cache: LayerCache,
+    ds: DecodeState,
+    tables: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
+) -> tuple[Tensor, LayerCache]:
+    """One token x (B, 1, D) through one layer's attention: (branch (B, 1, D), next cache).
 
     The same computation as AttentionBlock.forward with a prefix, except that the earlier keys come
-    prepared from the cache and the visibility rows were computed once for the block.
+    prepared from the cache, the visibility rows were computed once for the block, q, k, v and the
+    state-read queries come from one product with the block's fused projection, and weights are applied
+    directly rather than through module calls (for one token, operator and module dispatch cost about as
+    much as the arithmetic, so every call saved counts).
     """
     attn = model.layers[layer].attn
-    B, P = x.shape[0], ds.position
-    normed = attn.norm(x)
-    q = attn.to_q(normed).view(B, 1, attn.heads, -1).transpose(1, 2)  # (B, H, 1, dh)
-    key, value = attn.to_kv(normed).chunk(2, dim=-1)  # (B, 1, dh) each
+    B, P, M, W = x.shape[0], ds.position, cache.memory_len, model.config.block_width
+    H, dh = attn.heads, model.config.dim_head
+    Q = H * dh
+    normed = F.layer_norm(x, x.shape[-1:], attn.norm.weight, None, attn.norm.eps)
+    projected = torch.matmul(normed, cache.in_proj)  # (B, 1, Q + 2 dh + reads * Q)
+    q = projected[..., :Q].view(B, H, 1, dh)  # one token: (B, 1, H * dh) is (B, H, 1, dh) in memory
+    key, value = projected[..., Q : Q + dh], projected[..., Q + dh : Q + 2 * dh]  # (B, 1, dh) each
 
-    q_tables = k_tables = None
-    if attn.use_rotary:
-        slot = model.rotary.width - model.config.block_width + P  # this token's frame slot
-        q_tables, k_tables = model.rotary.queries(slot, slot + 1), model.rotary.keys(slot, slot + 1)
-    q, scale = attn.attn.prepare_queries(q, q_tables)
-    keys = _append(cache.keys, attn.attn.prepare_keys(key, k_tables))  # (B, M + P + 1, dh)
-    values = _append(cache.values, value)
+    q_tables, k_tables = (None, None) if not attn.use_rotary else tables
+    q, scale = _prepare_queries(attn.attn, q, q_tables)
 
-    J = keys.shape[1]
+    # write this token's slot: prepared key and value for attention, raw key for the commit
+    copy = cache.keys is not None and _must_copy(cache.keys, cache, P)  # no buffer yet: a new one either way
+    written = [P + 1] if copy else cache.written
+    keys = _write(cache.keys, M + P, _prepare_key(attn.attn, key, k_tables), M + W, copy)
+    values = _write(cache.values, M + P, value, M + W, copy)
+    raw_keys = _write(cache.raw_keys, P, key, W, copy)
+    written[0] = P + 1
+
+    J = M + P + 1
     mask = None if cache.mask is None else cache.mask[..., P : P + 1, :J]  # (1, J) or (B, 1, 1, J)
     bias = None if cache.bias is None else cache.bias[:, P : P + 1, :J]  # (H, 1, J)
-    out = attend(q, keys, values, mask, scale=scale, bias=bias, implementation=attn.attn.implementation)
+    out = attend(
+        q, keys[:, :J], values[:, :J], mask, scale=scale, bias=bias, implementation=attn.attn.implementation
+    )
     if cache.empty is not None:
         out = out.masked_fill(cache.empty[..., P : P + 1, :], 0.0)  # nothing to see: read nothing
-    out = out.transpose(1, 2).reshape(B, 1, -1)  # (B, H, 1, dh) -> (B, 1, H * dh)
+    outs = [out.reshape(B, 1, Q)]  # (B, H, 1, dh) -> (B, 1, H * dh), a view for one token
 
-    out = torch.cat((out, *attn.read_states(normed, ds.views)), dim=-1)
-    return attn.to_out(out), key, cache._replace(keys=keys, values=values)
+    # reads of the recurrent states, as StateRead.forward, with the state keys prepared once per block
+    for n, (read, i) in enumerate(zip(attn.state_reads, attn.reads)):
+        begin = Q + 2 * dh + n * Q
+        rq, read_scale = _prepare_queries(read.attn, projected[..., begin : begin + Q].view(B, H, 1, dh), None)
+        read_out = attend(
+            rq, cache.read_keys[n], ds.views[i].values, scale=read_scale, implementation=read.attn.implementation
+        )
+        outs.append(read_out.reshape(B, 1, Q))
+
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, 1, (1 + reads) * H * dh)
+    branch = F.linear(out, attn.to_out.weight)
+    return branch, cache._replace(keys=keys, values=values, raw_keys=raw_keys, written=written)
+
+
+def _feed_forward(ff, ff_in: Tensor, x: Tensor) -> Tensor:
+    """FeedForward.forward without dropout, on the weights directly (one token: dispatch dominates)."""
+    normed = F.layer_norm(x, x.shape[-1:], ff.norm.weight, None, ff.norm.eps)
+    hidden, gate = torch.matmul(normed, ff_in).chunk(2, dim=-1)  # (B, 1, inner) each
+    return F.linear(F.gelu(gate) * hidden, ff.proj_out.weight)
 
 
 def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
@@ -173,23 +303,29 @@ def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) ->
     # 1. prepare this block's keys once (after a commit, or after a prefill that ended mid-block)
     caches = ds.cache
     if caches is None:
-        caches = tuple(_layer_cache(model, layer, ds) for layer in range(model.config.depth))
+        slot_tables = _slot_tables(model)
+        caches = tuple(_layer_cache(model, layer, ds, slot_tables) for layer in range(model.config.depth))
+    # this token's rotary tables, sliced once for every layer: (q cos, q sin), (k cos, k sin), each (1, dh)
+    tables = None
+    if caches[0].slot_tables is not None:
+        q_cos, q_sin, k_cos, k_sin = (t[ds.position : ds.position + 1] for t in caches[0].slot_tables)
+        tables = (q_cos, q_sin), (k_cos, k_sin)
 
     # 2. the token through every layer, keeping its raw key/value for the block's commit
-    x = model.token_emb(token[:, None])  # (B, 1, D)
+    x = F.embedding(token[:, None], model.token_emb.weight)  # (B, 1, D)
     next_caches, partial = [], []
+    end = ds.position + 1
     for layer, cache in enumerate(caches):
-        branch, key, cache = _attention_step(model, layer, x, cache, ds)
+        branch, cache = _attention_step(model, layer, x, cache, ds, tables)
         x = x + branch
-        x = x + model.layers[layer].ff(x)
-        block_keys = _append(None if ds.partial is None else ds.partial[layer][0], key)  # (B, P + 1, dh)
-        partial.append((block_keys, cache.values[:, cache.memory_len :]))  # the values: a view of the cache
+        x = x + _feed_forward(model.layers[layer].ff, cache.ff_in, x)
+        M = cache.memory_len
+        partial.append((cache.raw_keys[:, :end], cache.values[:, M : M + end]))  # (B, P + 1, dh) views
         next_caches.append(cache)
 
     # 3. a full block is committed exactly as forward_block commits it
-    position = ds.position + 1
-    if position < model.config.block_width:
-        return x, DecodeState(ds.committed, tuple(partial), ds.views, position, tuple(next_caches))
+    if end < model.config.block_width:
+        return x, DecodeState(ds.committed, tuple(partial), ds.views, end, tuple(next_caches))
     keys, values = zip(*partial)
     committed = model.commit_block(ds.committed, ds.views, keys, values)
     return x, DecodeState(committed, None, model.state_views(committed, x.shape[0]), 0)
