@@ -378,3 +378,28 @@ def test_stream_checks_its_state_before_the_first_token():
         _, state3 = model.run(random_tokens(3, W))
     with pytest.raises(ValueError, match="batch size"):
         stream(model, random_tokens(2, 3), 4, state=state3)  # no next() needed
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_two_continuations_from_one_decode_state_are_both_exact(mode):
+    """Decode states are values: continuing one of them twice (beam-search style) must not let the
+    second continuation see what the first wrote into shared block buffers."""
+    model = eval_model(**CONFIGS["compressed"])
+    text_a = random_tokens(2, 3 * W + 2, seed=21)
+    text_b = text_a.clone()
+    text_b[:, W + 1 :] = random_tokens(2, 2 * W + 1, seed=22)
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with context():
+        _, shared = prefill(model, text_a[:, : W + 1])  # mid-block: the buffers hold a partial block
+        branches = {}
+        for name, text in (("a", text_a), ("b", text_b), ("a_again", text_a)):
+            ds, out = shared, []
+            for t in range(W + 1, text.shape[1]):
+                logits, ds = decode_step(model, text[:, t], ds)
+                out.append(logits)
+            branches[name] = torch.stack(out, dim=1)
+        expected_a = model.run(text_a)[0][:, W + 1 :]
+        expected_b = model.run(text_b)[0][:, W + 1 :]
+    torch.testing.assert_close(branches["a"], expected_a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(branches["b"], expected_b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(branches["a_again"], expected_a, rtol=1e-10, atol=1e-10)
