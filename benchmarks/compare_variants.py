@@ -237,7 +237,7 @@ def build_table(results: list[VariantResult], budget: Budget) -> str:
 
 
 def plot_positions(results: list[VariantResult], path: Path, budget: Budget) -> bool:
-    """Per-position held-out loss (bits per byte) of the recurrent default vs XL; False without matplotlib."""
+    """Per-position held-out loss (bits per byte), recurrent (fixed and LSTM gates) vs XL; False without matplotlib."""
     try:
         import matplotlib
 
@@ -247,7 +247,7 @@ def plot_positions(results: list[VariantResult], path: Path, budget: Budget) -> 
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
-        if r.name in ("Rec:fixed:skip", "XL") and r.position_losses:
+        if r.name in ("Rec:fixed:skip", "Rec:lstm:skip", "XL") and r.position_losses:
             starts = [s + budget.position_bucket / 2 for s, _, _ in r.position_losses]
             ax.plot(starts, [loss / math.log(2) for _, loss, _ in r.position_losses], marker="o", label=r.name)
     ax.set_xlabel(f"position in document (bytes; buckets of {budget.position_bucket})")
@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="a text file or folder instead of the built-in corpus")
     parser.add_argument("--plot", default="docs/variants_position_loss.png")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--replot", default=None, help="only redraw the plot from a --json file of a full run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: the machine is shared)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the independent runs")
     args = parser.parse_args(argv)
@@ -277,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.params_only:
         return
     budget = QUICK if args.quick else Budget()
+    if args.replot:
+        saved = [VariantResult(**r) for r in json.loads(Path(args.replot).read_text())]
+        plot_positions(saved, Path(args.plot), budget)
+        return
     began = time.time()
     results = run(budget, args.data, log=lambda text: print(text, file=sys.stderr, flush=True), jobs=args.jobs)
     print(build_table(results, budget))
