@@ -1,6 +1,6 @@
 """The paper's Table 1 in miniature: recurrent variants against Transformer-XL and sliding-window baselines.
 
-    python benchmarks/compare_variants.py            # the recorded run (see docs/variants.md), ~10-15 min on 2 CPUs
+    python benchmarks/compare_variants.py            # the recorded run (docs/variants.md): 19 min on a shared 2-core CPU
     python benchmarks/compare_variants.py --quick    # 2 steps of everything: checks the plumbing, not the claim
 
 Five models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with the same step budget and batch:
