@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--flash", action="store_true", help="reference: use_flash_attn=True (SDPA)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="only the throughput table")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.config, args.segments, args.steps, args.flash)))
@@ -141,6 +142,8 @@ def main() -> None:
               f"| {ref['tokens_per_s']:.0f} | {ref_flash['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} "
               f"| {ours['tokens_per_s'] / best_ref:.2f}x | {ref['peak_mb']:.0f} | {ours['peak_mb']:.0f} |", flush=True)
 
+    if args.skip_memory:
+        return
     segment_counts = (2, 8) if args.quick else (2, 8, 32)
     print("\n## Peak memory vs number of segments (small config, batch 4, one step)\n")
     print("| segments | reference peak MB | ours peak MB |")
