@@ -22,6 +22,16 @@ def random_tokens(batch, length, num_tokens=TINY["num_tokens"], seed=1):
     return torch.randint(0, num_tokens, (batch, length), generator=generator)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' waits can
+    make them 10x slower; restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model():
     return make_model()

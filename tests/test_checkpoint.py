@@ -12,15 +12,6 @@ from block_recurrent.checkpoint import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return BlockRecurrentTransformer(BlockRecurrentConfig.from_name("tiny", **overrides))

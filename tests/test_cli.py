@@ -8,19 +8,9 @@ import sys
 import time
 
 import pytest
-import torch
 
 from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
 from block_recurrent.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

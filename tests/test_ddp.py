@@ -16,14 +16,6 @@ from block_recurrent.trainer import TrainConfig, Trainer
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_corpus(folder):
     folder.mkdir()
     # lengths differ, most documents end inside the first window: ranks see different numbers of real tokens

@@ -18,16 +18,6 @@ from conftest import TINY, make_model, random_tokens
 W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' waits
-    can make them 10x slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def eval_model(dtype=torch.float64, **overrides):
     """A tiny model in eval mode, dropout-free, so that every pass is deterministic."""
     model = make_model(dtype, **overrides).eval()

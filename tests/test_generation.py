@@ -12,15 +12,6 @@ from conftest import TINY, make_model, random_tokens
 W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' waits
-    can make them 10x slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CONFIGS = {
     "default": {},
     "compressed": dict(use_compressed_mem=True),

@@ -14,14 +14,6 @@ from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoi
 from block_recurrent.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TEXT = (
     "def add(a, b):\n    return a + b\n\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"

@@ -17,15 +17,6 @@ from block_recurrent.tasks import RecallTask
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a busy 2-core machine a second thread only adds contention (restored afterwards)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _load_compare_variants():
     spec = importlib.util.spec_from_file_location("compare_variants", ROOT / "benchmarks" / "compare_variants.py")
     module = importlib.util.module_from_spec(spec)
