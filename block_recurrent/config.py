@@ -73,6 +73,10 @@ class BlockRecurrentConfig:
     # "skip" (one gate after attention) or "dual" (a second gate after a feed-forward on the state)
     gate: str = "fixed"
     state_update: str = "skip"
+    # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
+    # and the reference's init. 2.0 (keep 0.88) made beyond-window recall learnable where the default was not
+    # (benchmarks/gate_init.py)
+    gate_keep_init: float | None = None
 
     # attention window: "block" (the reference: the whole previous block, the causal prefix and the token
     # itself) or "sliding" (meliad: exactly the block_width tokens before each token)
@@ -155,6 +159,10 @@ class BlockRecurrentConfig:
             raise ValueError("qk_rmsnorm_scale must be > 0")
         if self.gate not in ("fixed", "lstm"):
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
+        if self.gate_keep_init is not None:
+            _check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
+            if self.gate != "fixed":
+                raise ValueError("gate_keep_init sets the fixed gate's bias; it does not apply to gate='lstm'")
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
         if self.attention_window not in ("block", "sliding"):

@@ -23,14 +23,16 @@ from .config import BlockRecurrentConfig
 class FixedGate(nn.Module):
     """The paper's fixed gate, a learned per-channel EMA: c' = c * g + z * (1 - g).
 
-    z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4).
+    z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4) or, with
+    ``keep_init``, to that constant.
     The reference writes the same gate with beta = -b_g: sigmoid(beta) * z + (1 - sigmoid(beta)) * c.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, keep_init: float | None = None):
         super().__init__()
         self.to_candidate = nn.Linear(dim, dim)
-        self.keep_bias = nn.Parameter(torch.randn(dim) * 0.1)
+        keep_bias = torch.randn(dim) * 0.1 if keep_init is None else torch.full((dim,), float(keep_init))
+        self.keep_bias = nn.Parameter(keep_bias)
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
         candidate = self.to_candidate(update)
@@ -46,7 +48,7 @@ class LSTMGate(nn.Module):
     the tanh in its skip/dual configurations; we follow the paper's equations.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, keep_init: None = None):
         super().__init__()
         self.to_gates = nn.Linear(dim, dim * 3)  # z, i, f in one projection
 
@@ -108,12 +110,12 @@ class RecurrentStateCell(nn.Module):
         self.write_attn = Attention(dim_head, heads, **attention)
 
         self.to_update = nn.Linear(inner * 2, dim, bias=False)
-        self.gate = GATES[config.gate](dim)
+        self.gate = GATES[config.gate](dim, config.gate_keep_init)
         # "dual": a feed-forward on the gated state, combined by a second gate of the same kind
         self.state_ff = self.ff_gate = None
         if config.state_update == "dual":
             self.state_ff = FeedForward(dim, config.ff_inner_dim)
-            self.ff_gate = GATES[config.gate](dim)
+            self.ff_gate = GATES[config.gate](dim, config.gate_keep_init)
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""

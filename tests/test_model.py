@@ -333,3 +333,12 @@ def test_feedback_every_layer_reads_the_state_with_its_own_queries():
     model = make_model(**VARIANTS["feedback"])
     assert [layer.attn.to_out.in_features for layer in model.layers] == [2 * 16] * 3
     assert [len(layer.attn.state_reads) for layer in model.layers] == [1, 1, 1]
+
+
+def test_gate_keep_init_sets_the_fixed_gates_bias():
+    model = make_model(gate_keep_init=2.0, state_update="dual")
+    cell = model.layers[1].attn.cell
+    assert torch.equal(cell.gate.keep_bias, torch.full((TINY["dim"],), 2.0, dtype=torch.float64))
+    assert torch.equal(cell.ff_gate.keep_bias, cell.gate.keep_bias)
+    default = make_model().layers[1].attn.cell.gate.keep_bias
+    assert 0.0 < default.std() < 0.3 and not torch.all(default == default[0])
