@@ -12,21 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None, *, open_high: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    too_high = high is not None and (value >= high if open_high else value > high)
-    if value < low or too_high:
-        bound = "" if high is None else (f", < {high}" if open_high else f", <= {high}")
-        raise ValueError(f"{name} must be >= {low}{bound}, got {value}")
+from .validation import check_float, check_int
 
 
 def _as_layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
@@ -109,18 +95,18 @@ class BlockRecurrentConfig:
     ignore_index: int = -100
 
     def __post_init__(self) -> None:
-        _check_int("num_tokens", self.num_tokens, 1)
-        _check_int("dim", self.dim, 1)
-        _check_int("depth", self.depth, 1)
-        _check_int("dim_head", self.dim_head, 2)
+        check_int("num_tokens", self.num_tokens, 1)
+        check_int("dim", self.dim, 1)
+        check_int("depth", self.depth, 1)
+        check_int("dim_head", self.dim_head, 2)
         if self.dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings, got {self.dim_head}")
-        _check_int("heads", self.heads, 1)
-        _check_float("ff_mult", self.ff_mult, 0.0)
+        check_int("heads", self.heads, 1)
+        check_float("ff_mult", self.ff_mult, 0.0)
         if int(self.dim * self.ff_mult * 2 / 3) < 1:
             raise ValueError(f"ff_mult={self.ff_mult} gives an empty feed-forward for dim={self.dim}")
-        _check_int("block_width", self.block_width, 1)
-        _check_int("max_seq_len", self.max_seq_len, 1)
+        check_int("block_width", self.block_width, 1)
+        check_int("max_seq_len", self.max_seq_len, 1)
         if self.max_seq_len % self.block_width:
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of block_width ({self.block_width})"
@@ -151,16 +137,16 @@ class BlockRecurrentConfig:
         object.__setattr__(self, "read_recurrent_layers", read)
 
         num_states = self.block_width if self.num_state_vectors is None else self.num_state_vectors
-        _check_int("num_state_vectors", num_states, 1)
+        check_int("num_state_vectors", num_states, 1)
         object.__setattr__(self, "num_state_vectors", num_states)
 
-        _check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0)
+        check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0)
         if self.qk_rmsnorm_scale == 0:
             raise ValueError("qk_rmsnorm_scale must be > 0")
         if self.gate not in ("fixed", "lstm"):
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
         if self.gate_keep_init is not None:
-            _check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
+            check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
             if self.gate != "fixed":
                 raise ValueError("gate_keep_init sets the fixed gate's bias; it does not apply to gate='lstm'")
         if self.state_update not in ("skip", "dual"):
@@ -171,21 +157,21 @@ class BlockRecurrentConfig:
             raise ValueError("attention_window='sliding' counts tokens; it cannot be combined with use_compressed_mem")
         if self.position_encoding not in ("rotary_xpos", "t5"):
             raise ValueError(f"position_encoding must be 'rotary_xpos' or 't5', got {self.position_encoding!r}")
-        _check_int("t5_num_buckets", self.t5_num_buckets, 2)
-        _check_int("t5_max_distance", self.t5_max_distance, self.t5_num_buckets // 2 + 1)
+        check_int("t5_num_buckets", self.t5_num_buckets, 2)
+        check_int("t5_max_distance", self.t5_max_distance, self.t5_num_buckets // 2 + 1)
         if self.state_feedback and read is not recurrent and self.read_recurrent_layers is not None:
             raise ValueError("state_feedback makes every layer read every state; do not also pass read_recurrent_layers")
         if self.attn_implementation not in ("sdpa", "math"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")
-        _check_float("rotary_theta", self.rotary_theta, 1.0)
-        _check_float("xpos_scale_base", self.xpos_scale_base, 1.0)
+        check_float("rotary_theta", self.rotary_theta, 1.0)
+        check_float("xpos_scale_base", self.xpos_scale_base, 1.0)
         if self.use_compressed_mem:
-            _check_int("compressed_mem_factor", self.compressed_mem_factor, 2)
+            check_int("compressed_mem_factor", self.compressed_mem_factor, 2)
             if self.block_width < 2:
                 raise ValueError("use_compressed_mem needs block_width >= 2 (the compressed level keeps block_width // 2)")
-        _check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, open_high=True)
-        _check_float("ff_dropout", self.ff_dropout, 0.0, 1.0, open_high=True)
-        _check_int("ignore_index", self.ignore_index, -(2**62))
+        check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, open_high=True)
+        check_float("ff_dropout", self.ff_dropout, 0.0, 1.0, open_high=True)
+        check_int("ignore_index", self.ignore_index, -(2**62))
 
     # derived sizes
 
