@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
+from block_recurrent import BlockRecurrentTransformer  # noqa: E402
 from block_recurrent.tasks import RecallTask  # noqa: E402
+from recall_training import train_recall  # noqa: E402
 
 
 def recall_accuracy(keep_init: float | None, seed: int, steps: int) -> float:
@@ -31,20 +32,8 @@ def recall_accuracy(keep_init: float | None, seed: int, steps: int) -> float:
         num_tokens=task.vocab_size, dim=64, depth=3, heads=4, dim_head=16, block_width=8,
         max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,), gate_keep_init=keep_init,
     )
-    wrapper = RecurrentTrainerWrapper(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    data = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        inputs, labels = task.batch(32, data)
-        wrapper.forward_backward(inputs, labels=labels)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    inputs, labels = task.batch(1024, torch.Generator().manual_seed(10_000 + seed))
-    with torch.no_grad():
-        logits, _ = model.run(inputs)
-    return RecallTask.accuracy(logits, labels)
+    accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3)
+    return accuracy
 
 
 def main() -> None:

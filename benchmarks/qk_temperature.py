@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
+from block_recurrent import BlockRecurrentTransformer  # noqa: E402
 from block_recurrent.tasks import RecallTask  # noqa: E402
+from recall_training import train_recall  # noqa: E402
 
 
 def train_and_score(temperature: float, seed: int, steps: int, distance: int, batch: int) -> tuple[float, float]:
@@ -31,22 +32,7 @@ def train_and_score(temperature: float, seed: int, steps: int, distance: int, ba
         num_tokens=task.vocab_size, dim=64, depth=2, heads=4, dim_head=16, block_width=8,
         max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,), qk_rmsnorm_scale=temperature,
     )
-    wrapper = RecurrentTrainerWrapper(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    data = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        inputs, labels = task.batch(batch, data)
-        wrapper.forward_backward(inputs, labels=labels)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    held_out = torch.Generator().manual_seed(10_000 + seed)
-    inputs, labels = task.batch(1024, held_out)
-    with torch.no_grad():
-        logits, _ = model.run(inputs)
-        loss = model.loss(logits, labels).item()
-    return RecallTask.accuracy(logits, labels), loss
+    return train_recall(model, task, seed=seed, steps=steps, batch=batch, lr=2e-3)
 
 
 def main() -> None:
