@@ -1,6 +1,8 @@
 """Attention and feed-forward parts shared by the token and state paths.
 
-All attention here is multi-query: queries have ``heads`` heads, keys and values one head, shared.
+Queries have ``heads`` heads; keys and values have ``kv_heads`` heads, each shared by ``heads // kv_heads``
+query heads: one (the reference's multi-query attention, the default), all (meliad's multi-head), or a
+group size in between.
 """
 
 from __future__ import annotations
@@ -26,30 +28,33 @@ def attend(
 ) -> Tensor:
     """softmax(q k^T * scale + bias) v.
 
-    q: (B, H, N, D). k, v: (B, J, D), one head shared by all query heads.
-    mask: bool, True where a query may attend: (N, J) or (B, 1, N, J). No row may be fully masked (callers
-    that can produce such rows unmask them and zero their output). bias: additive logits (H, N, J).
+    q: (B, H, N, D). k, v: (B, K, J, D) with K key/value heads; query head h uses key/value head
+    h // (H // K). mask: bool, True where a query may attend: (N, J) or (B, 1, N, J). No row may be fully
+    masked (callers that can produce such rows unmask them and zero their output). bias: additive logits
+    (H, N, J).
     """
     B, H, N, D = q.shape
+    K = k.shape[1]
+    G = H // K  # query heads per key/value head
     if implementation == "sdpa":
-        # one key/value head: fold the query heads into the query axis, (B, 1, H * N, D), so the kernel
-        # runs one large attention per row and never materialises per-head copies of keys/values
-        # (about 15% faster forward+backward on CPU than expanding k and v over heads)
-        if mask is not None:
-            mask = mask.repeat(H, 1) if mask.ndim == 2 else mask.repeat(1, 1, H, 1)  # (H * N, J) / (B, 1, H * N, J)
+        # fold each key/value head's G query heads into the query axis, (B, K, G * N, D), so the kernel runs
+        # one large attention per key/value head and never materialises per-query-head copies of keys/values
+        # (about 15% faster forward+backward on CPU than expanding k and v over heads, multi-query)
+        if mask is not None and G > 1:
+            mask = mask.repeat(G, 1) if mask.ndim == 2 else mask.repeat(1, 1, G, 1)  # (G * N, J) / (B, 1, G * N, J)
         if bias is not None:
-            bias = bias.reshape(H * N, -1).to(q.dtype)  # (H * N, J)
+            bias = bias.reshape(K, G * N, -1).to(q.dtype)  # (K, G * N, J)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))  # additive float mask
         # SDPA picks flash / memory-efficient / math kernels itself; a boolean mask rules out the
         # flash-only kernels on CUDA, and we never force one, so there is no invalid combination
         out = F.scaled_dot_product_attention(
-            q.reshape(B, 1, H * N, D), k[:, None], v[:, None], attn_mask=mask, dropout_p=dropout_p, scale=scale
+            q.reshape(B, K, G * N, D), k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
         return out.view(B, H, N, D)
 
     # the plain path: the specification the fused kernels are tested against
-    k = k[:, None].expand(B, H, -1, -1)  # (B, H, J, D), a view
-    v = v[:, None].expand(B, H, -1, -1)
+    k = k.repeat_interleave(G, dim=1)  # (B, H, J, D)
+    v = v.repeat_interleave(G, dim=1)
     sim = torch.einsum("bhid,bhjd->bhij", q, k) * scale
     if bias is not None:
         sim = sim + bias
@@ -64,8 +69,8 @@ def attend(
 class Attention(nn.Module):
     """Dot-product attention with optional L2-normalised queries and keys.
 
-    With ``qk_norm`` the logits are cosine similarities (times learned per-dimension gains, as in the
-    reference) multiplied by a learned per-head temperature initialised at ``temperature``. The reference
+    With ``qk_norm`` the logits are cosine similarities (times learned per-dimension gains with ``gains``, as
+    in the reference) multiplied by a learned per-head temperature initialised at ``temperature``. The reference
     port meant a fixed 8 here but never applied it, so it ran at 1/sqrt(dim_head); see the README for
     why the default initial temperature is 1. Without ``qk_norm`` the scale is the usual 1/sqrt(dim_head).
     """
@@ -75,19 +80,24 @@ class Attention(nn.Module):
         dim_head: int,
         heads: int,
         *,
+        kv_heads: int = 1,
         qk_norm: bool,
+        gains: bool = True,
         temperature: float = 1.0,
         dropout: float = 0.0,
         implementation: str = "sdpa",
     ):
         super().__init__()
+        self.kv_heads = kv_heads
         self.qk_norm = qk_norm
         self.dropout = dropout
         self.implementation = implementation
         self.scale = dim_head**-0.5
-        if qk_norm:
+        self.q_gain = self.k_gain = None
+        if qk_norm and gains:
             self.q_gain = nn.Parameter(torch.ones(dim_head))
             self.k_gain = nn.Parameter(torch.ones(dim_head))
+        if qk_norm:
             self.temperature = nn.Parameter(torch.full((heads,), float(temperature)))
 
     def forward(
@@ -99,14 +109,14 @@ class Attention(nn.Module):
         rotary: tuple[RotaryTables, RotaryTables] | None = None,
         bias: Tensor | None = None,
     ) -> Tensor:
-        """q: (B, H, N, D); k, v: (B, J, D); rotary: tables for the N query and J key positions;
+        """q: (B, H, N, D); k, v: raw (B, J, kv_heads * D); rotary: tables for the N query and J key positions;
         bias: additive position bias (H, N, J)."""
         q_tables, k_tables = (None, None) if rotary is None else rotary
         q, scale = self.prepare_queries(q, q_tables)
         k = self.prepare_keys(k, k_tables)
         dropout_p = self.dropout if self.training else 0.0
         return attend(
-            q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation
+            q, k, split_kv_heads(v, self.kv_heads), mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation
         )
 
     # the two halves of forward's key/query preparation, also used by the decoder, which prepares each
@@ -115,7 +125,9 @@ class Attention(nn.Module):
     def prepare_queries(self, q: Tensor, tables: RotaryTables | None) -> tuple[Tensor, float]:
         """Queries (B, H, N, D) as the dot product sees them, and the scale to apply to the logits."""
         if self.qk_norm:
-            q = F.normalize(q, dim=-1) * self.q_gain
+            q = F.normalize(q, dim=-1)
+            if self.q_gain is not None:
+                q = q * self.q_gain
         if tables is not None:
             q = apply_rotary(q, tables)
         if self.qk_norm:
@@ -123,9 +135,13 @@ class Attention(nn.Module):
         return q, self.scale
 
     def prepare_keys(self, k: Tensor, tables: RotaryTables | None) -> Tensor:
-        """Keys (B, J, D) as the dot product sees them: normalised (with qk_norm), then rotated."""
+        """Raw keys (B, J, kv_heads * D) as the dot product sees them, (B, kv_heads, J, D): split into heads,
+        normalised (with qk_norm), then rotated."""
+        k = split_kv_heads(k, self.kv_heads)
         if self.qk_norm:
-            k = F.normalize(k, dim=-1) * self.k_gain
+            k = F.normalize(k, dim=-1)
+            if self.k_gain is not None:
+                k = k * self.k_gain
         if tables is not None:
             k = apply_rotary(k, tables)
         return k
@@ -139,16 +155,29 @@ def merge_heads(t: Tensor) -> Tensor:
     return rearrange(t, "b h n d -> b n (h d)")
 
 
-class FeedForward(nn.Module):
-    """Pre-norm GEGLU feed-forward (inner width dim * mult * 2/3, as the reference)."""
+def split_kv_heads(t: Tensor, kv_heads: int) -> Tensor:
+    """Raw keys or values (B, J, kv_heads * D) -> (B, kv_heads, J, D); a view."""
+    B, J, _ = t.shape
+    return t.view(B, J, kv_heads, -1).transpose(1, 2)
 
-    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0):
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward: GEGLU (the reference) or a ReLU MLP (meliad), no biases."""
+
+    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0, activation: str = "geglu"):
         super().__init__()
+        self.activation = activation
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.proj_in = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.proj_in = nn.Linear(dim, inner_dim * (2 if activation == "geglu" else 1), bias=False)
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(inner_dim, dim, bias=False)
 
+    def activate(self, projected: Tensor) -> Tensor:
+        """The hidden activations from ``proj_in``'s output."""
+        if self.activation == "geglu":
+            hidden, gate = projected.chunk(2, dim=-1)
+            return F.gelu(gate) * hidden
+        return F.relu(projected)
+
     def forward(self, x: Tensor) -> Tensor:
-        hidden, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)
-        return self.proj_out(self.dropout(F.gelu(gate) * hidden))
+        return self.proj_out(self.dropout(self.activate(self.proj_in(self.norm(x)))))

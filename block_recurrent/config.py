@@ -44,7 +44,13 @@ class BlockRecurrentConfig:
     depth: int
     dim_head: int = 64
     heads: int = 8
+    # key/value heads: 1 (the reference: multi-query, one key/value head shared by every query head), heads
+    # (meliad: multi-head), or a divisor of heads in between (grouped-query); for token and state attention
+    kv_heads: int = 1
     ff_mult: float = 4
+    # "geglu" (the reference: GEGLU, inner width dim * ff_mult * 2/3) or "relu" (meliad: a ReLU MLP of inner
+    # width dim * ff_mult)
+    ff_activation: str = "geglu"
 
     # blocks and segments: a forward call takes up to max_seq_len tokens, cut into blocks of block_width
     max_seq_len: int = 1024
@@ -63,6 +69,9 @@ class BlockRecurrentConfig:
     # and the reference's init. 2.0 (keep 0.88) made beyond-window recall learnable where the default was not
     # (benchmarks/gate_init.py)
     gate_keep_init: float | None = None
+    # the reference's gates project the (already projected) attention update once more, z = W_z h + b_z;
+    # False: the state's output projection is W_z itself (meliad), one dim x dim matrix fewer per gate
+    gate_projection: bool = True
 
     # attention window: "block" (the reference: the whole previous block, the causal prefix and the token
     # itself) or "sliding" (meliad: exactly the block_width tokens before each token)
@@ -76,6 +85,8 @@ class BlockRecurrentConfig:
 
     # attention
     all_layers_qk_rmsnorm: bool = False
+    # learned per-dimension gains on the L2-normalised queries and keys (the reference); meliad has none
+    qk_norm_gains: bool = True
     # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
     qk_rmsnorm_scale: float = 1.0
     use_flash_attn: bool = False  # accepted for compatibility: attention always runs through SDPA's kernel choice
@@ -102,8 +113,13 @@ class BlockRecurrentConfig:
         if self.dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings, got {self.dim_head}")
         check_int("heads", self.heads, 1)
+        check_int("kv_heads", self.kv_heads, 1, self.heads)
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        if self.ff_activation not in ("geglu", "relu"):
+            raise ValueError(f"ff_activation must be 'geglu' or 'relu', got {self.ff_activation!r}")
         check_float("ff_mult", self.ff_mult, 0.0)
-        if int(self.dim * self.ff_mult * 2 / 3) < 1:
+        if self.ff_inner_dim < 1:
             raise ValueError(f"ff_mult={self.ff_mult} gives an empty feed-forward for dim={self.dim}")
         check_int("block_width", self.block_width, 1)
         check_int("max_seq_len", self.max_seq_len, 1)
@@ -177,7 +193,14 @@ class BlockRecurrentConfig:
 
     @property
     def ff_inner_dim(self) -> int:
-        return int(self.dim * self.ff_mult * 2 / 3)
+        if self.ff_activation == "relu":
+            return int(self.dim * self.ff_mult)
+        return int(self.dim * self.ff_mult * 2 / 3)  # GEGLU's two input halves keep the parameter count
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of a layer's raw keys (and values) per position, as memories and states keep them."""
+        return self.kv_heads * self.dim_head
 
     @property
     def memory_lengths(self) -> tuple[int, ...]:
@@ -253,8 +276,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the reference's enwik8 example
     "enwik8": dict(num_tokens=256, dim=512, depth=6, dim_head=64, heads=8, max_seq_len=1024, block_width=512,
                    num_state_vectors=512, recurrent_layers=(4,)),
-    # the paper's Rec:fixed:skip shape (12 layers, width 1024, 4096-token segments of 512-token blocks, 512
-    # states, recurrence in layer 10); bytes as tokens: pass num_tokens for a subword vocabulary
-    "paper": dict(num_tokens=256, dim=1024, depth=12, dim_head=128, heads=8, max_seq_len=4096, block_width=512,
-                  num_state_vectors=512, recurrent_layers=(10,)),
+    # the paper's Rec:fixed:skip in meliad's architecture (its medium_150M + bias_skip configs): 12 layers of width
+    # 1024, 8 heads of 128 with per-head keys/values, ReLU MLP of 4096, L2-normalised attention everywhere, T5
+    # relative bias (32 buckets, distance 128), sliding window of 512, 4096-token segments, 512 states in
+    # layer 10. Non-embedding parameters 160,461,944 (151,022,688 with recurrent_layers=()), as meliad's.
+    # Bytes as tokens: pass num_tokens for a subword vocabulary
+    "paper": dict(num_tokens=256, dim=1024, depth=12, dim_head=128, heads=8, kv_heads=8, ff_activation="relu",
+                  ff_mult=4, qk_norm_gains=False, all_layers_qk_rmsnorm=True, gate_projection=False,
+                  attention_window="sliding", position_encoding="t5", t5_num_buckets=32, t5_max_distance=128,
+                  max_seq_len=4096, block_width=512, num_state_vectors=512, recurrent_layers=(10,)),
 }

@@ -37,6 +37,11 @@ _LAYER_RENAMES = {
     r"1\.1\.weight": "ff.proj_in.weight",
     r"1\.3\.weight": "ff.proj_out.weight",
 }
+# config fields that select something the reference does not have, and the value that matches it
+_REFERENCE_ARCHITECTURE = dict(
+    kv_heads=1, ff_activation="geglu", qk_norm_gains=True, gate="fixed", gate_projection=True, state_update="skip",
+    attention_window="block", position_encoding="rotary_xpos", state_feedback=False,
+)
 _GATE_BETA = r"0\.state_container\.learned_ema_beta"
 _SKIPPED = re.compile(r".*\.beta$")  # the reference's LayerNorm keeps a zero bias buffer
 
@@ -88,6 +93,12 @@ def from_reference_state_dict(
     state_dict: dict[str, Tensor], config: BlockRecurrentConfig
 ) -> BlockRecurrentTransformer:
     """A model with the reference's weights. ``config`` must match the reference model's arguments."""
+    changed = {name: getattr(config, name) for name, value in _REFERENCE_ARCHITECTURE.items() if getattr(config, name) != value}
+    if changed:
+        raise ValueError(
+            f"the reference has one architecture; these config fields differ from it: {changed} "
+            f"(the reference's values: { {name: _REFERENCE_ARCHITECTURE[name] for name in changed} })"
+        )
     config = config.replace(qk_rmsnorm_scale=config.dim_head**-0.5)
     model = BlockRecurrentTransformer(config)
     ours = model.state_dict()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import attend
+from .attention import attend, split_kv_heads
 from .recurrent import StateView
 from .state import ModelState
 from .validation import check_float, check_int, check_tokens, normalise_state, state_from_lists
@@ -44,7 +44,7 @@ class DecodeState:
     """Where incremental decoding stands; returned anew by every call, never modified in place.
 
     committed: the model state after the last complete block.
-    partial: per layer, raw (keys, values) of the current block's tokens so far, each (B, position, dh);
+    partial: per layer, raw (keys, values) of the current block's tokens so far, each (B, position, kv_dim);
         None while the block is empty (position == 0).
     views: per recurrent layer, the :class:`StateView` of ``committed.states`` used by this block's reads
         and by its commit.
@@ -102,9 +102,9 @@ class LayerCache(NamedTuple):
     them has written, so a step from an older state copies the buffers before writing (copy on write).
     """
 
-    keys: Tensor | None  # (B, M + W, dh): normalised (qk-norm layers) and rotated (rotary) at their frame slots
-    values: Tensor | None  # (B, M + W, dh): raw, as values are never transformed
-    raw_keys: Tensor | None  # (B, W, dh): the block's raw keys, for the commit (None until the first write)
+    keys: Tensor | None  # (B, kv_heads, M + W, dh): normalised (qk-norm layers), rotated (rotary) at their slots
+    values: Tensor | None  # (B, M + W, kv_dim): raw, as values are never transformed
+    raw_keys: Tensor | None  # (B, W, kv_dim): the block's raw keys, for the commit (None until the first write)
     written: list  # [slots of the block written so far by any state sharing these buffers]
     memory_len: int  # M
     # what each of the block's W positions sees, from AttentionBlock.visibility, or None where it sees
@@ -117,8 +117,8 @@ class LayerCache(NamedTuple):
     # token needs one vector-matrix product for all of them, and each read state's keys prepared once.
     # The wide input projections are kept transposed, (D, out), contiguous: for one token x @ W^T on them
     # ran 1.2-3x faster on CPU than F.linear(x, W), equal up to rounding (summation order)
-    in_proj: Tensor  # (D, Q + 2 dh + reads * Q)
-    ff_in: Tensor  # (D, 2 * ff_inner_dim): FeedForward.proj_in, transposed
+    in_proj: Tensor  # (D, Q + 2 kv_dim + reads * Q)
+    ff_in: Tensor  # (D, proj_in's outputs): FeedForward.proj_in, transposed
     read_keys: tuple[Tensor, ...]
     # the block's W frame slots' rotary tables (q cos, q signed sin, k cos, k signed sin), each (W, dh),
     # shared by all layers (None with T5 positions): see _rotate
@@ -138,13 +138,13 @@ def _layer_cache(
     M = 0 if memory is None else memory.length
     keys = values = raw_keys = None
     if pieces:
-        known = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, dh)
+        known = torch.cat([k for k, _ in pieces], dim=1)  # (B, M + P, kv_dim)
         tables = attn.rotary_tables(model.rotary, M, ds.position, 0)
-        known = attn.attn.prepare_keys(known, None if tables is None else tables[1])
-        keys = _buffer(known, M + W)
-        values = _buffer(torch.cat([v for _, v in pieces], dim=1), M + W)
+        known = attn.attn.prepare_keys(known, None if tables is None else tables[1])  # (B, K, M + P, dh)
+        keys = _buffer(known, M + W, axis=2)
+        values = _buffer(torch.cat([v for _, v in pieces], dim=1), M + W, axis=1)
     if ds.partial is not None:
-        raw_keys = _buffer(ds.partial[layer][0], W)
+        raw_keys = _buffer(ds.partial[layer][0], W, axis=1)
 
     # the whole block's visibility at once; a step reads its row
     mask = bias = empty = None
@@ -158,8 +158,8 @@ def _layer_cache(
     # the weights' derived forms, once per block (a few hundred KB copied per layer every block_width tokens)
     reads = list(attn.state_reads)
     in_proj = torch.cat([attn.to_q.weight, attn.to_kv.weight, *(r.to_queries.weight for r in reads)])
-    in_proj = in_proj.t().contiguous()  # (D, Q + 2 dh + reads * Q)
-    ff_in = model.layers[layer].ff.proj_in.weight.t().contiguous()  # (D, 2 * ff_inner_dim)
+    in_proj = in_proj.t().contiguous()  # (D, Q + 2 kv_dim + reads * Q)
+    ff_in = model.layers[layer].ff.proj_in.weight.t().contiguous()  # (D, proj_in's outputs)
     read_keys = tuple(r.attn.prepare_keys(ds.views[i].keys, None) for r, i in zip(reads, attn.reads))
     return LayerCache(
         keys, values, raw_keys, [ds.position], M, mask, bias, empty, in_proj, ff_in, read_keys, slot_tables
@@ -189,7 +189,9 @@ def _rotate(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 def _prepare_queries(attention, q: Tensor, tables: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float]:
     if attention.qk_norm:
-        q = F.normalize(q, dim=-1) * attention.q_gain
+        q = F.normalize(q, dim=-1)
+        if attention.q_gain is not None:
+            q = q * attention.q_gain
     if tables is not None:
         q = _rotate(q, *tables)
     if attention.qk_norm:
@@ -198,17 +200,23 @@ def _prepare_queries(attention, q: Tensor, tables: tuple[Tensor, Tensor] | None)
 
 
 def _prepare_key(attention, k: Tensor, tables: tuple[Tensor, Tensor] | None) -> Tensor:
+    """One raw key (B, 1, kv_dim) -> (B, kv_heads, 1, dh), as Attention.prepare_keys."""
+    k = split_kv_heads(k, attention.kv_heads)
     if attention.qk_norm:
-        k = F.normalize(k, dim=-1) * attention.k_gain
+        k = F.normalize(k, dim=-1)
+        if attention.k_gain is not None:
+            k = k * attention.k_gain
     if tables is not None:
         k = _rotate(k, *tables)
     return k
 
 
-def _buffer(known: Tensor, capacity: int) -> Tensor:
-    """A (B, capacity, dh) buffer whose first slots hold ``known`` (B, n, dh)."""
-    buffer = known.new_empty((known.shape[0], capacity, known.shape[2]))
-    buffer[:, : known.shape[1]] = known
+def _buffer(known: Tensor, capacity: int, axis: int) -> Tensor:
+    """A buffer of ``capacity`` slots along ``axis`` whose first slots hold ``known``."""
+    shape = list(known.shape)
+    shape[axis] = capacity
+    buffer = known.new_empty(shape)
+    buffer.narrow(axis, 0, known.shape[axis]).copy_(known)
     return buffer
 
 
@@ -221,13 +229,16 @@ def _must_copy(buffer: Tensor, cache: LayerCache, position: int) -> bool:
     )
 
 
-def _write(buffer: Tensor | None, at: int, new: Tensor, capacity: int, copy: bool) -> Tensor:
-    """``buffer`` (or a copy, or a new one) with slot ``at`` set to ``new`` (B, 1, dh)."""
+def _write(buffer: Tensor | None, at: int, new: Tensor, capacity: int, copy: bool, axis: int) -> Tensor:
+    """``buffer`` (or a copy, or a new one of ``capacity`` slots) with slot ``at`` along ``axis`` set to
+    ``new`` (one slot wide along ``axis``)."""
     if buffer is None:
-        buffer = new.new_empty((new.shape[0], capacity, new.shape[2]))
+        shape = list(new.shape)
+        shape[axis] = capacity
+        buffer = new.new_empty(shape)
     elif copy:
         buffer = buffer.clone()
-    buffer[:, at : at + 1] = new  # cast to the buffer's dtype, as the concatenation did
+    buffer.narrow(axis, at, 1).copy_(new)  # cast to the buffer's dtype, as the concatenation did
     return buffer
 
 
@@ -249,12 +260,12 @@ def _attention_step(
     """
     attn = model.layers[layer].attn
     B, P, M, W = x.shape[0], ds.position, cache.memory_len, model.config.block_width
-    H, dh = attn.heads, model.config.dim_head
+    H, dh, K, C = attn.heads, model.config.dim_head, model.config.kv_heads, model.config.kv_dim
     Q = H * dh
     normed = F.layer_norm(x, x.shape[-1:], attn.norm.weight, None, attn.norm.eps)
-    projected = torch.matmul(normed, cache.in_proj)  # (B, 1, Q + 2 dh + reads * Q)
+    projected = torch.matmul(normed, cache.in_proj)  # (B, 1, Q + 2 C + reads * Q)
     q = projected[..., :Q].view(B, H, 1, dh)  # one token: (B, 1, H * dh) is (B, H, 1, dh) in memory
-    key, value = projected[..., Q : Q + dh], projected[..., Q + dh : Q + 2 * dh]  # (B, 1, dh) each
+    key, value = projected[..., Q : Q + C], projected[..., Q + C : Q + 2 * C]  # (B, 1, C) each, raw
 
     q_tables, k_tables = (None, None) if not attn.use_rotary else tables
     q, scale = _prepare_queries(attn.attn, q, q_tables)
@@ -262,16 +273,17 @@ def _attention_step(
     # write this token's slot: prepared key and value for attention, raw key for the commit
     copy = cache.keys is not None and _must_copy(cache.keys, cache, P)  # no buffer yet: a new one either way
     written = [P + 1] if copy else cache.written
-    keys = _write(cache.keys, M + P, _prepare_key(attn.attn, key, k_tables), M + W, copy)
-    values = _write(cache.values, M + P, value, M + W, copy)
-    raw_keys = _write(cache.raw_keys, P, key, W, copy)
+    keys = _write(cache.keys, M + P, _prepare_key(attn.attn, key, k_tables), M + W, copy, axis=2)
+    values = _write(cache.values, M + P, value, M + W, copy, axis=1)
+    raw_keys = _write(cache.raw_keys, P, key, W, copy, axis=1)
     written[0] = P + 1
 
     J = M + P + 1
     mask = None if cache.mask is None else cache.mask[..., P : P + 1, :J]  # (1, J) or (B, 1, 1, J)
     bias = None if cache.bias is None else cache.bias[:, P : P + 1, :J]  # (H, 1, J)
     out = attend(
-        q, keys[:, :J], values[:, :J], mask, scale=scale, bias=bias, implementation=attn.attn.implementation
+        q, keys[:, :, :J], split_kv_heads(values[:, :J], K), mask, scale=scale, bias=bias,
+        implementation=attn.attn.implementation,
     )
     if cache.empty is not None:
         out = out.masked_fill(cache.empty[..., P : P + 1, :], 0.0)  # nothing to see: read nothing
@@ -279,11 +291,10 @@ def _attention_step(
 
     # reads of the recurrent states, as StateRead.forward, with the state keys prepared once per block
     for n, (read, i) in enumerate(zip(attn.state_reads, attn.reads)):
-        begin = Q + 2 * dh + n * Q
+        begin = Q + 2 * C + n * Q
         rq, read_scale = _prepare_queries(read.attn, projected[..., begin : begin + Q].view(B, H, 1, dh), None)
-        read_out = attend(
-            rq, cache.read_keys[n], ds.views[i].values, scale=read_scale, implementation=read.attn.implementation
-        )
+        read_values = split_kv_heads(ds.views[i].values, K)
+        read_out = attend(rq, cache.read_keys[n], read_values, scale=read_scale, implementation=read.attn.implementation)
         outs.append(read_out.reshape(B, 1, Q))
 
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, 1, (1 + reads) * H * dh)
@@ -294,8 +305,7 @@ def _attention_step(
 def _feed_forward(ff, ff_in: Tensor, x: Tensor) -> Tensor:
     """FeedForward.forward without dropout, on the weights directly (one token: dispatch dominates)."""
     normed = F.layer_norm(x, x.shape[-1:], ff.norm.weight, None, ff.norm.eps)
-    hidden, gate = torch.matmul(normed, ff_in).chunk(2, dim=-1)  # (B, 1, inner) each
-    return F.linear(F.gelu(gate) * hidden, ff.proj_out.weight)
+    return F.linear(ff.activate(torch.matmul(normed, ff_in)), ff.proj_out.weight)
 
 
 def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
@@ -320,7 +330,7 @@ def _step(model: "BlockRecurrentTransformer", token: Tensor, ds: DecodeState) ->
         x = x + branch
         x = x + _feed_forward(model.layers[layer].ff, cache.ff_in, x)
         M = cache.memory_len
-        partial.append((cache.raw_keys[:, :end], cache.values[:, M : M + end]))  # (B, P + 1, dh) views
+        partial.append((cache.raw_keys[:, :end], cache.values[:, M : M + end]))  # (B, P + 1, kv_dim) views
         next_caches.append(cache)
 
     # 3. a full block is committed exactly as forward_block commits it

@@ -61,7 +61,7 @@ class CompressedMemory(nn.Module):
         super().__init__()
         self.recent_length, self.compressed_length = config.memory_lengths
         self.factor = config.compressed_mem_factor
-        channels = config.dim_head * 2
+        channels = config.kv_dim * 2
         # groups=2: keys and values are compressed by separate filters
         self.compress = nn.Conv1d(channels, channels, self.factor, stride=self.factor, groups=2)
 
@@ -70,7 +70,7 @@ class CompressedMemory(nn.Module):
         if usable == 0:
             return None
         _, overflow = _split(overflow, -usable)  # the oldest remainder is dropped, as in the reference
-        kv = torch.cat((overflow.keys, overflow.values), dim=-1)  # (B, n, 2 * dim_head)
+        kv = torch.cat((overflow.keys, overflow.values), dim=-1)  # (B, n, 2 * kv_dim)
         kv = self.compress(rearrange(kv, "b n c -> b c n"))
         keys, values = rearrange(kv, "b c n -> b n c").chunk(2, dim=-1)
         valid = None

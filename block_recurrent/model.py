@@ -23,7 +23,7 @@ from .validation import check_labels, check_reset, check_tokens, normalise_state
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm multi-query self-attention over [XL memory, block so far], plus reads of recurrent states.
+    """Pre-norm self-attention over [XL memory, block so far], plus reads of recurrent states.
 
     Returns the branch output (added to the residual by the caller) and the block's raw keys/values, which
     the caller commits to the memory and, on a recurrent layer, to the state when the block ends.
@@ -42,11 +42,13 @@ class AttentionBlock(nn.Module):
 
         self.norm = nn.LayerNorm(dim, bias=False)
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)  # one key/value head (multi-query)
+        self.to_kv = nn.Linear(dim, config.kv_dim * 2, bias=False)  # kv_heads key/value heads (1: multi-query)
         self.attn = Attention(
             dim_head,
             heads,
+            kv_heads=config.kv_heads,
             qk_norm=config.all_layers_qk_rmsnorm or self.is_recurrent,
+            gains=config.qk_norm_gains,
             temperature=config.qk_rmsnorm_scale,
             dropout=config.attn_dropout,
             implementation=config.attn_implementation,
@@ -71,14 +73,14 @@ class AttentionBlock(nn.Module):
         prefix: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, N, D), the block's next N tokens; views: every recurrent state's view for this block;
-        prefix: raw keys/values (B, P, dh) of the block's earlier tokens.
+        prefix: raw keys/values (B, P, kv_dim) of the block's earlier tokens (kv_dim = kv_heads * dim_head).
 
-        Returns (branch output (B, N, D), block keys (B, P + N, dh), block values (B, P + N, dh)).
+        Returns (branch output (B, N, D), block keys (B, P + N, kv_dim), block values (B, P + N, kv_dim)).
         """
         B, N, _ = x.shape
         normed = self.norm(x)
         q = split_heads(self.to_q(normed), self.heads)  # (B, H, N, dh)
-        keys, values = self.to_kv(normed).chunk(2, dim=-1)  # (B, N, dh) each
+        keys, values = self.to_kv(normed).chunk(2, dim=-1)  # (B, N, kv_dim) each
         if prefix is not None:
             keys, values = torch.cat((prefix[0], keys), dim=1), torch.cat((prefix[1], values), dim=1)
         block_keys, block_values = keys, values
@@ -141,7 +143,7 @@ class Layer(nn.Module):
     def __init__(self, config: BlockRecurrentConfig, layer: int):
         super().__init__()
         self.attn = AttentionBlock(config, layer)
-        self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout)
+        self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout, config.ff_activation)
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -205,6 +207,13 @@ class BlockRecurrentTransformer(nn.Module):
         """The state cells, in the order of ``config.recurrent_layers``."""
         return [self.layers[layer - 1].attn.cell for layer in self.config.recurrent_layers]
 
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters; with ``non_embedding``, only the layer stack's: without the token embedding,
+        the final norm and the output projection, as the paper counts (meliad's 151,022,688 for 12 layers)."""
+        if non_embedding:
+            return sum(p.numel() for p in self.layers.parameters())
+        return sum(p.numel() for p in self.parameters())
+
     def initial_states(self) -> tuple[Tensor, ...]:
         return tuple(cell.initial_state for cell in self.cells)
 
@@ -227,8 +236,8 @@ class BlockRecurrentTransformer(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Run the next N tokens x (B, N, D) of the current block through every layer; commit nothing.
 
-        prefix: per layer, the raw keys/values (B, P, dh) of the block's earlier tokens (None: the block
-        starts here). Returns (hidden (B, N, D), per-layer block keys and values (B, P + N, dh)).
+        prefix: per layer, the raw keys/values (B, P, kv_dim) of the block's earlier tokens (None: the block
+        starts here). Returns (hidden (B, N, D), per-layer block keys and values (B, P + N, kv_dim)).
         """
         keys, values = [], []
         for index, layer in enumerate(self.layers):

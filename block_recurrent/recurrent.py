@@ -1,7 +1,7 @@
 """The recurrent state cell: how tokens read the state and how the state is rewritten after a block.
 
 Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
-1. ``view``: pre-norm the state, add learned state IDs, project keys/values once (one head). The same
+1. ``view``: pre-norm the state, add learned state IDs, project keys/values once. The same
    view serves every read of this state in the block and the write at its end (meliad's layout).
 2. read (:class:`StateRead`, owned by each reading layer): its tokens cross-attend to the view.
 3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
@@ -24,18 +24,19 @@ class FixedGate(nn.Module):
     """The paper's fixed gate, a learned per-channel EMA: c' = c * g + z * (1 - g).
 
     z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4) or, with
-    ``keep_init``, to that constant.
+    ``keep_init``, to that constant. With ``projection=False`` z = h: the caller's output projection that
+    made h serves as W_z (meliad).
     The reference writes the same gate with beta = -b_g: sigmoid(beta) * z + (1 - sigmoid(beta)) * c.
     """
 
-    def __init__(self, dim: int, keep_init: float | None = None):
+    def __init__(self, dim: int, keep_init: float | None = None, projection: bool = True):
         super().__init__()
-        self.to_candidate = nn.Linear(dim, dim)
+        self.to_candidate = nn.Linear(dim, dim) if projection else None
         keep_bias = torch.randn(dim) * 0.1 if keep_init is None else torch.full((dim,), float(keep_init))
         self.keep_bias = nn.Parameter(keep_bias)
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
-        candidate = self.to_candidate(update)
+        candidate = update if self.to_candidate is None else self.to_candidate(update)
         keep = torch.sigmoid(self.keep_bias).to(candidate.dtype)
         return state * keep + candidate * (1 - keep)
 
@@ -45,15 +46,21 @@ class LSTMGate(nn.Module):
     z = tanh(W_z h + b_z), i = sigmoid(W_i h + b_i - 1), f = sigmoid(W_f h + b_f + 1).
 
     The -1/+1 offsets start it remembering (forget gate mostly open, input gate mostly shut). meliad omits
-    the tanh in its skip/dual configurations; we follow the paper's equations.
+    the tanh in its skip/dual configurations; we follow the paper's equations. With ``projection=False``
+    z = tanh(h): the caller's output projection serves as W_z, and only i and f have their own weights.
     """
 
-    def __init__(self, dim: int, keep_init: None = None):
+    def __init__(self, dim: int, keep_init: None = None, projection: bool = True):
         super().__init__()
-        self.to_gates = nn.Linear(dim, dim * 3)  # z, i, f in one projection
+        self.projection = projection
+        self.to_gates = nn.Linear(dim, dim * (3 if projection else 2))  # [z,] i, f in one projection
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
-        candidate, input_gate, forget_gate = self.to_gates(update).chunk(3, dim=-1)
+        if self.projection:
+            candidate, input_gate, forget_gate = self.to_gates(update).chunk(3, dim=-1)
+        else:
+            candidate = update
+            input_gate, forget_gate = self.to_gates(update).chunk(2, dim=-1)
         return state * torch.sigmoid(forget_gate + 1) + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
 
 
@@ -65,8 +72,16 @@ class StateView(NamedTuple):
 
     state: Tensor  # (B, S, D), the incoming state the gate starts from
     normed: Tensor  # (B, S, D), pre-normed state plus state IDs
-    keys: Tensor  # (B, S, dim_head)
-    values: Tensor  # (B, S, dim_head)
+    keys: Tensor  # (B, S, kv_heads * dim_head), raw
+    values: Tensor  # (B, S, kv_heads * dim_head)
+
+
+def state_attention(config: BlockRecurrentConfig) -> dict:
+    """Attention arguments shared by every attention to or from a recurrent state (always L2-normalised)."""
+    return dict(
+        kv_heads=config.kv_heads, qk_norm=True, gains=config.qk_norm_gains, temperature=config.qk_rmsnorm_scale,
+        implementation=config.attn_implementation,
+    )
 
 
 class StateRead(nn.Module):
@@ -77,10 +92,7 @@ class StateRead(nn.Module):
         super().__init__()
         self.heads = config.heads
         self.to_queries = nn.Linear(config.dim, config.heads * config.dim_head, bias=False)
-        self.attn = Attention(
-            config.dim_head, config.heads, qk_norm=True, temperature=config.qk_rmsnorm_scale,
-            implementation=config.attn_implementation,
-        )
+        self.attn = Attention(config.dim_head, config.heads, **state_attention(config))
 
     def forward(self, tokens: Tensor, view: StateView) -> Tensor:
         """tokens (B, N, D) -> (B, N, heads * dim_head)."""
@@ -101,21 +113,20 @@ class RecurrentStateCell(nn.Module):
         self.norm = nn.LayerNorm(dim, bias=False)
 
         # state keys/values, shared by the tokens' reads and the state's self-attention
-        self.to_state_kv = nn.Linear(dim, dim_head * 2, bias=False)
+        self.to_state_kv = nn.Linear(dim, config.kv_dim * 2, bias=False)
         self.to_self_queries = nn.Linear(dim, inner, bias=False)  # state -> state
         self.to_cross_queries = nn.Linear(dim, inner, bias=False)  # state -> tokens (write)
 
-        attention = dict(qk_norm=True, temperature=config.qk_rmsnorm_scale, implementation=config.attn_implementation)
-        self.self_attn = Attention(dim_head, heads, **attention)
-        self.write_attn = Attention(dim_head, heads, **attention)
+        self.self_attn = Attention(dim_head, heads, **state_attention(config))
+        self.write_attn = Attention(dim_head, heads, **state_attention(config))
 
         self.to_update = nn.Linear(inner * 2, dim, bias=False)
-        self.gate = GATES[config.gate](dim, config.gate_keep_init)
+        self.gate = GATES[config.gate](dim, config.gate_keep_init, config.gate_projection)
         # "dual": a feed-forward on the gated state, combined by a second gate of the same kind
         self.state_ff = self.ff_gate = None
         if config.state_update == "dual":
-            self.state_ff = FeedForward(dim, config.ff_inner_dim)
-            self.ff_gate = GATES[config.gate](dim, config.gate_keep_init)
+            self.state_ff = FeedForward(dim, config.ff_inner_dim, activation=config.ff_activation)
+            self.ff_gate = GATES[config.gate](dim, config.gate_keep_init, config.gate_projection)
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""
@@ -130,7 +141,8 @@ class RecurrentStateCell(nn.Module):
         return StateView(state, normed, keys, values)
 
     def write(self, view: StateView, block_keys: Tensor, block_values: Tensor) -> Tensor:
-        """The next state (B, S, D), from the block's raw keys/values (B, N, dim_head) of the writing layer."""
+        """The next state (B, S, D), from the block's raw keys/values (B, N, kv_heads * dim_head) of the
+        writing layer."""
         self_queries = split_heads(self.to_self_queries(view.normed), self.heads)  # (B, H, S, dh)
         cross_queries = split_heads(self.to_cross_queries(view.normed), self.heads)
         from_state = self.self_attn(self_queries, view.keys, view.values)

@@ -15,9 +15,9 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class XLMemory:
-    """Cached keys and values of one layer (one key/value head: multi-query attention).
+    """Cached keys and values of one layer, as the layer projected them (before normalisation and rotation).
 
-    keys, values: (B, M, dim_head). valid: (B, M) bool, or None when every position is valid; positions
+    keys, values: (B, M, kv_heads * dim_head), the key/value heads side by side (one head by default). valid: (B, M) bool, or None when every position is valid; positions
     turn invalid when their row starts a new document (see :meth:`ModelState.reset_rows`).
     """
 

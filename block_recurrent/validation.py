@@ -61,12 +61,14 @@ def _check_memory(memory: Any, layer: int, batch_size: int, model: "BlockRecurre
     if not isinstance(memory, XLMemory):
         raise TypeError(f"xl_memories[{layer}] must be an XLMemory, a tensor or None, got {type(memory).__name__}")
     if memory.keys.shape != memory.values.shape or memory.keys.ndim != 3:
-        raise ValueError(f"xl_memories[{layer}]: keys and values must both be (batch, length, dim_head)")
+        raise ValueError(f"xl_memories[{layer}]: keys and values must both be (batch, length, kv_heads * dim_head)")
     B, M, dh = memory.keys.shape
     if B != batch_size:
         raise ValueError(f"xl_memories[{layer}] has batch size {B} but the input has {batch_size} rows")
-    if dh != config.dim_head:
-        raise ValueError(f"xl_memories[{layer}] has width {dh}; this model's dim_head is {config.dim_head}")
+    if dh != config.kv_dim:
+        raise ValueError(
+            f"xl_memories[{layer}] has width {dh}; this model's keys are kv_heads * dim_head = {config.kv_dim} wide"
+        )
     if M > config.max_memory_len:
         raise ValueError(f"xl_memories[{layer}] holds {M} positions; at most {config.max_memory_len} allowed")
     if memory.valid is not None and memory.valid.shape != (B, M):
@@ -130,10 +132,12 @@ def state_from_lists(
     return normalise_state(model, state, batch_size)
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """An int (not a bool) >= minimum."""
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """An int (not a bool) >= minimum (and <= maximum when given)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an int in [{minimum}, {maximum}], got {value}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
 

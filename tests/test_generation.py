@@ -20,6 +20,10 @@ CONFIGS = {
     "sliding_t5_feedback": dict(attention_window="sliding", position_encoding="t5", state_feedback=True,
                                 gate="lstm", state_update="dual"),
     "t5_compressed": dict(position_encoding="t5", use_compressed_mem=True),
+    "meliad": dict(kv_heads=2, ff_activation="relu", qk_norm_gains=False, all_layers_qk_rmsnorm=True,
+                   gate_projection=False, attention_window="sliding", position_encoding="t5"),
+    "grouped_query": dict(heads=4, kv_heads=2, use_compressed_mem=True, state_feedback=True, gate="lstm",
+                          gate_projection=False),
 }
 
 

@@ -19,6 +19,12 @@ VARIANTS = {
     "sliding_t5": dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
     "sliding_baseline": dict(attention_window="sliding", recurrent_layers=()),
     "feedback": dict(state_feedback=True, gate="lstm"),
+    # meliad's architecture: multi-head keys/values, ReLU MLP, no qk gains, every layer L2-normalised, the
+    # output projection as the gate's W_z
+    "meliad": dict(kv_heads=2, ff_activation="relu", qk_norm_gains=False, all_layers_qk_rmsnorm=True,
+                   gate_projection=False, attention_window="sliding", position_encoding="t5"),
+    "grouped_query_compressed": dict(heads=4, kv_heads=2, use_compressed_mem=True, compressed_mem_factor=2,
+                                     gate="lstm", gate_projection=False, state_update="dual"),
 }
 
 
@@ -169,6 +175,42 @@ def test_lstm_gate_formula():
     i = torch.sigmoid(update @ W[4:8].T + b[4:8] - 1)
     f = torch.sigmoid(update @ W[8:].T + b[8:] + 1)
     assert_close(gate(state, update), state * f + z * i)
+
+
+def test_gates_without_their_own_projection():
+    """gate_projection=False (meliad): the update itself is the candidate z; the LSTM still squashes it."""
+    state, update = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    fixed = FixedGate(4, projection=False).double()
+    keep = torch.sigmoid(fixed.keep_bias)
+    assert_close(fixed(state, update), state * keep + update * (1 - keep))
+    assert [name for name, _ in fixed.named_parameters()] == ["keep_bias"]
+    lstm = LSTMGate(4, projection=False).double()
+    W, b = lstm.to_gates.weight, lstm.to_gates.bias
+    i = torch.sigmoid(update @ W[:4].T + b[:4] - 1)
+    f = torch.sigmoid(update @ W[4:].T + b[4:] + 1)
+    assert_close(lstm(state, update), state * f + torch.tanh(update) * i)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_key_value_heads_match_a_per_head_loop(kv_heads):
+    """Query head h attends with key/value head h // (heads // kv_heads), on both attention paths."""
+    from block_recurrent.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    B, H, N, J, D = 2, 4, 3, 5, 8
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, kv_heads, J, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(N, J, generator=g) < 0.7
+    mask[:, 0] = True  # no empty row
+    bias = torch.randn(H, N, J, generator=g, dtype=torch.float64)
+    expected = torch.empty(B, H, N, D, dtype=torch.float64)
+    for h in range(H):
+        kh, vh = k[:, h // (H // kv_heads)], v[:, h // (H // kv_heads)]
+        logits = (q[:, h] @ kh.transpose(-1, -2)) * 0.5 + bias[h]
+        expected[:, h] = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ vh
+    for implementation in ("sdpa", "math"):
+        out = attend(q, k, v, mask, scale=0.5, bias=bias, implementation=implementation)
+        assert_close(out, expected)
 
 
 @pytest.mark.parametrize("variant", ["lstm_dual"])

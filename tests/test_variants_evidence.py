@@ -91,3 +91,38 @@ def test_compare_variants_table_on_quick_config(tmp_path):
     assert by_name["XL"].params < by_name["Rec:fixed:skip"].params
     assert by_name["Slide:4 (+1 layer)"].params > by_name["XL"].params
     assert cv.plot_positions(results, tmp_path / "plot.png", budget) is False or (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.parametrize(
+    "recurrent_layers, meliad_count",
+    [((), 151_022_688), ((10,), 160_461_944)],  # meliad's 12-layer baseline and Rec:fixed:skip (the issue)
+)
+def test_paper_preset_has_meliads_parameter_counts(recurrent_layers, meliad_count):
+    from block_recurrent import BlockRecurrentConfig
+
+    with torch.device("meta"):  # shapes only
+        model = BlockRecurrentTransformer(BlockRecurrentConfig.from_name("paper", recurrent_layers=recurrent_layers))
+    assert model.num_parameters(non_embedding=True) == meliad_count
+    # the rest: token embedding, final norm, output projection (256 byte tokens, width 1024)
+    assert model.num_parameters() - meliad_count == 256 * 1024 + 1024 + 1024 * 256
+
+
+def test_paper_preset_recurrent_layer_adds_what_meliads_does():
+    """Piece by piece, the 9,439,256 parameters meliad's recurrent layer adds to a layer of width E = 1024."""
+    from block_recurrent import BlockRecurrentConfig
+
+    E, S, H = 1024, 512, 8
+    with torch.device("meta"):
+        model = BlockRecurrentTransformer(BlockRecurrentConfig.from_name("paper"))
+    cell = model.layers[9].attn.cell
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert count(cell.to_state_kv) + count(cell.to_self_queries) + count(cell.to_cross_queries) == 4 * E * E
+    assert count(cell.to_update) == 2 * E * E  # [self, cross] attention outputs -> E
+    assert cell.initial_state.numel() == cell.state_ids.numel() == S * E
+    assert count(cell.gate) == E  # the fixed gate's keep bias only: meliad's output projection is W_z
+    assert count(cell.norm) == E and count(cell.self_attn) == count(cell.write_attn) == H
+    read = model.layers[9].attn.state_reads[0]
+    assert count(read) == E * E + H  # the tokens' second queries and their temperature
+    # the tokens' output projection takes [self-attention, state read]: one E x E matrix more
+    assert model.layers[9].attn.to_out.weight.shape == (E, 2 * E)
+    assert count(cell) + count(read) + E * E == 9_439_256
