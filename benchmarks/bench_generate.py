@@ -46,7 +46,7 @@ def time_ours(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     from block_recurrent.generation import stream
 
     torch.manual_seed(seed)
-    model = BlockRecurrentTransformer(**SMALL).eval()
+    model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()  # the reference's architecture
     prompt = torch.randint(0, SMALL["num_tokens"], (1, PROMPT_LEN))
     top_k = math.ceil((1 - FILTER_THRES) * SMALL["num_tokens"])
     generator = torch.Generator().manual_seed(seed)

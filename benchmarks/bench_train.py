@@ -65,7 +65,7 @@ def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool) 
         sys.path.insert(0, str(ROOT))
         from block_recurrent import BlockRecurrentTransformer, RecurrentTrainerWrapper
 
-        model = BlockRecurrentTransformer(**kwargs)
+        model = BlockRecurrentTransformer(**kwargs, gate_projection=True)  # the reference's architecture
     wrapper = RecurrentTrainerWrapper(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     seq_len = kwargs["max_seq_len"]

@@ -1,15 +1,17 @@
 """The paper's Table 1 in miniature: recurrent variants against Transformer-XL and sliding-window baselines.
 
-    python benchmarks/compare_variants.py            # the recorded run (docs/variants.md): 19 min on a shared 2-core CPU
+    python benchmarks/compare_variants.py            # the recorded run (docs/variants.md)
     python benchmarks/compare_variants.py --quick    # 2 steps of everything: checks the plumbing, not the claim
 
-Five models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with the same step budget and batch:
+Seven models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with the same step budget and batch:
 
-- Rec:fixed:skip  the default config (recurrence in layer 2, fixed gate, skip)
-- Rec:lstm:skip   gate="lstm"
-- Rec:fixed:dual  state_update="dual"
-- XL              recurrent_layers=() (Transformer-XL: previous block cached, no state)
-- Slide:4         recurrent_layers=(), attention_window="sliding", one extra layer (the paper's Slide:13)
+- Rec:fixed:skip        the default config (recurrence in layer 2, fixed gate, skip)
+- Rec:lstm:skip         gate="lstm"
+- Rec:fixed:dual        state_update="dual"
+- Block-Feedback        state_feedback=True (every layer reads the state)
+- Rec:fixed:skip T5+sliding  position_encoding="t5", attention_window="sliding" (the paper's positions and window)
+- XL                    recurrent_layers=() (Transformer-XL: previous block cached, no state)
+- Slide:4               recurrent_layers=(), attention_window="sliding", one extra layer (the paper's Slide:13)
 
 on two tasks:
 
@@ -49,6 +51,8 @@ VARIANTS: dict[str, dict] = {
     "Rec:fixed:skip": {},
     "Rec:lstm:skip": {"gate": "lstm"},
     "Rec:fixed:dual": {"state_update": "dual"},
+    "Block-Feedback": {"state_feedback": True},
+    "Rec:fixed:skip T5+sliding": {"position_encoding": "t5", "attention_window": "sliding"},
     "XL": {"recurrent_layers": ()},
     "Slide:4 (+1 layer)": {"recurrent_layers": (), "attention_window": "sliding", "extra_layers": 1},
 }
@@ -64,9 +68,9 @@ class Budget:
     recall_distance: int = 4  # blocks between value and query; >= depth + 2 keeps it beyond every baseline
     recall_values: int = 16
     recall_eval_rows: int = 1024
-    recall_seeds: tuple[int, ...] = (0, 1)
+    recall_seeds: tuple[int, ...] = (0, 1, 2)
     # corpus
-    corpus_steps: int = 100
+    corpus_steps: int = 800
     corpus_batch: int = 8
     corpus_lr: float = 3e-3
     corpus_block: int = 32
@@ -100,8 +104,8 @@ def model_config(name: str, num_tokens: int, block: int, max_seq_len: int) -> Bl
                                 max_seq_len=max_seq_len, num_state_vectors=block)
 
 
-def non_embedding(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if n not in ("token_emb.weight", "to_logits.weight"))
+def non_embedding(model: BlockRecurrentTransformer) -> int:
+    return model.num_parameters(non_embedding=True)  # the layer stack, as the paper counts
 
 
 def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -208,16 +212,22 @@ def run(budget: Budget, data: str | None = None, names: list[str] | None = None,
 
 
 MELIAD_COUNTS = {"baseline (12 layers)": 151_022_688, "Rec:fixed:skip": 160_461_944}  # from the issue
+# the reference port's architecture at the paper's shape, for comparison
+REFERENCE_ARCHITECTURE = dict(kv_heads=1, ff_activation="geglu", qk_norm_gains=True, all_layers_qk_rmsnorm=False,
+                              gate_projection=True, attention_window="block", position_encoding="rotary_xpos")
 
 
 def paper_parameter_counts() -> str:
     """Non-embedding parameters of the 'paper' preset with and without recurrence, against meliad's counts."""
-    lines = ["| paper preset | ours (non-embedding) | meliad | ours - meliad |", "|---|---|---|---|"]
+    lines = ["| 12 layers, width 1024 | `paper` preset (meliad's architecture) | meliad | reference's architecture |",
+             "|---|---|---|---|"]
     for label, recurrent in (("baseline (12 layers)", ()), ("Rec:fixed:skip", (10,))):
-        with torch.device("meta"):  # shapes only: no memory, no time
-            model = BlockRecurrentTransformer(BlockRecurrentConfig.from_name("paper", recurrent_layers=recurrent))
-        ours = non_embedding(model)
-        lines.append(f"| {label} | {ours:,} | {MELIAD_COUNTS[label]:,} | {ours - MELIAD_COUNTS[label]:,} |")
+        counts = []
+        for changes in ({}, REFERENCE_ARCHITECTURE):
+            with torch.device("meta"):  # shapes only: no memory, no time
+                config = BlockRecurrentConfig.from_name("paper", recurrent_layers=recurrent, **changes)
+                counts.append(non_embedding(BlockRecurrentTransformer(config)))
+        lines.append(f"| {label} | {counts[0]:,} | {MELIAD_COUNTS[label]:,} | {counts[1]:,} |")
     return "\n".join(lines)
 
 
@@ -237,7 +247,8 @@ def build_table(results: list[VariantResult], budget: Budget) -> str:
 
 
 def plot_positions(results: list[VariantResult], path: Path, budget: Budget) -> bool:
-    """Per-position held-out loss (bits per byte), recurrent (fixed and LSTM gates) vs XL; False without matplotlib."""
+    """Per-position held-out loss (bits per byte), recurrent (fixed and LSTM gates, feedback) vs XL; False without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -245,15 +256,23 @@ def plot_positions(results: list[VariantResult], path: Path, budget: Budget) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        if r.name in ("Rec:fixed:skip", "Rec:lstm:skip", "XL") and r.position_losses:
-            starts = [s + budget.position_bucket / 2 for s, _, _ in r.position_losses]
-            ax.plot(starts, [loss / math.log(2) for _, loss, _ in r.position_losses], marker="o", label=r.name)
-    ax.set_xlabel(f"position in document (bytes; buckets of {budget.position_bucket})")
-    ax.set_ylabel("held-out loss (bits per byte)")
-    ax.set_title(f"Per-position loss, first {budget.position_len} bytes of held-out files")
-    ax.legend()
+    shown = [r for r in results if r.name in ("Rec:fixed:skip", "Rec:lstm:skip", "Block-Feedback", "XL") and r.position_losses]
+    xl = next((r for r in shown if r.name == "XL"), None)
+    fig, axes = plt.subplots(2 if xl else 1, 1, figsize=(7, 7 if xl else 4), sharex=True, squeeze=False)
+    bits = lambda r: [loss / math.log(2) for _, loss, _ in r.position_losses]
+    for r in shown:
+        starts = [s + budget.position_bucket / 2 for s, _, _ in r.position_losses]
+        axes[0, 0].plot(starts, bits(r), marker="o", label=r.name)
+        if xl and r is not xl:  # below zero: better than XL at that position
+            axes[1, 0].plot(starts, [a - b for a, b in zip(bits(r), bits(xl))], marker="o", label=r.name)
+    axes[0, 0].set_ylabel("held-out loss (bits per byte)")
+    axes[0, 0].set_title(f"Per-position loss, first {budget.position_len} bytes of held-out files")
+    axes[0, 0].legend()
+    if xl:
+        axes[1, 0].axhline(0.0, color="gray", linewidth=1)
+        axes[1, 0].set_ylabel("minus XL's loss (bits per byte)")
+        axes[1, 0].legend()
+    axes[-1, 0].set_xlabel(f"position in document (bytes; buckets of {budget.position_bucket})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

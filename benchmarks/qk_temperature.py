@@ -31,6 +31,7 @@ def train_and_score(temperature: float, seed: int, steps: int, distance: int, ba
     model = BlockRecurrentTransformer(
         num_tokens=task.vocab_size, dim=64, depth=2, heads=4, dim_head=16, block_width=8,
         max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,), qk_rmsnorm_scale=temperature,
+        gate_projection=True,  # the architecture the recorded results were measured on
     )
     return train_recall(model, task, seed=seed, steps=steps, batch=batch, lr=2e-3)
 

@@ -90,7 +90,12 @@ def write_json(data: Any, path: Path) -> None:
 
 def read_config(directory: Path) -> BlockRecurrentConfig:
     try:
-        return BlockRecurrentConfig.from_dict(read_json(directory / CONFIG_FILE))
+        data = read_json(directory / CONFIG_FILE)
+        if isinstance(data, dict):
+            # a checkpoint's config holds every field of its day: one without gate_projection was written
+            # before that option existed, when every gate had its own projection
+            data.setdefault("gate_projection", True)
+        return BlockRecurrentConfig.from_dict(data)
     except (TypeError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise

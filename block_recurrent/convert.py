@@ -7,6 +7,7 @@ converted model computes exactly what the reference computed (checked by ``bench
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -92,13 +93,23 @@ def _our_name(name: str, config: BlockRecurrentConfig) -> tuple[str, bool] | Non
 def from_reference_state_dict(
     state_dict: dict[str, Tensor], config: BlockRecurrentConfig
 ) -> BlockRecurrentTransformer:
-    """A model with the reference's weights. ``config`` must match the reference model's arguments."""
-    changed = {name: getattr(config, name) for name, value in _REFERENCE_ARCHITECTURE.items() if getattr(config, name) != value}
+    """A model with the reference's weights. ``config`` must match the reference model's arguments.
+
+    The fields the reference has no argument for (``_REFERENCE_ARCHITECTURE``) are set to its architecture
+    where ``config`` leaves them at our defaults; one set to anything else is an error.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(BlockRecurrentConfig)}
+    changed = {
+        name: getattr(config, name)
+        for name, value in _REFERENCE_ARCHITECTURE.items()
+        if getattr(config, name) not in (value, defaults[name])
+    }
     if changed:
         raise ValueError(
             f"the reference has one architecture; these config fields differ from it: {changed} "
             f"(the reference's values: { {name: _REFERENCE_ARCHITECTURE[name] for name in changed} })"
         )
+    config = config.replace(**_REFERENCE_ARCHITECTURE)
     config = config.replace(qk_rmsnorm_scale=config.dim_head**-0.5)
     model = BlockRecurrentTransformer(config)
     ours = model.state_dict()

@@ -146,3 +146,17 @@ def test_hub_mixin_reads_and_writes_the_same_folders(tmp_path):
     assert torch.equal(hub.run(tokens)[0], model.run(tokens)[0])
     hub.save_pretrained(tmp_path / "theirs")
     assert torch.equal(from_pretrained(tmp_path / "theirs").run(tokens)[0], model.run(tokens)[0])
+
+
+def test_a_config_written_before_gate_projection_existed_loads_with_the_projection(tmp_path):
+    # such a checkpoint's gates had their own projection (the only kind then); its config lacks the field
+    model = tiny_model(gate_projection=True)
+    folder = save_pretrained(model, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["gate_projection"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = from_pretrained(folder)
+    assert loaded.config.gate_projection is True
+    tokens = torch.randint(0, 256, (2, 40))
+    model.eval()
+    assert torch.equal(model.run(tokens)[0], loaded.run(tokens)[0])

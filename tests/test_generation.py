@@ -15,7 +15,7 @@ W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
 CONFIGS = {
     "default": {},
     "compressed": dict(use_compressed_mem=True),
-    "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
+    "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,), gate_projection=True),
     "two_states": dict(depth=4, recurrent_layers=(2, 4), read_recurrent_layers=(1, 4), all_layers_qk_rmsnorm=True),
     "sliding_t5_feedback": dict(attention_window="sliding", position_encoding="t5", state_feedback=True,
                                 gate="lstm", state_update="dual"),

@@ -107,7 +107,7 @@ def test_every_recurrent_parameter_gets_gradient():
     wrapper(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
     cell = model.layers[1].attn.cell
     recurrent_params = dict(cell.named_parameters())
-    assert {"initial_state", "state_ids", "gate.keep_bias", "gate.to_candidate.weight", "to_update.weight",
+    assert {"initial_state", "state_ids", "gate.keep_bias", "to_update.weight",
             "to_self_queries.weight", "to_cross_queries.weight",
             "to_state_kv.weight", "self_attn.temperature", "write_attn.temperature"} <= set(recurrent_params)
     read = dict(model.layers[1].attn.state_reads[0].named_parameters())

@@ -52,3 +52,14 @@ def test_mismatched_config_is_refused():
         from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**{**BASE, "dim": 16}))
     with pytest.raises(ValueError, match="config does not match|no counterpart|lacks"):
         from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**{**BASE, "recurrent_layers": (1,)}))
+
+
+def test_architecture_fields_are_set_to_the_reference_unless_set_otherwise():
+    ref_model = reference.BlockRecurrentTransformer(**BASE)
+    # our defaults (no gate projection) become the reference's architecture ...
+    ours = from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**BASE))
+    assert ours.config.gate_projection is True and ours.config.kv_heads == 1
+    # ... but an explicit choice the reference does not have is refused
+    for field, value in (("gate", "lstm"), ("kv_heads", 2), ("ff_activation", "relu"), ("position_encoding", "t5")):
+        with pytest.raises(ValueError, match=f"{field}"):
+            from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**{**BASE, field: value}))

@@ -36,6 +36,11 @@ from conftest import TINY, make_model, random_tokens
         (dict(attention_window="sliding", use_compressed_mem=True), ValueError, "cannot be combined"),
         (dict(position_encoding="alibi"), ValueError, "position_encoding"),
         (dict(state_feedback=True, read_recurrent_layers=(1,)), ValueError, "state_feedback"),
+        (dict(kv_heads=3), ValueError, r"kv_heads must be an int in \[1, 2\]"),
+        (dict(heads=4, kv_heads=3), ValueError, r"kv_heads \(3\) must divide heads \(4\)"),
+        (dict(ff_activation="swiglu"), ValueError, "ff_activation must be 'geglu' or 'relu'"),
+        (dict(gate_projection=1), TypeError, "gate_projection must be a bool"),
+        (dict(qk_norm_gains="no"), TypeError, "qk_norm_gains must be a bool"),
     ],
 )
 def test_bad_config(overrides, error, pattern):
