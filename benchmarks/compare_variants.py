@@ -28,6 +28,7 @@ Prints a markdown table and writes the per-position plot (recurrent vs XL).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -205,8 +206,9 @@ def run(budget: Budget, data: str | None = None, names: list[str] | None = None,
         log(f"{name}: corpus bpb {bpb:.3f}, {tps:.0f} tokens/s")
         recall = [done["recall", name, seed] for seed in budget.recall_seeds]
         result.recall_accuracy = [accuracy for accuracy, _ in recall]
-        result.recall_tokens_per_s = sum(tps for _, tps in recall) / len(recall)
-        log(f"{name}: recall accuracy per seed {result.recall_accuracy}")
+        if recall:
+            result.recall_tokens_per_s = sum(tps for _, tps in recall) / len(recall)
+            log(f"{name}: recall accuracy per seed {result.recall_accuracy}")
         results.append(result)
     return results
 
@@ -240,8 +242,9 @@ def build_table(results: list[VariantResult], budget: Budget) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
-        seeds = ", ".join(f"{a:.3f}" for a in r.recall_accuracy)
-        lines.append(f"| {r.name} | {r.params:,} ({r.non_embedding:,}) | {seeds} | {r.recall_tokens_per_s:,.0f} "
+        seeds = ", ".join(f"{a:.3f}" for a in r.recall_accuracy) or "-"
+        recall_tps = "-" if math.isnan(r.recall_tokens_per_s) else f"{r.recall_tokens_per_s:,.0f}"
+        lines.append(f"| {r.name} | {r.params:,} ({r.non_embedding:,}) | {seeds} | {recall_tps} "
                      f"| {r.bpb:.3f} | {r.corpus_tokens_per_s:,.0f} |")
     return "\n".join(lines)
 
@@ -290,19 +293,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replot", default=None, help="only redraw the plot from a --json file of a full run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: the machine is shared)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the independent runs")
+    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=None, help="a subset of the models")
+    parser.add_argument("--corpus-steps", type=int, default=None, help="override the corpus training steps")
+    parser.add_argument("--recall-seeds", type=int, default=None, help="override the number of recall seeds (0: no recall)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="a config field for every model, e.g. all_layers_qk_rmsnorm=true (repeatable)")
     args = parser.parse_args(argv)
+    for item in args.set:
+        field_name, _, value = item.partition("=")
+        BASE[field_name] = json.loads(value)
+    if args.set:
+        print(f"every model also gets: {', '.join(args.set)}\n")
     torch.set_num_threads(args.threads)
     _THREADS[0] = args.threads
     print(paper_parameter_counts() + "\n")
     if args.params_only:
         return
     budget = QUICK if args.quick else Budget()
+    if args.corpus_steps is not None:
+        budget = dataclasses.replace(budget, corpus_steps=args.corpus_steps)
+    if args.recall_seeds is not None:
+        budget = dataclasses.replace(budget, recall_seeds=tuple(range(args.recall_seeds)))
     if args.replot:
         saved = [VariantResult(**r) for r in json.loads(Path(args.replot).read_text())]
         plot_positions(saved, Path(args.plot), budget)
         return
     began = time.time()
-    results = run(budget, args.data, log=lambda text: print(text, file=sys.stderr, flush=True), jobs=args.jobs)
+    results = run(budget, args.data, names=args.models, log=lambda text: print(text, file=sys.stderr, flush=True),
+                  jobs=args.jobs)
     print(build_table(results, budget))
     if args.plot and plot_positions(results, Path(args.plot), budget):
         print(f"\nplot: {args.plot}")

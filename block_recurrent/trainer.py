@@ -230,13 +230,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def state_to_tensors(state: ModelState, prefix: str) -> dict[str, Tensor]:
+    """Named tensors of a state. Every memory writes a validity mask (all True where it has none) and, per row,
+    whether it had one (``valid_given``), so that the states of micro-batches and ranks have the same keys to
+    concatenate and gather, and a resumed run gets back exactly the memories it saved."""
     tensors = {}
     for i, memory in enumerate(state.memories):
         if memory is not None:
             tensors[f"{prefix}.memory.{i}.keys"] = memory.keys
             tensors[f"{prefix}.memory.{i}.values"] = memory.values
-            if memory.valid is not None:
-                tensors[f"{prefix}.memory.{i}.valid"] = memory.valid
+            valid = memory.valid
+            if valid is None:
+                valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=memory.keys.device)
+            tensors[f"{prefix}.memory.{i}.valid"] = valid
+            tensors[f"{prefix}.memory.{i}.valid_given"] = torch.full(
+                (memory.batch_size,), memory.valid is not None, dtype=torch.bool, device=memory.keys.device
+            )
     for i, s in enumerate(state.states):
         if s is not None:
             tensors[f"{prefix}.state.{i}"] = s
@@ -478,10 +486,18 @@ class Trainer:
             if every_row.batch_size != self.batcher.total_rows:
                 raise CheckpointError(f"{saved.path}: carried states have {every_row.batch_size} rows, expected "
                                       f"{self.batcher.total_rows}")
+            given = [carried.get(f"carry.memory.{i}.valid_given") for i in range(depth)]
             for m in range(self.config.grad_accum):
                 start = self.batcher.row_offset + m * self.config.batch_size
                 rows_of_micro = torch.arange(start, start + self.config.batch_size)
-                self.carry[m] = every_row.select_rows(rows_of_micro).to(self.device)
+                state = every_row.select_rows(rows_of_micro)
+                # a micro-batch whose memory had no validity mask gets none back (same computation path)
+                memories = tuple(
+                    XLMemory(memory.keys, memory.values, None)
+                    if memory is not None and had is not None and not had[rows_of_micro].any() else memory
+                    for memory, had in zip(state.memories, given)
+                )
+                self.carry[m] = ModelState(memories, state.states).to(self.device)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

@@ -68,6 +68,30 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, mode):
         assert torch.equal(a, b)
 
 
+def test_micro_batches_with_and_without_a_validity_mask_are_saved_and_restored_as_they_were(tmp_path):
+    # one micro-batch's memories carry a validity mask (a row started a new document), the other's do not:
+    # the checkpoint must hold both (this once failed with a KeyError, depending on the random stream)
+    from block_recurrent.state import XLMemory
+
+    config = settings(tmp_path, grad_accum=2)
+    first = Trainer(tiny(), config)
+    losses_of(first, 1)
+    masked = first.carry[0].reset_rows(torch.tensor([True, False]), first.model.initial_states())
+    first.carry = [masked, first.carry[1].__class__(
+        tuple(XLMemory(m.keys, m.values, None) for m in first.carry[1].memories), first.carry[1].states)]
+    assert all(m.valid is not None for m in first.carry[0].memories)
+    first.save()
+    resumed = Trainer(tiny(), config, resume=True)
+    for saved, restored in zip(first.carry, resumed.carry):
+        for a, b in zip(saved.memories, restored.memories):
+            assert (a.valid is None) == (b.valid is None)
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            if a.valid is not None:
+                assert torch.equal(a.valid, b.valid)
+        for a, b in zip(saved.states, restored.states):
+            assert torch.equal(a, b)
+
+
 def test_grad_accumulation_equals_one_bigger_batch(tmp_path):
     big = Trainer(tiny(), settings(tmp_path, batch_size=4, out_dir=str(tmp_path / "big")))
     accumulated = Trainer(tiny(), settings(tmp_path, batch_size=2, grad_accum=2, out_dir=str(tmp_path / "acc")))
