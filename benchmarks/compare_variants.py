@@ -172,23 +172,23 @@ _THREADS = [1]  # torch threads per worker (set by main)
 
 
 def _work(unit: tuple[str, str, Budget, str | None, int]):
-    """One independent unit: ("corpus", name, budget, data, 0) or ("recall", name, budget, data, seed)."""
+    """One independent unit: ("corpus", name, budget, data, seed) or ("recall", name, budget, data, seed)."""
     task, name, budget, data, seed = unit
     torch.set_num_threads(_THREADS[0])
     if task == "corpus":
-        return train_corpus(name, budget, *_CORPORA[str(data)])
+        return train_corpus(name, budget, *_CORPORA[str(data)], seed=seed)
     return train_recall(name, budget, seed)
 
 
 def run(budget: Budget, data: str | None = None, names: list[str] | None = None, log=print,
-        jobs: int = 1) -> list[VariantResult]:
+        jobs: int = 1, corpus_seed: int = 0) -> list[VariantResult]:
     """Train every variant on both tasks; ``jobs`` > 1 runs independent units in forked worker processes."""
     names = list(VARIANTS) if names is None else names
     train_docs, val_docs = split_documents(load_documents(data))
     train, val = (TokenCorpus.from_documents(d, ByteTokenizer()) for d in (train_docs, val_docs))
     _CORPORA[str(data)] = (train, val)
     log(f"corpus: {train.num_tokens:,} training bytes, {val.num_tokens:,} held-out bytes in {len(val)} documents")
-    units = [("corpus", name, budget, data, 0) for name in names]
+    units = [("corpus", name, budget, data, corpus_seed) for name in names]
     units += [("recall", name, budget, data, seed) for name in names for seed in budget.recall_seeds]
     if jobs > 1:
         import multiprocessing
@@ -201,7 +201,7 @@ def run(budget: Budget, data: str | None = None, names: list[str] | None = None,
 
     results = []
     for name in names:
-        bpb, tps, params, non_emb, buckets = done["corpus", name, 0]
+        bpb, tps, params, non_emb, buckets = done["corpus", name, corpus_seed]
         result = VariantResult(name, params, non_emb, bpb=bpb, corpus_tokens_per_s=tps, position_losses=buckets)
         log(f"{name}: corpus bpb {bpb:.3f}, {tps:.0f} tokens/s")
         recall = [done["recall", name, seed] for seed in budget.recall_seeds]
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=None, help="a subset of the models")
     parser.add_argument("--corpus-steps", type=int, default=None, help="override the corpus training steps")
     parser.add_argument("--recall-seeds", type=int, default=None, help="override the number of recall seeds (0: no recall)")
+    parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the corpus runs' weights and data order")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="a config field for every model, e.g. all_layers_qk_rmsnorm=true (repeatable)")
     args = parser.parse_args(argv)
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_positions(saved, Path(args.plot), budget)
         return
     began = time.time()
-    results = run(budget, args.data, names=args.models, log=lambda text: print(text, file=sys.stderr, flush=True),
+    results = run(budget, args.data, names=args.models, corpus_seed=args.corpus_seed, log=lambda text: print(text, file=sys.stderr, flush=True),
                   jobs=args.jobs)
     print(build_table(results, budget))
     if args.plot and plot_positions(results, Path(args.plot), budget):
