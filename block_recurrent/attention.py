@@ -115,35 +115,35 @@ class Attention(nn.Module):
         q, scale = self.prepare_queries(q, q_tables)
         k = self.prepare_keys(k, k_tables)
         dropout_p = self.dropout if self.training else 0.0
-        return attend(
-            q, k, split_kv_heads(v, self.kv_heads), mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation
-        )
+        v = split_kv_heads(v, self.kv_heads)
+        return attend(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation)
 
     # the two halves of forward's key/query preparation, also used by the decoder, which prepares each
-    # key once and keeps it for the rest of its block
+    # key once and keeps it for the rest of its block, and passes its own (cheaper, equal) ``rotate``
 
-    def prepare_queries(self, q: Tensor, tables: RotaryTables | None) -> tuple[Tensor, float]:
-        """Queries (B, H, N, D) as the dot product sees them, and the scale to apply to the logits."""
+    def prepare_queries(self, q: Tensor, tables, rotate=apply_rotary) -> tuple[Tensor, float]:
+        """Queries (B, H, N, D) as the dot product sees them, and the scale to apply to the logits.
+        ``tables`` (None: no rotation) are what ``rotate(q, tables)`` takes."""
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
             if self.q_gain is not None:
                 q = q * self.q_gain
         if tables is not None:
-            q = apply_rotary(q, tables)
+            q = rotate(q, tables)
         if self.qk_norm:
             return q * self.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
         return q, self.scale
 
-    def prepare_keys(self, k: Tensor, tables: RotaryTables | None) -> Tensor:
+    def prepare_keys(self, k: Tensor, tables, rotate=apply_rotary) -> Tensor:
         """Raw keys (B, J, kv_heads * D) as the dot product sees them, (B, kv_heads, J, D): split into heads,
-        normalised (with qk_norm), then rotated."""
+        normalised (with qk_norm), then rotated by ``rotate(k, tables)``."""
         k = split_kv_heads(k, self.kv_heads)
         if self.qk_norm:
             k = F.normalize(k, dim=-1)
             if self.k_gain is not None:
                 k = k * self.k_gain
         if tables is not None:
-            k = apply_rotary(k, tables)
+            k = rotate(k, tables)
         return k
 
 

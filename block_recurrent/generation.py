@@ -177,38 +177,13 @@ def _slot_tables(model: "BlockRecurrentTransformer") -> tuple[Tensor, Tensor, Te
     return q.cos, signed(q.sin), k.cos, signed(k.sin)
 
 
-def _rotate(t: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """apply_rotary with the same result in fewer operator calls: rotate_half(t) * sin, i.e.
-    [-t2, t1] * [s1, s2], equals [t2, t1] * [-s1, s2] exactly (negation is exact), and [t2, t1] is a roll."""
+def _rotate(t: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """apply_rotary with the same result in fewer operator calls: tables = (cos, signed sin); rotate_half(t) *
+    sin, i.e. [-t2, t1] * [s1, s2], equals [t2, t1] * [-s1, s2] exactly (negation is exact), and [t2, t1] is
+    a roll. Passed as ``rotate`` to Attention.prepare_queries / prepare_keys (the float64 exactness tests of
+    the rotary and qk-norm variants hold it to the forward pass)."""
+    cos, signed_sin = tables
     return t * cos.to(t.dtype) + t.roll(t.shape[-1] // 2, dims=-1) * signed_sin.to(t.dtype)
-
-
-# Attention.prepare_queries / prepare_keys for one token, rotating with _rotate (same steps, same order:
-# the float64 exactness tests of the rotary and qk-norm variants hold them to the forward pass)
-
-
-def _prepare_queries(attention, q: Tensor, tables: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float]:
-    if attention.qk_norm:
-        q = F.normalize(q, dim=-1)
-        if attention.q_gain is not None:
-            q = q * attention.q_gain
-    if tables is not None:
-        q = _rotate(q, *tables)
-    if attention.qk_norm:
-        return q * attention.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
-    return q, attention.scale
-
-
-def _prepare_key(attention, k: Tensor, tables: tuple[Tensor, Tensor] | None) -> Tensor:
-    """One raw key (B, 1, kv_dim) -> (B, kv_heads, 1, dh), as Attention.prepare_keys."""
-    k = split_kv_heads(k, attention.kv_heads)
-    if attention.qk_norm:
-        k = F.normalize(k, dim=-1)
-        if attention.k_gain is not None:
-            k = k * attention.k_gain
-    if tables is not None:
-        k = _rotate(k, *tables)
-    return k
 
 
 def _buffer(known: Tensor, capacity: int, axis: int) -> Tensor:
@@ -268,12 +243,12 @@ def _attention_step(
     key, value = projected[..., Q : Q + C], projected[..., Q + C : Q + 2 * C]  # (B, 1, C) each, raw
 
     q_tables, k_tables = (None, None) if not attn.use_rotary else tables
-    q, scale = _prepare_queries(attn.attn, q, q_tables)
+    q, scale = attn.attn.prepare_queries(q, q_tables, _rotate)
 
     # write this token's slot: prepared key and value for attention, raw key for the commit
     copy = cache.keys is not None and _must_copy(cache.keys, cache, P)  # no buffer yet: a new one either way
     written = [P + 1] if copy else cache.written
-    keys = _write(cache.keys, M + P, _prepare_key(attn.attn, key, k_tables), M + W, copy, axis=2)
+    keys = _write(cache.keys, M + P, attn.attn.prepare_keys(key, k_tables, _rotate), M + W, copy, axis=2)
     values = _write(cache.values, M + P, value, M + W, copy, axis=1)
     raw_keys = _write(cache.raw_keys, P, key, W, copy, axis=1)
     written[0] = P + 1
@@ -292,7 +267,7 @@ def _attention_step(
     # reads of the recurrent states, as StateRead.forward, with the state keys prepared once per block
     for n, (read, i) in enumerate(zip(attn.state_reads, attn.reads)):
         begin = Q + 2 * C + n * Q
-        rq, read_scale = _prepare_queries(read.attn, projected[..., begin : begin + Q].view(B, H, 1, dh), None)
+        rq, read_scale = read.attn.prepare_queries(projected[..., begin : begin + Q].view(B, H, 1, dh), None)
         read_values = split_kv_heads(ds.views[i].values, K)
         read_out = attend(rq, cache.read_keys[n], read_values, scale=read_scale, implementation=read.attn.implementation)
         outs.append(read_out.reshape(B, 1, Q))
