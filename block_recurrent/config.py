@@ -66,8 +66,8 @@ class BlockRecurrentConfig:
     gate: str = "fixed"
     state_update: str = "skip"
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
-    # and the reference's init. 2.0 (keep 0.88) made beyond-window recall learnable where the default was not
-    # (benchmarks/gate_init.py)
+    # and the reference's init. With the reference's gate projection, 2.0 (keep 0.88) made beyond-window recall
+    # learnable where the default was not (benchmarks/gate_init.py)
     gate_keep_init: float | None = None
     # False (meliad, our default): the state's output projection is the gate's W_z. True (the reference): the
     # gate projects that (already projected) update once more, z = W_z h + b_z. With the fixed gate, False
