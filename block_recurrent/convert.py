@@ -39,7 +39,7 @@ _LAYER_RENAMES = {
     r"1\.3\.weight": "ff.proj_out.weight",
 }
 # config fields that select something the reference does not have, and the value that matches it
-_REFERENCE_ARCHITECTURE = dict(
+REFERENCE_ARCHITECTURE = dict(
     kv_heads=1, ff_activation="geglu", qk_norm_gains=True, gate="fixed", gate_projection=True, state_update="skip",
     attention_window="block", position_encoding="rotary_xpos", state_feedback=False,
 )
@@ -95,21 +95,21 @@ def from_reference_state_dict(
 ) -> BlockRecurrentTransformer:
     """A model with the reference's weights. ``config`` must match the reference model's arguments.
 
-    The fields the reference has no argument for (``_REFERENCE_ARCHITECTURE``) are set to its architecture
+    The fields the reference has no argument for (``REFERENCE_ARCHITECTURE``) are set to its architecture
     where ``config`` leaves them at our defaults; one set to anything else is an error.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(BlockRecurrentConfig)}
     changed = {
         name: getattr(config, name)
-        for name, value in _REFERENCE_ARCHITECTURE.items()
+        for name, value in REFERENCE_ARCHITECTURE.items()
         if getattr(config, name) not in (value, defaults[name])
     }
     if changed:
         raise ValueError(
             f"the reference has one architecture; these config fields differ from it: {changed} "
-            f"(the reference's values: { {name: _REFERENCE_ARCHITECTURE[name] for name in changed} })"
+            f"(the reference's values: { {name: REFERENCE_ARCHITECTURE[name] for name in changed} })"
         )
-    config = config.replace(**_REFERENCE_ARCHITECTURE)
+    config = config.replace(**REFERENCE_ARCHITECTURE)
     config = config.replace(qk_rmsnorm_scale=config.dim_head**-0.5)
     model = BlockRecurrentTransformer(config)
     ours = model.state_dict()
