@@ -45,7 +45,7 @@ from block_recurrent import convert  # noqa: E402
 from block_recurrent.data import ByteTokenizer, DocumentStreams, TokenCorpus, load_documents, split_documents  # noqa: E402
 from block_recurrent.evaluation import evaluate  # noqa: E402
 from block_recurrent.tasks import RecallTask  # noqa: E402
-from block_recurrent.trainer import evaluate_corpus  # noqa: E402
+from block_recurrent.evaluation import evaluate_corpus  # noqa: E402
 
 # the shared tiny shape; each variant is a set of config changes on top of it (depth: an added layer count)
 BASE = dict(dim=64, depth=3, heads=4, dim_head=16, recurrent_layers=(2,))

@@ -151,7 +151,7 @@ def _model_config(args: argparse.Namespace, default: str | None):
 def _load(checkpoint: str, device: str):
     from .checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
     from .data import load_tokenizer
-    from .trainer import resolve_device
+    from .distributed import resolve_device
 
     folder = resolve_checkpoint(checkpoint) if Path(checkpoint).exists() else checkpoint
     model = from_pretrained(folder, device=resolve_device(device))
@@ -177,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .data import TokenCorpus, builtin_documents, path_documents, split_documents
-    from .trainer import evaluate_corpus
+    from .evaluation import evaluate_corpus
 
     model, tokenizer = _load(args.checkpoint, args.device)
     documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)

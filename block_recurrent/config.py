@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .validation import check_float, check_int
+from .checks import check_bool, check_float, check_int
 
 
 def _as_layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
@@ -90,7 +91,9 @@ class BlockRecurrentConfig:
     qk_norm_gains: bool = True
     # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
     qk_rmsnorm_scale: float = 1.0
-    use_flash_attn: bool = False  # accepted for compatibility: attention always runs through SDPA's kernel choice
+    # accepted for the reference's constructor, with a warning when True: attention always runs through SDPA,
+    # which chooses flash kernels itself where the device allows
+    use_flash_attn: bool = False
     attn_implementation: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the plain path tests check it against)
     rotary_theta: float = 10000.0
     xpos_scale_base: float = 512.0
@@ -116,8 +119,14 @@ class BlockRecurrentConfig:
         check_int("heads", self.heads, 1)
         for flag in ("qk_norm_gains", "gate_projection", "state_feedback", "all_layers_qk_rmsnorm", "use_compressed_mem",
                      "use_flash_attn"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+            check_bool(flag, getattr(self, flag))
+        if self.use_flash_attn:
+            warnings.warn(
+                "use_flash_attn has no effect here (it is accepted for the reference's constructor): attention always "
+                "runs through torch's scaled_dot_product_attention, which picks flash kernels where the device allows",
+                UserWarning,
+                stacklevel=3,
+            )
         check_int("kv_heads", self.kv_heads, 1, self.heads)
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
@@ -161,9 +170,7 @@ class BlockRecurrentConfig:
         check_int("num_state_vectors", num_states, 1)
         object.__setattr__(self, "num_state_vectors", num_states)
 
-        check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0)
-        if self.qk_rmsnorm_scale == 0:
-            raise ValueError("qk_rmsnorm_scale must be > 0")
+        check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0, open_low=True)
         if self.gate not in ("fixed", "lstm"):
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
         if self.gate_keep_init is not None:
@@ -180,7 +187,8 @@ class BlockRecurrentConfig:
             raise ValueError(f"position_encoding must be 'rotary_xpos' or 't5', got {self.position_encoding!r}")
         check_int("t5_num_buckets", self.t5_num_buckets, 2)
         check_int("t5_max_distance", self.t5_max_distance, self.t5_num_buckets // 2 + 1)
-        if self.state_feedback and read is not recurrent and self.read_recurrent_layers is not None:
+        # (a config read back from its own JSON passes read_recurrent_layers equal to recurrent_layers)
+        if self.state_feedback and read != recurrent:
             raise ValueError("state_feedback makes every layer read every state; do not also pass read_recurrent_layers")
         if self.attn_implementation not in ("sdpa", "math"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .generation import eval_no_grad
-from .state import ModelState
-from .validation import check_float, check_int, check_tokens, normalise_state
+from .checks import check_float, check_int, check_tokens
+from .state import ModelState, checked_state
 
 if TYPE_CHECKING:
     from .model import BlockRecurrentTransformer
@@ -97,7 +97,7 @@ def evaluate(
     tokens, segment_len = _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size)
     B, T = tokens.shape
     predicted = T - 1
-    state = normalise_state(model, state, B)
+    state = checked_state(model.config, state, B)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
     bucket_sums = None
@@ -129,3 +129,34 @@ def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -
         count = rows * (min(start + size, predicted) - start)
         buckets.append((start, total / count, count))
     return buckets
+
+
+def evaluate_corpus(
+    model: "BlockRecurrentTransformer", corpus: "TokenCorpus", *, max_tokens: int | None = None,
+    distributed: "Distributed | None" = None,
+) -> dict[str, float]:
+    """Loss and bits per byte over a corpus's documents, each scored from a fresh state by ``evaluate``.
+
+    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with several ranks each
+    scores every world_size-th document and the sums are all-reduced.
+    """
+    if distributed is None:
+        from .distributed import Distributed
+
+        distributed = Distributed()
+    docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
+    for i in range(len(corpus)):
+        doc = corpus.document(i)[:budget]
+        if budget < 2:
+            break
+        if len(doc) >= 2:
+            docs.append(doc)
+            budget -= len(doc)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for doc in docs[distributed.rank :: distributed.world_size]:
+        tokens = torch.from_numpy(doc.astype("int64"))[None].to(model.device)
+        result = evaluate(model, tokens)
+        totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
+    loss_sum, count = distributed.all_reduce(totals).tolist()
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "bpb": loss / math.log(2) / corpus.bytes_per_token, "tokens": int(count), "documents": len(docs)}

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from .attention import attend, split_kv_heads
 from .recurrent import StateView
-from .state import ModelState
-from .validation import check_float, check_int, check_tokens, normalise_state, state_from_lists
+from .checks import check_float, check_int, check_tokens
+from .state import ModelState, checked_state, state_from_reference
 
 if TYPE_CHECKING:
     from .model import BlockRecurrentTransformer
@@ -76,7 +76,7 @@ class DecodeState:
 
 def start(model: "BlockRecurrentTransformer", state: ModelState | None, batch_size: int) -> DecodeState:
     """A decode state at a block boundary, from a committed model state (None: a fresh document)."""
-    state = normalise_state(model, state, batch_size)
+    state = checked_state(model.config, state, batch_size)
     return DecodeState(state, None, model.state_views(state, batch_size), 0)
 
 
@@ -359,7 +359,7 @@ def _check_decode_state(model: "BlockRecurrentTransformer", ds: DecodeState, bat
         )
     if ds.batch_size != batch_size:
         raise ValueError(f"state has batch size {ds.batch_size} but the prompt has {batch_size} rows")
-    normalise_state(model, ds.committed, batch_size)
+    checked_state(model.config, ds.committed, batch_size)
 
 
 def _as_batch(tokens: Tensor, num_tokens: int, name: str) -> Tensor:
@@ -624,7 +624,7 @@ def generate_reference(
     check_int("length", length, prime_len + 1)
     check_float("filter_thres", filter_thres, 0.0, 1.0, open_high=True)
     top_k = max(1, math.ceil((1 - filter_thres) * model.config.num_tokens))
-    state = state_from_lists(model, xl_memories, states, B)
+    state = state_from_reference(model.config, xl_memories, states, B)
 
     out, ds = generate(
         model, prime, length - prime_len, temperature=temperature, top_k=top_k, state=state, return_state=True

@@ -18,8 +18,8 @@ from .config import BlockRecurrentConfig
 from .memory import build_memory
 from .positions import RotaryTables, RotaryXPos, T5RelativeBias
 from .recurrent import RecurrentStateCell, StateRead, StateView
-from .state import ModelState, XLMemory
-from .validation import check_labels, check_reset, check_tokens, normalise_state, state_from_lists
+from .state import ModelState, XLMemory, checked_state, state_from_reference
+from .checks import check_labels, check_reset, check_tokens
 
 
 class AttentionBlock(nn.Module):
@@ -219,7 +219,7 @@ class BlockRecurrentTransformer(nn.Module):
 
     def empty_state(self) -> ModelState:
         """The state of a fresh document: no memory, learned initial states."""
-        return ModelState((None,) * self.config.depth, (None,) * len(self.config.recurrent_layers))
+        return ModelState.empty(self.config)
 
     # core: explicit state in, next state out
 
@@ -281,7 +281,7 @@ class BlockRecurrentTransformer(nn.Module):
         initial state; the other rows carry on. The returned state keeps the autograd graph.
         """
         check_tokens(tokens, self.config.num_tokens, "tokens")
-        state = normalise_state(self, state, tokens.shape[0])
+        state = checked_state(self.config, state, tokens.shape[0])
         if reset is not None:
             check_reset(reset, tokens.shape[0])
         return self._run(tokens, state, reset)
@@ -345,7 +345,7 @@ class BlockRecurrentTransformer(nn.Module):
                 "Use RecurrentTrainerWrapper or model.run for longer sequences"
             )
 
-        state = state_from_lists(self, xl_memories, states, x.shape[0])
+        state = state_from_reference(self.config, xl_memories, states, x.shape[0])
         if reset is not None:
             check_reset(reset, x.shape[0])
         logits, next_state = self._run(x, state, reset)

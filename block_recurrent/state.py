@@ -8,9 +8,12 @@ layer the state vectors. ``None`` stands for "nothing yet": an empty cache, or t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from .config import BlockRecurrentConfig
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class ModelState:
     memories: tuple[XLMemory | None, ...]
     states: tuple[Tensor | None, ...]
 
+    @classmethod
+    def empty(cls, config: BlockRecurrentConfig) -> "ModelState":
+        """The state of a fresh document: no memory, learned initial states."""
+        return cls((None,) * config.depth, (None,) * len(config.recurrent_layers))
+
     @property
     def batch_size(self) -> int | None:
         for memory in self.memories:
@@ -120,3 +128,123 @@ class ModelState:
                 continue
             states.append(torch.where(reset[:, None, None], initial.to(state.dtype), state))
         return ModelState(tuple(memories), tuple(states))
+
+    # named tensors for checkpoints (None entries leave no tensor)
+
+    def to_tensors(self, prefix: str) -> dict[str, Tensor]:
+        """Named tensors of this state. Every memory writes a validity mask (all True where it has none) and,
+        per row, whether it had one (``valid_given``), so that the states of micro-batches and ranks have the
+        same keys to concatenate and gather, and a resumed run gets back exactly the memories it saved."""
+        tensors = {}
+        for i, memory in enumerate(self.memories):
+            if memory is not None:
+                tensors[f"{prefix}.memory.{i}.keys"] = memory.keys
+                tensors[f"{prefix}.memory.{i}.values"] = memory.values
+                valid = memory.valid
+                if valid is None:
+                    valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=memory.keys.device)
+                tensors[f"{prefix}.memory.{i}.valid"] = valid
+                tensors[f"{prefix}.memory.{i}.valid_given"] = torch.full(
+                    (memory.batch_size,), memory.valid is not None, dtype=torch.bool, device=memory.keys.device
+                )
+        for i, s in enumerate(self.states):
+            if s is not None:
+                tensors[f"{prefix}.state.{i}"] = s
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str, depth: int, num_states: int) -> "ModelState":
+        """The state :meth:`to_tensors` wrote (every memory with its validity mask)."""
+        memories = []
+        for i in range(depth):
+            key = f"{prefix}.memory.{i}"
+            if f"{key}.keys" in tensors:
+                memories.append(XLMemory(tensors[f"{key}.keys"], tensors[f"{key}.values"], tensors.get(f"{key}.valid")))
+            else:
+                memories.append(None)
+        states = tuple(tensors.get(f"{prefix}.state.{i}") for i in range(num_states))
+        return cls(tuple(memories), states)
+
+
+# checks of a state given by a caller, against the config and the batch
+
+
+def _checked_memory(memory: Any, layer: int, batch_size: int, config: BlockRecurrentConfig) -> XLMemory | None:
+    if memory is None:
+        return None
+    if isinstance(memory, Tensor):
+        if memory.ndim != 4 or memory.shape[0] != 2:
+            raise ValueError(
+                f"xl_memories[{layer}] must be an XLMemory or a (2, batch, length, dim_head) tensor, "
+                f"got shape {tuple(memory.shape)}"
+            )
+        memory = XLMemory.from_reference(memory)
+    if not isinstance(memory, XLMemory):
+        raise TypeError(f"xl_memories[{layer}] must be an XLMemory, a tensor or None, got {type(memory).__name__}")
+    if memory.keys.shape != memory.values.shape or memory.keys.ndim != 3:
+        raise ValueError(f"xl_memories[{layer}]: keys and values must both be (batch, length, kv_heads * dim_head)")
+    B, M, width = memory.keys.shape
+    if B != batch_size:
+        raise ValueError(f"xl_memories[{layer}] has batch size {B} but the input has {batch_size} rows")
+    if width != config.kv_dim:
+        raise ValueError(
+            f"xl_memories[{layer}] has width {width}; this model's keys are kv_heads * dim_head = {config.kv_dim} wide"
+        )
+    if M > config.max_memory_len:
+        raise ValueError(f"xl_memories[{layer}] holds {M} positions; at most {config.max_memory_len} allowed")
+    if memory.valid is not None and memory.valid.shape != (B, M):
+        raise ValueError(f"xl_memories[{layer}].valid must have shape ({B}, {M}), got {tuple(memory.valid.shape)}")
+    return memory
+
+
+def _checked_recurrent_state(state: Any, index: int, batch_size: int, config: BlockRecurrentConfig) -> Tensor | None:
+    if state is None:
+        return None
+    if not isinstance(state, Tensor):
+        raise TypeError(f"states[{index}] must be a tensor or None, got {type(state).__name__}")
+    expected = (batch_size, config.num_state_vectors, config.dim)
+    if tuple(state.shape) != expected:
+        raise ValueError(
+            f"states[{index}] must have shape (batch, num_state_vectors, dim) = {expected}, got {tuple(state.shape)}"
+        )
+    return state
+
+
+def _checked_list(name: str, items: Any, expected: int, batch_size: int, config, check) -> tuple:
+    if isinstance(items, Tensor) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list (one entry per {'layer' if name == 'xl_memories' else 'recurrent layer'})")
+    if len(items) != expected:
+        raise ValueError(f"{name} has {len(items)} entries; this model needs {expected} (or an empty list)")
+    return tuple(check(item, i, batch_size, config) for i, item in enumerate(items))
+
+
+def checked_state(config: BlockRecurrentConfig, state: ModelState | None, batch_size: int) -> ModelState:
+    """``state`` checked against the config and the batch (None: a fresh document's empty state).
+
+    Raises naming the entry that does not fit; reference-style (2, B, M, dh) memory tensors come back as
+    :class:`XLMemory`.
+    """
+    if state is None:
+        return ModelState.empty(config)
+    if not isinstance(state, ModelState):
+        raise TypeError(f"state must be a ModelState or None, got {type(state).__name__}")
+    return ModelState(
+        _checked_list("xl_memories", state.memories, config.depth, batch_size, config, _checked_memory),
+        _checked_list("states", state.states, len(config.recurrent_layers), batch_size, config, _checked_recurrent_state),
+    )
+
+
+def state_from_reference(
+    config: BlockRecurrentConfig, xl_memories: Sequence | None, states: Sequence | None, batch_size: int
+) -> ModelState:
+    """The reference's (xl_memories, states) lists as a checked ModelState; empty or None means fresh."""
+
+    def fill(items, count):
+        if items is None:
+            return (None,) * count
+        if isinstance(items, Tensor) or not isinstance(items, Sequence):
+            return items  # refused with a clear message by checked_state
+        return tuple(items) if len(items) else (None,) * count
+
+    state = ModelState(fill(xl_memories, config.depth), fill(states, len(config.recurrent_layers)))
+    return checked_state(config, state, batch_size)

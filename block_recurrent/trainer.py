@@ -40,6 +40,8 @@ from .checkpoint import (
     load_training_checkpoint, optimizer_from_tensors, read_config, read_json, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
+from .distributed import Distributed, resolve_device
+from .evaluation import evaluate_corpus
 from .data import BATCHERS, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
 from .model import BlockRecurrentTransformer
 from .state import ModelState, XLMemory
@@ -165,102 +167,6 @@ def lr_at(config: TrainConfig, step: int) -> float:
     progress = min((step - config.warmup_steps) / span, 1.0)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# distributed set-up: torchrun's environment, or a single process
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a data-parallel run; collectives run on CUDA under NCCL, on the CPU under gloo."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str = "gloo"
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a no-op without torchrun."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
-
-    def _device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
-    def all_reduce(self, tensor: Tensor) -> Tensor:
-        """The sum over ranks, on ``tensor``'s device (itself when not distributed)."""
-        if not self.active:
-            return tensor
-        moved = tensor.to(self._device())
-        dist.all_reduce(moved)
-        return moved.to(tensor.device)
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """Every rank's ``tensor`` (same shape on all ranks), concatenated in rank order along dim 0."""
-        if not self.active:
-            return tensor
-        moved = tensor.to(self._device()).contiguous()
-        parts = [torch.empty_like(moved) for _ in range(self.world_size)]
-        dist.all_gather(parts, moved)
-        return torch.cat(parts).to(tensor.device)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
-    return device
-
-
-# carried state: ModelState <-> named tensors (None entries leave no tensor)
-
-
-def state_to_tensors(state: ModelState, prefix: str) -> dict[str, Tensor]:
-    """Named tensors of a state. Every memory writes a validity mask (all True where it has none) and, per row,
-    whether it had one (``valid_given``), so that the states of micro-batches and ranks have the same keys to
-    concatenate and gather, and a resumed run gets back exactly the memories it saved."""
-    tensors = {}
-    for i, memory in enumerate(state.memories):
-        if memory is not None:
-            tensors[f"{prefix}.memory.{i}.keys"] = memory.keys
-            tensors[f"{prefix}.memory.{i}.values"] = memory.values
-            valid = memory.valid
-            if valid is None:
-                valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=memory.keys.device)
-            tensors[f"{prefix}.memory.{i}.valid"] = valid
-            tensors[f"{prefix}.memory.{i}.valid_given"] = torch.full(
-                (memory.batch_size,), memory.valid is not None, dtype=torch.bool, device=memory.keys.device
-            )
-    for i, s in enumerate(state.states):
-        if s is not None:
-            tensors[f"{prefix}.state.{i}"] = s
-    return tensors
-
-
-def state_from_tensors(tensors: dict[str, Tensor], prefix: str, depth: int, num_states: int) -> ModelState:
-    memories = []
-    for i in range(depth):
-        key = f"{prefix}.memory.{i}"
-        if f"{key}.keys" in tensors:
-            memories.append(XLMemory(tensors[f"{key}.keys"], tensors[f"{key}.values"], tensors.get(f"{key}.valid")))
-        else:
-            memories.append(None)
-    states = tuple(tensors.get(f"{prefix}.state.{i}") for i in range(num_states))
-    return ModelState(tuple(memories), states)
 
 
 # the trainer
@@ -418,7 +324,7 @@ class Trainer:
         """
         if self.config.mode != "stream" or any(state is None for state in self.carry):
             return {}
-        per_micro = [state_to_tensors(state, "carry") for state in self.carry]
+        per_micro = [state.to_tensors("carry") for state in self.carry]
         tensors = {key: torch.cat([t[key] for t in per_micro]) for key in per_micro[0]}  # (rows of this rank, ...)
         # every rank holds the same keys and shapes; gathered: (all rows, ...)
         return {key: self.dist.all_gather(tensor) for key, tensor in sorted(tensors.items())}
@@ -482,7 +388,7 @@ class Trainer:
         carried = {k: v for k, v in tensors.items() if k.startswith("carry.")}
         if carried:
             depth, num_states = self.model_config.depth, len(self.model_config.recurrent_layers)
-            every_row = state_from_tensors(carried, "carry", depth, num_states)
+            every_row = ModelState.from_tensors(carried, "carry", depth, num_states)
             if every_row.batch_size != self.batcher.total_rows:
                 raise CheckpointError(f"{saved.path}: carried states have {every_row.batch_size} rows, expected "
                                       f"{self.batcher.total_rows}")
@@ -659,36 +565,6 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
-
-
-def evaluate_corpus(
-    model: BlockRecurrentTransformer, corpus: TokenCorpus, *, max_tokens: int | None = None,
-    distributed: Distributed | None = None,
-) -> dict[str, float]:
-    """Loss and bits per byte over a corpus's documents, each scored from a fresh state by ``evaluate``.
-
-    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with several ranks each
-    scores every world_size-th document and the sums are all-reduced.
-    """
-    from .evaluation import evaluate
-
-    distributed = distributed or Distributed()
-    docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
-    for i in range(len(corpus)):
-        doc = corpus.document(i)[:budget]
-        if budget < 2:
-            break
-        if len(doc) >= 2:
-            docs.append(doc)
-            budget -= len(doc)
-    totals = torch.zeros(2, dtype=torch.float64)
-    for doc in docs[distributed.rank :: distributed.world_size]:
-        tokens = torch.from_numpy(doc.astype("int64"))[None].to(model.device)
-        result = evaluate(model, tokens)
-        totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
-    loss_sum, count = distributed.all_reduce(totals).tolist()
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "bpb": loss / LN2 / corpus.bytes_per_token, "tokens": int(count), "documents": len(docs)}
 
 
 def resume_configs(out_dir: str | Path, **overrides: Any) -> tuple[BlockRecurrentConfig, TrainConfig]:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .model import BlockRecurrentTransformer
-from .state import ModelState
-from .validation import check_labels, check_reset, check_tokens, normalise_state
+from .checks import check_labels, check_probability, check_reset, check_tokens
+from .state import ModelState, checked_state
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,6 @@ class SegmentResult:
     loss: Tensor  # detached token-weighted mean loss over the whole sequence
     tokens: int  # number of labels that counted (not ignore_index)
     state: ModelState  # detached state after the last segment, to continue the documents next step
-
-
-def _check_probability(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 class RecurrentTrainerWrapper(nn.Module):
@@ -43,8 +36,8 @@ class RecurrentTrainerWrapper(nn.Module):
         super().__init__()
         if not isinstance(transformer, BlockRecurrentTransformer):
             raise TypeError(f"transformer must be a BlockRecurrentTransformer, got {type(transformer).__name__}")
-        _check_probability("xl_memories_dropout", xl_memories_dropout)
-        _check_probability("state_dropout", state_dropout)
+        check_probability("xl_memories_dropout", xl_memories_dropout)
+        check_probability("state_dropout", state_dropout)
         self.transformer = transformer
         self.seq_len = transformer.max_seq_len
         self.xl_memories_dropout = xl_memories_dropout
@@ -88,7 +81,7 @@ class RecurrentTrainerWrapper(nn.Module):
     def _prepare(self, x, labels, state, reset):
         segments = self._split(x, labels)
         B = x.shape[0]
-        state = normalise_state(self.transformer, state, B)
+        state = checked_state(self.transformer.config, state, B)
         if reset is not None:
             check_reset(reset, B)
             state = state.reset_rows(reset.to(x.device), self.transformer.initial_states())

@@ -138,7 +138,7 @@ def test_wrapper_bad_input():
     model = make_model()
     with pytest.raises(TypeError, match="BlockRecurrentTransformer"):
         RecurrentTrainerWrapper(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"state_dropout must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"state_dropout must be a finite number in \[0.0, 1.0\]"):
         RecurrentTrainerWrapper(model, state_dropout=1.5)
     wrapper = RecurrentTrainerWrapper(model)
     with pytest.raises(ValueError, match=r"k \* max_seq_len \+ 1"):
