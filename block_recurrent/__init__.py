@@ -7,7 +7,7 @@ from .generation import generate, stream
 from .model import BlockRecurrentTransformer
 from .state import ModelState, XLMemory
 from .trainer import TrainConfig, train
-from .training import RecurrentTrainerWrapper, SegmentResult
+from .segments import RecurrentTrainerWrapper, SegmentResult
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .positions import RotaryTables, apply_rotary
+from .positions import RotaryTables, rotate
 
 
 def attend(
@@ -100,30 +100,20 @@ class Attention(nn.Module):
         if qk_norm:
             self.temperature = nn.Parameter(torch.full((heads,), float(temperature)))
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None = None,
-        rotary: tuple[RotaryTables, RotaryTables] | None = None,
-        bias: Tensor | None = None,
-    ) -> Tensor:
-        """q: (B, H, N, D); k, v: raw (B, J, kv_heads * D); rotary: tables for the N query and J key positions;
-        bias: additive position bias (H, N, J)."""
-        q_tables, k_tables = (None, None) if rotary is None else rotary
-        q, scale = self.prepare_queries(q, q_tables)
-        k = self.prepare_keys(k, k_tables)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention without positions: q (B, H, N, D); k, v raw (B, J, kv_heads * D)."""
+        q, scale = self.prepare_queries(q, None)
+        k = self.prepare_keys(k, None)
         dropout_p = self.dropout if self.training else 0.0
         v = split_kv_heads(v, self.kv_heads)
-        return attend(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.implementation)
+        return attend(q, k, v, mask, scale=scale, dropout_p=dropout_p, implementation=self.implementation)
 
-    # the two halves of forward's key/query preparation, also used by the decoder, which prepares each
-    # key once and keeps it for the rest of its block, and passes its own (cheaper, equal) ``rotate``
+    # the two halves of the preparation, called separately by the token attention, which prepares each key
+    # once (the memory's when its block starts, each token's when it arrives) and keeps it for the block
 
-    def prepare_queries(self, q: Tensor, tables, rotate=apply_rotary) -> tuple[Tensor, float]:
+    def prepare_queries(self, q: Tensor, tables: RotaryTables | None) -> tuple[Tensor, float]:
         """Queries (B, H, N, D) as the dot product sees them, and the scale to apply to the logits.
-        ``tables`` (None: no rotation) are what ``rotate(q, tables)`` takes."""
+        ``tables``: the queries' rotary tables (None: no rotation)."""
         if self.qk_norm:
             q = F.normalize(q, dim=-1)
             if self.q_gain is not None:
@@ -134,9 +124,9 @@ class Attention(nn.Module):
             return q * self.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
         return q, self.scale
 
-    def prepare_keys(self, k: Tensor, tables, rotate=apply_rotary) -> Tensor:
+    def prepare_keys(self, k: Tensor, tables: RotaryTables | None) -> Tensor:
         """Raw keys (B, J, kv_heads * D) as the dot product sees them, (B, kv_heads, J, D): split into heads,
-        normalised (with qk_norm), then rotated by ``rotate(k, tables)``."""
+        normalised (with qk_norm), then rotated by the keys' rotary ``tables`` (None: no rotation)."""
         k = split_kv_heads(k, self.kv_heads)
         if self.qk_norm:
             k = F.normalize(k, dim=-1)
@@ -172,12 +162,14 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(inner_dim, dim, bias=False)
 
-    def activate(self, projected: Tensor) -> Tensor:
-        """The hidden activations from ``proj_in``'s output."""
+    def forward(self, x: Tensor, proj_in_t: Tensor | None = None) -> Tensor:
+        """x (B, N, D) -> (B, N, D). ``proj_in_t``: ``proj_in``'s weight transposed, (D, outputs), as the layer's
+        cache keeps it (a contiguous copy when decoding); None uses the weight itself."""
+        normed = F.layer_norm(x, x.shape[-1:], self.norm.weight, None, self.norm.eps)
+        projected = normed @ (self.proj_in.weight.t() if proj_in_t is None else proj_in_t)
         if self.activation == "geglu":
             hidden, gate = projected.chunk(2, dim=-1)
-            return F.gelu(gate) * hidden
-        return F.relu(projected)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj_out(self.dropout(self.activate(self.proj_in(self.norm(x)))))
+            hidden = F.gelu(gate) * hidden
+        else:
+            hidden = F.relu(projected)
+        return F.linear(self.dropout(hidden), self.proj_out.weight)

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .generation import eval_no_grad
+from .decoding import eval_no_grad
+from .model import BlockRecurrentTransformer
 from .checks import check_float, check_int, check_tokens
 from .state import ModelState, checked_state
-
-if TYPE_CHECKING:
-    from .model import BlockRecurrentTransformer
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -37,8 +33,6 @@ class EvalResult:
 
 
 def _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size) -> tuple[Tensor, int]:
-    from .model import BlockRecurrentTransformer
-
     if not isinstance(model, BlockRecurrentTransformer):
         raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
     config = model.config
@@ -55,16 +49,14 @@ def _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size) -
         raise ValueError(
             f"segment_len must be a multiple of block_width={config.block_width}, got {segment_len}"
         )
-    check_float("bytes_per_token", bytes_per_token, 0.0)
-    if bytes_per_token == 0 or math.isinf(bytes_per_token):
-        raise ValueError(f"bytes_per_token must be a finite number > 0, got {bytes_per_token}")
+    check_float("bytes_per_token", bytes_per_token, 0.0, open_low=True)
     if bucket_size is not None:
         check_int("bucket_size", bucket_size, 1)
     return tokens, segment_len
 
 
 def _score_segment(
-    model: "BlockRecurrentTransformer", inputs: Tensor, labels: Tensor, state: ModelState
+    model: BlockRecurrentTransformer, inputs: Tensor, labels: Tensor, state: ModelState
 ) -> tuple[Tensor, ModelState]:
     """Per-token losses (B, N) of one segment, and the state after it."""
     logits, state = model.run(inputs, state)  # (B, N, V): the only large tensor, freed on return
@@ -73,7 +65,7 @@ def _score_segment(
 
 
 def evaluate(
-    model: "BlockRecurrentTransformer",
+    model: BlockRecurrentTransformer,
     tokens: Tensor,
     *,
     segment_len: int | None = None,
@@ -132,7 +124,7 @@ def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -
 
 
 def evaluate_corpus(
-    model: "BlockRecurrentTransformer", corpus: "TokenCorpus", *, max_tokens: int | None = None,
+    model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
     distributed: "Distributed | None" = None,
 ) -> dict[str, float]:
     """Loss and bits per byte over a corpus's documents, each scored from a fresh state by ``evaluate``.

@@ -13,137 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, FeedForward, merge_heads, split_heads
 from .config import BlockRecurrentConfig
-from .memory import build_memory
-from .positions import RotaryTables, RotaryXPos, T5RelativeBias
-from .recurrent import RecurrentStateCell, StateRead, StateView
+from .generation import generate_reference
+from .layer import LayerCache, TransformerLayer
+from .positions import RotaryXPos
+from .recurrent import RecurrentStateCell, StateView
 from .state import ModelState, XLMemory, checked_state, state_from_reference
 from .checks import check_labels, check_reset, check_tokens
-
-
-class AttentionBlock(nn.Module):
-    """Pre-norm self-attention over [XL memory, block so far], plus reads of recurrent states.
-
-    Returns the branch output (added to the residual by the caller) and the block's raw keys/values, which
-    the caller commits to the memory and, on a recurrent layer, to the state when the block ends.
-    """
-
-    def __init__(self, config: BlockRecurrentConfig, layer: int):
-        super().__init__()
-        dim, heads, dim_head = config.dim, config.heads, config.dim_head
-        inner = heads * dim_head
-        self.heads = heads
-        self.block_width = config.block_width
-        self.is_recurrent = layer in config.recurrent_layers
-        # the recurrent states this layer reads (indices into config.recurrent_layers), one StateRead each
-        self.reads = config.reads_of_layer(layer)
-        self.state_reads = nn.ModuleList([StateRead(config) for _ in self.reads])
-
-        self.norm = nn.LayerNorm(dim, bias=False)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, config.kv_dim * 2, bias=False)  # kv_heads key/value heads (1: multi-query)
-        self.attn = Attention(
-            dim_head,
-            heads,
-            kv_heads=config.kv_heads,
-            qk_norm=config.all_layers_qk_rmsnorm or self.is_recurrent,
-            gains=config.qk_norm_gains,
-            temperature=config.qk_rmsnorm_scale,
-            dropout=config.attn_dropout,
-            implementation=config.attn_implementation,
-        )
-        # positions: rotary + xPos (reference) or a T5 relative bias (paper), on token self-attention only
-        self.use_rotary = config.position_encoding == "rotary_xpos"
-        self.position_bias = None
-        if config.position_encoding == "t5":
-            self.position_bias = T5RelativeBias(heads, config.t5_num_buckets, config.t5_max_distance)
-        self.sliding_window = config.attention_window == "sliding"
-        # self-attention output and each state read are concatenated, then projected once
-        self.to_out = nn.Linear(inner * (1 + len(self.reads)), dim, bias=False)
-        self.memory = build_memory(config)
-        self.cell = RecurrentStateCell(config) if self.is_recurrent else None
-
-    def forward(
-        self,
-        x: Tensor,
-        memory: XLMemory | None,
-        rotary: RotaryXPos,
-        views: Sequence[StateView] = (),
-        prefix: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, N, D), the block's next N tokens; views: every recurrent state's view for this block;
-        prefix: raw keys/values (B, P, kv_dim) of the block's earlier tokens (kv_dim = kv_heads * dim_head).
-
-        Returns (branch output (B, N, D), block keys (B, P + N, kv_dim), block values (B, P + N, kv_dim)).
-        """
-        B, N, _ = x.shape
-        normed = self.norm(x)
-        q = split_heads(self.to_q(normed), self.heads)  # (B, H, N, dh)
-        keys, values = self.to_kv(normed).chunk(2, dim=-1)  # (B, N, kv_dim) each
-        if prefix is not None:
-            keys, values = torch.cat((prefix[0], keys), dim=1), torch.cat((prefix[1], values), dim=1)
-        block_keys, block_values = keys, values
-        P = keys.shape[1] - N
-
-        M = 0
-        if memory is not None:
-            M = memory.length
-            keys, values = torch.cat((memory.keys, keys), dim=1), torch.cat((memory.values, values), dim=1)
-        mask, bias, empty = self.visibility(M, P, N, None if memory is None else memory.valid, x.device)
-        out = self.attn(q, keys, values, mask, self.rotary_tables(rotary, M, P, N), bias)  # (B, H, N, dh)
-        if empty is not None:
-            out = out.masked_fill(empty, 0.0)  # a query with nothing to attend to reads nothing (meliad)
-        out = merge_heads(out)  # (B, N, H * dh)
-
-        out = torch.cat((out, *self.read_states(normed, views)), dim=-1)
-        return self.to_out(out), block_keys, block_values
-
-    def read_states(self, normed: Tensor, views: Sequence[StateView]) -> list[Tensor]:
-        """This layer's reads of the recurrent states: one (B, N, H * dh) tensor per read."""
-        return [read(normed, views[i]) for read, i in zip(self.state_reads, self.reads)]
-
-
-    def visibility(
-        self, M: int, P: int, N: int, valid: Tensor | None, device: torch.device
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Which keys [memory (M), block so far (P + N)] each of the N newest queries sees.
-
-        Returns (mask (N, J) or (B, 1, N, J) bool, T5 bias (H, N, J) or None, rows with no visible key
-        (..., N, 1) or None). Memory slots sit at block positions -M .. -1.
-        """
-        distance = torch.arange(P, P + N, device=device)[:, None] - torch.arange(-M, P + N, device=device)  # (N, J)
-        if self.sliding_window:
-            mask = (distance >= 1) & (distance <= self.block_width)  # meliad: exactly the W previous tokens
-        else:
-            mask = distance >= 0  # the reference: all of the memory, the causal prefix and the token itself
-        if valid is not None:
-            valid = F.pad(valid, (0, P + N), value=True)  # (B, J)
-            mask = mask & valid[:, None, None, :]  # (B, 1, N, J)
-        empty = None
-        if self.sliding_window:
-            # the first token of a document has no previous token: unmask its row, zero its output
-            empty = ~mask.any(dim=-1, keepdim=True)
-            mask = mask | empty
-        bias = None if self.position_bias is None else self.position_bias(distance)
-        return mask, bias, empty
-
-    def rotary_tables(self, rotary: RotaryXPos, M: int, P: int, N: int) -> tuple[RotaryTables, RotaryTables] | None:
-        """Rotary tables of the N newest queries and the M + P + N keys (None with T5 positions).
-
-        The block's tokens sit in the frame's last block_width slots, the memory just before them.
-        """
-        if not self.use_rotary:
-            return None
-        base = rotary.width - self.block_width
-        return rotary.queries(base + P, base + P + N), rotary.keys(base - M, base + P + N)
-
-
-class Layer(nn.Module):
-    def __init__(self, config: BlockRecurrentConfig, layer: int):
-        super().__init__()
-        self.attn = AttentionBlock(config, layer)
-        self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout, config.ff_activation)
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -170,10 +46,11 @@ class BlockRecurrentTransformer(nn.Module):
         self.config = config
 
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
-        # frame: up to max_memory_len memory slots, then one block
-        width = config.max_memory_len + config.block_width
-        self.rotary = RotaryXPos(config.dim_head, width, config.rotary_theta, config.xpos_scale_base)
-        self.layers = nn.ModuleList([Layer(config, layer) for layer in range(1, config.depth + 1)])
+        # rotary frame: up to max_memory_len memory slots, then one block
+        self.rotary = RotaryXPos(
+            config.dim_head, config.max_memory_len, config.block_width, config.rotary_theta, config.xpos_scale_base
+        )
+        self.layers = nn.ModuleList([TransformerLayer(config, layer) for layer in range(1, config.depth + 1)])
         self.norm_out = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
 
@@ -221,53 +98,58 @@ class BlockRecurrentTransformer(nn.Module):
         """The state of a fresh document: no memory, learned initial states."""
         return ModelState.empty(self.config)
 
-    # core: explicit state in, next state out
+    # core: explicit state in, next state out. A block is start_block, forward_tokens (all of it at once, or
+    # piece by piece when decoding), commit_block
 
-    def state_views(self, state: ModelState, batch_size: int) -> tuple[StateView, ...]:
-        """Each recurrent state as seen during one block (computed once at the block's start)."""
-        return tuple(cell.view(s, batch_size) for cell, s in zip(self.cells, state.states))
+    def start_block(self, state: ModelState, batch_size: int) -> tuple[tuple[StateView, ...], tuple[LayerCache, ...]]:
+        """What every token of the block that follows ``state`` shares: each recurrent state's view (computed
+        once, used by the reads and by the write at the block's end) and each layer's cache."""
+        views = tuple(cell.view(s, batch_size) for cell, s in zip(self.cells, state.states))
+        caches = tuple(
+            layer.start_block(memory, views, self.rotary) for layer, memory in zip(self.layers, state.memories)
+        )
+        return views, caches
 
     def forward_tokens(
-        self,
-        x: Tensor,
-        memories: Sequence[XLMemory | None],
-        views: Sequence[StateView],
-        prefix: Sequence[tuple[Tensor, Tensor]] | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Run the next N tokens x (B, N, D) of the current block through every layer; commit nothing.
+        self, x: Tensor, caches: Sequence[LayerCache], views: Sequence[StateView]
+    ) -> tuple[Tensor, tuple[LayerCache, ...]]:
+        """Run the next N embedded tokens x (B, N, D) of the current block through every layer; commit nothing.
 
-        prefix: per layer, the raw keys/values (B, P, kv_dim) of the block's earlier tokens (None: the block
-        starts here). Returns (hidden (B, N, D), per-layer block keys and values (B, P + N, kv_dim)).
+        Returns (hidden (B, N, D), the per-layer caches with the N tokens appended).
         """
-        keys, values = [], []
-        for index, layer in enumerate(self.layers):
-            layer_prefix = None if prefix is None else prefix[index]
-            branch, layer_keys, layer_values = layer.attn(x, memories[index], self.rotary, views, layer_prefix)
-            x = x + branch
-            x = x + layer.ff(x)
-            keys.append(layer_keys)
-            values.append(layer_values)
-        return x, tuple(keys), tuple(values)
+        P, N = caches[0].filled, x.shape[1]
+        tables = None  # the N tokens' rotary tables, the same in every layer
+        if self.config.position_encoding == "rotary_xpos":
+            tables = self.rotary.queries(P, P + N), self.rotary.keys(P, P + N)
+        next_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer(x, cache, views, tables)
+            next_caches.append(cache)
+        return x, tuple(next_caches)
 
     def commit_block(
-        self, state: ModelState, views: Sequence[StateView], keys: Sequence[Tensor], values: Sequence[Tensor]
+        self, state: ModelState, views: Sequence[StateView], caches: Sequence[LayerCache]
     ) -> ModelState:
-        """The state after a block whose per-layer raw keys/values are given: memories advance, writing
-        layers rewrite their state from the views taken at the block's start."""
+        """The state after the block held by ``caches`` (complete or not): memories advance, and writing
+        layers rewrite their state from the views taken at the block's start and the block's keys/values."""
+        blocks = [cache.block_keys() for cache in caches]  # per layer, (keys, values) (B, P, kv_dim)
         memories = tuple(
-            layer.attn.memory.update(memory, k, v)
-            for layer, memory, k, v in zip(self.layers, state.memories, keys, values)
+            layer.attn.memory.update(memory, keys, values)
+            for layer, memory, (keys, values) in zip(self.layers, state.memories, blocks)
         )
-        cells, states = self.cells, list(state.states)
-        for i, layer in enumerate(self.config.recurrent_layers):
-            states[i] = cells[i].write(views[i], keys[layer - 1], values[layer - 1])
+        states = list(state.states)
+        for i, (cell, layer) in enumerate(zip(self.cells, self.config.recurrent_layers)):
+            states[i] = cell.write(views[i], *blocks[layer - 1])
         return ModelState(memories, tuple(states))
 
     def forward_block(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
-        views = self.state_views(state, x.shape[0])
-        hidden, keys, values = self.forward_tokens(x, state.memories, views)
-        return hidden, self.commit_block(state, views, keys, values)
+        views, caches = self.start_block(state, x.shape[0])
+        hidden, caches = self.forward_tokens(x, caches, views)
+        return hidden, self.commit_block(state, views, caches)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.token_emb(tokens)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.to_logits(self.norm_out(hidden))
@@ -289,7 +171,7 @@ class BlockRecurrentTransformer(nn.Module):
     def _run(self, tokens: Tensor, state: ModelState, reset: Tensor | None) -> tuple[Tensor, ModelState]:
         if reset is not None:
             state = state.reset_rows(reset.to(tokens.device), self.initial_states())
-        x = self.token_emb(tokens)  # (B, T, D)
+        x = self.embed(tokens)  # (B, T, D)
         hidden = []
         for block in x.split(self.config.block_width, dim=1):
             block, state = self.forward_block(block, state)
@@ -378,8 +260,6 @@ class BlockRecurrentTransformer(nn.Module):
         max_seq_len + 1; the prime may be of any length. Runs on the exact cache of
         :mod:`block_recurrent.generation` (see ``generate_reference`` there for the returned memories/states).
         """
-        from .generation import generate_reference  # generation imports this module
-
         return generate_reference(
             self, prime, length, xl_memories, states, temperature, filter_thres, return_memories_and_states
         )

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .attention import Attention, FeedForward, merge_heads, split_heads
+from .attention import Attention, FeedForward, attend, merge_heads, split_heads, split_kv_heads
 from .config import BlockRecurrentConfig
 
 
@@ -86,7 +86,8 @@ def state_attention(config: BlockRecurrentConfig) -> dict:
 
 class StateRead(nn.Module):
     """A reading layer's cross-attention from its (normed) tokens to a recurrent state: no mask, no
-    positions. Owned by the reading layer, so that layers reading the same state have their own queries."""
+    positions. Owned by the reading layer, so that layers reading the same state have their own queries.
+    The layer projects the queries (``to_queries``, side by side with its own projections)."""
 
     def __init__(self, config: BlockRecurrentConfig):
         super().__init__()
@@ -94,10 +95,18 @@ class StateRead(nn.Module):
         self.to_queries = nn.Linear(config.dim, config.heads * config.dim_head, bias=False)
         self.attn = Attention(config.dim_head, config.heads, **state_attention(config))
 
-    def forward(self, tokens: Tensor, view: StateView) -> Tensor:
-        """tokens (B, N, D) -> (B, N, heads * dim_head)."""
-        queries = split_heads(self.to_queries(tokens), self.heads)  # (B, H, N, dh)
-        return merge_heads(self.attn(queries, view.keys, view.values))
+    def prepare_keys(self, view: StateView) -> Tensor:
+        """The state's keys as this read sees them, (B, kv_heads, S, dh): once per block."""
+        return self.attn.prepare_keys(view.keys, None)
+
+    def forward(self, queries: Tensor, keys: Tensor, view: StateView) -> Tensor:
+        """queries: projected (B, N, heads * dim_head); keys: from :meth:`prepare_keys`. -> (B, N, heads * dim_head)."""
+        B, N, _ = queries.shape
+        q = queries.view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, dh)
+        q, scale = self.attn.prepare_queries(q, None)
+        values = split_kv_heads(view.values, self.attn.kv_heads)
+        out = attend(q, keys, values, scale=scale, implementation=self.attn.implementation)  # (B, H, N, dh)
+        return out.transpose(1, 2).reshape(B, N, -1)
 
 
 class RecurrentStateCell(nn.Module):

@@ -45,7 +45,7 @@ from .evaluation import evaluate_corpus
 from .data import BATCHERS, TokenCorpus, load_documents, load_tokenizer, path_documents, split_documents
 from .model import BlockRecurrentTransformer
 from .state import ModelState, XLMemory
-from .training import RecurrentTrainerWrapper
+from .segments import RecurrentTrainerWrapper
 
 LN2 = math.log(2)
 

@@ -1,6 +1,8 @@
 """Cached generation: teacher-forced decoding equals the plain forward pass, greedy equals recompute, and
 the public entry points keep their shapes, their reproducibility and their input checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,8 +90,8 @@ def test_decoding_detects_a_wrong_commit():
     expected = full_logits(model, text)
     commit = model.commit_block
 
-    def commit_without_state_write(state, views, keys, values):
-        return ModelState(commit(state, views, keys, values).memories, state.states)
+    def commit_without_state_write(state, views, caches):
+        return ModelState(commit(state, views, caches).memories, state.states)
 
     model.commit_block = commit_without_state_write  # an instance attribute, removed below
     try:
@@ -302,7 +304,8 @@ def test_incompatible_states_raise():
     with pytest.raises(TypeError, match="state"):
         generate(model, prompt, 4, state=[1])
     with pytest.raises(ValueError, match="position"):
-        generate(model, random_tokens(3, 2), 4, state=DecodeState(ds3.committed, ds3.partial, ds3.views, W))
+        full = tuple(cache._replace(filled=W) for cache in ds3.caches)  # a block that was never committed
+        generate(model, random_tokens(3, 2), 4, state=dataclasses.replace(ds3, caches=full))
     with pytest.raises(TypeError, match="decode_state"):
         decode_step(model, prompt[:, 0], state3)
     other = eval_model(dim_head=4)

@@ -41,13 +41,163 @@ def assert_states_close(a: ModelState, b: ModelState, tol=1e-10):
         assert_close(s1, s2, tol)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_one_call_equals_block_by_block(variant):
-    model = make_model(**VARIANTS[variant])
-    tokens = random_tokens(2, 16)
-    logits, state = model.run(tokens)
+# an independent formulation of the whole model: plain per-block loops written from the paper and the config,
+# reading the modules' weights directly; only the gates (formula-tested below), the T5 buckets (tested by hand)
+# and the compressed memory's convolution come from the library
 
-    pieces, block_state = [], None
+
+def plain_rotary(t, slots, config, queries):
+    """t (..., n, dh) at frame slots ``slots`` (n,): rotary angles and xPos scale from scratch, rotate_half form."""
+    dh, width = config.dim_head, config.max_memory_len + config.block_width
+    half = torch.arange(0, dh, 2, dtype=torch.float64)
+    angles = slots.double()[:, None] / config.rotary_theta ** (half / dh)  # (n, dh / 2)
+    angles = torch.cat((angles, angles), dim=-1)
+    scale = ((half + 0.4 * dh) / (1.4 * dh))[None, :] ** ((slots.double()[:, None] - width // 2) / config.xpos_scale_base)
+    scale = torch.cat((scale, scale), dim=-1)
+    if not queries:
+        scale = 1 / scale
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * angles.cos() * scale + torch.cat((-t2, t1), dim=-1) * angles.sin() * scale
+
+
+def plain_attention(q, k, v, attn, visible=None, bias=None):
+    """q (B, H, N, dh); k, v (B, KV, J, dh); attn: the Attention module holding gains and temperature."""
+    H, KV = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+    if attn.qk_norm:
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        if attn.q_gain is not None:
+            q, k = q * attn.q_gain, k * attn.k_gain
+    return q, k, v
+
+
+def plain_softmax_attention(q, k, v, scale, visible=None, bias=None):
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    weights = logits.softmax(dim=-1).nan_to_num(0.0)  # a row that sees nothing reads nothing
+    return torch.einsum("bhij,bhjd->bhid", weights, v)
+
+
+def heads(t, n):
+    return t.view(*t.shape[:2], n, -1).transpose(1, 2)  # (B, J, n * dh) -> (B, n, J, dh)
+
+
+def merged(t):
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def plain_layer_norm(x, weight):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, 1e-5)
+
+
+def plain_feed_forward(ff, x):
+    projected = plain_layer_norm(x, ff.norm.weight) @ ff.proj_in.weight.T
+    if ff.activation == "geglu":
+        hidden, gate = projected.chunk(2, dim=-1)
+        hidden = torch.nn.functional.gelu(gate) * hidden
+    else:
+        hidden = projected.relu()
+    return hidden @ ff.proj_out.weight.T
+
+
+def plain_scale(attn, dim_head):
+    return attn.temperature[:, None, None] if attn.qk_norm else dim_head**-0.5
+
+
+def plain_run(model, tokens):
+    """Logits of ``tokens`` (B, T) from a fresh state, one block at a time, written without the library's layers."""
+    config = model.config
+    B, T = tokens.shape
+    W, H, KV, dh = config.block_width, config.heads, config.kv_heads, config.dim_head
+    memories = [None] * config.depth  # per layer (keys, values) raw, (B, M, KV * dh)
+    states = [cell.initial_state.expand(B, -1, -1) for cell in model.cells]
+    outputs = []
+    for start in range(0, T, W):
+        x = model.token_emb.weight[tokens[:, start : start + W]]  # (B, N, D)
+        N = x.shape[1]
+        # 1. each state's view: normed state plus IDs, keys and values
+        views = []
+        for cell, state in zip(model.cells, states):
+            normed_state = plain_layer_norm(state, cell.norm.weight) + cell.state_ids
+            views.append((normed_state, *(normed_state @ cell.to_state_kv.weight.T).chunk(2, dim=-1)))
+        block_kv = []
+        for index, layer in enumerate(model.layers):
+            a = layer.attn
+            normed = plain_layer_norm(x, a.norm.weight)
+            q = heads(normed @ a.to_q.weight.T, H)
+            k, v = (normed @ a.to_kv.weight.T).chunk(2, dim=-1)
+            block_kv.append((k, v))
+            memory = memories[index]
+            M = 0 if memory is None else memory[0].shape[1]
+            keys = k if memory is None else torch.cat((memory[0], k), dim=1)
+            values = v if memory is None else torch.cat((memory[1], v), dim=1)
+            qn, kn, vn = plain_attention(q, heads(keys, KV), heads(values, KV), a.attn)
+            query_pos, key_pos = torch.arange(N), torch.arange(-M, N)
+            if config.position_encoding == "rotary_xpos":
+                qn = plain_rotary(qn, query_pos + config.max_memory_len, config, queries=True)
+                kn = plain_rotary(kn, key_pos + config.max_memory_len, config, queries=False)
+            distance = query_pos[:, None] - key_pos[None, :]  # (N, M + N)
+            if config.attention_window == "sliding":
+                visible = (distance >= 1) & (distance <= W)
+            else:
+                visible = distance >= 0
+            bias = None
+            if config.position_encoding == "t5":
+                from block_recurrent.positions import t5_relative_bucket
+
+                bias = a.position_bias.bias[:, t5_relative_bucket(distance, config.t5_num_buckets, config.t5_max_distance)]
+            outs = [merged(plain_softmax_attention(qn, kn, vn, plain_scale(a.attn, dh), visible, bias))]
+            for read, i in zip(a.state_reads, a.reads):
+                rq, rk, rv = plain_attention(heads(normed @ read.to_queries.weight.T, H), heads(views[i][1], KV),
+                                             heads(views[i][2], KV), read.attn)
+                outs.append(merged(plain_softmax_attention(rq, rk, rv, plain_scale(read.attn, dh))))
+            x = x + torch.cat(outs, dim=-1) @ a.to_out.weight.T
+            x = x + plain_feed_forward(layer.ff, x)
+        outputs.append(plain_layer_norm(x, model.norm_out.weight) @ model.to_logits.weight.T)
+        # 2. commit: memories keep the last block (compressed memory: the library's update), states are rewritten
+        for index, layer in enumerate(model.layers):
+            k, v = block_kv[index]
+            if config.use_compressed_mem:
+                from block_recurrent.state import XLMemory
+
+                old = None if memories[index] is None else XLMemory(*memories[index])
+                new = layer.attn.memory.update(old, k, v)
+                memories[index] = (new.keys, new.values)
+            else:
+                memories[index] = (k, v) if memories[index] is None else (
+                    torch.cat((memories[index][0], k), dim=1)[:, -W:], torch.cat((memories[index][1], v), dim=1)[:, -W:])
+        for i, (cell, layer_number) in enumerate(zip(model.cells, config.recurrent_layers)):
+            normed_state, state_keys, state_values = views[i]
+            k, v = block_kv[layer_number - 1]
+            sq, sk, sv = plain_attention(heads(normed_state @ cell.to_self_queries.weight.T, H), heads(state_keys, KV),
+                                         heads(state_values, KV), cell.self_attn)
+            from_state = plain_softmax_attention(sq, sk, sv, plain_scale(cell.self_attn, dh))
+            cq, ck, cv = plain_attention(heads(normed_state @ cell.to_cross_queries.weight.T, H), heads(k, KV),
+                                         heads(v, KV), cell.write_attn)
+            from_tokens = plain_softmax_attention(cq, ck, cv, plain_scale(cell.write_attn, dh))
+            update = merged(torch.cat((from_state, from_tokens), dim=-1)) @ cell.to_update.weight.T
+            state = cell.gate(states[i], update)
+            if cell.state_ff is not None:
+                state = cell.ff_gate(state, plain_feed_forward(cell.state_ff, state))
+            states[i] = state
+    return torch.cat(outputs, dim=1), states
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_call_equals_a_plain_per_block_formulation(variant):
+    model = make_model(**VARIANTS[variant])
+    tokens = random_tokens(2, 18)  # four whole blocks and a partial one
+    logits, state = model.run(tokens)
+    with torch.no_grad():
+        expected_logits, expected_states = plain_run(model, tokens)
+    assert_close(logits, expected_logits)
+    for got, expected in zip(state.states, expected_states):
+        assert_close(got, expected)
+
+    pieces, block_state = [], None  # and block-by-block calls give the same
     for block in tokens.split(TINY["block_width"], dim=1):
         block_logits, block_state = model.run(block, block_state)
         pieces.append(block_logits)
