@@ -2,7 +2,7 @@
 
 The reference never applies its intended qk temperature: its L2-normalised attention runs at
 1/sqrt(dim_head). ``from_reference_state_dict`` therefore sets our learned temperatures to that value, so a
-converted model computes exactly what the reference computed (checked by ``benchmarks/compare_reference.py``).
+converted model computes exactly what the reference computed (checked against the reference package itself by ``tests/test_reference.py``).
 """
 
 from __future__ import annotations
