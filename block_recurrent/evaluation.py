@@ -1,8 +1,12 @@
-"""Streaming evaluation: score a document of any length (a whole book) segment by segment.
+"""Streaming evaluation: score documents of any length (whole books) segment by segment.
 
 The state is carried from segment to segment exactly as the trainer wrapper carries it, so the loss equals
 ``RecurrentTrainerWrapper.forward``'s on the same text; only one segment's logits are alive at a time, so
 memory does not grow with the document's length.
+
+- :func:`evaluate`: one document, or a batch of documents of equal length.
+- :func:`evaluate_documents`: documents of different lengths side by side, each scored as if alone.
+- :func:`evaluate_corpus`: a corpus's documents (``brt eval``, the trainer's validation), split across ranks.
 """
 
 from __future__ import annotations
@@ -13,10 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from typing import TYPE_CHECKING, Sequence
+
+from .checks import check_float, check_int, check_tokens
 from .decoding import eval_no_grad
 from .model import BlockRecurrentTransformer
-from .checks import check_float, check_int, check_tokens
 from .state import ModelState, checked_state
+
+if TYPE_CHECKING:  # the corpus and the process group come from the modules above this one
+    from .data import TokenCorpus
+    from .distributed import Distributed
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -32,16 +43,30 @@ class EvalResult:
     bucket_losses: list[tuple[int, float, int]] | None = None
 
 
-def _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size) -> tuple[Tensor, int]:
+    @classmethod
+    def from_sums(
+        cls, loss_sum: float, tokens: int, bytes_per_token: float, buckets: list[tuple[int, float, int]] | None = None
+    ) -> "EvalResult":
+        if tokens == 0:
+            raise ValueError("no token was scored: give documents of at least 2 tokens")
+        loss = loss_sum / tokens
+        bits = loss / math.log(2)
+        return cls(loss_sum, tokens, loss, bits, bits / bytes_per_token, buckets)
+
+
+def _check_tokens(model, tokens) -> Tensor:
     if not isinstance(model, BlockRecurrentTransformer):
         raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
-    config = model.config
     if isinstance(tokens, Tensor) and tokens.ndim == 1:
         tokens = tokens[None]  # one document
-    check_tokens(tokens, config.num_tokens, "tokens")
+    check_tokens(tokens, model.config.num_tokens, "tokens")
     if tokens.shape[1] < 2:
         raise ValueError(f"tokens must have at least 2 per document (an input and its next token), got {tokens.shape[1]}")
+    return tokens
 
+
+def _check_options(model, segment_len, bytes_per_token, bucket_size) -> int:
+    config = model.config
     segment_len = config.max_seq_len if segment_len is None else segment_len
     check_int("segment_len", segment_len, 1)
     if segment_len % config.block_width:
@@ -52,14 +77,15 @@ def _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size) -
     check_float("bytes_per_token", bytes_per_token, 0.0, open_low=True)
     if bucket_size is not None:
         check_int("bucket_size", bucket_size, 1)
-    return tokens, segment_len
+    return segment_len
 
 
 def _score_segment(
-    model: BlockRecurrentTransformer, inputs: Tensor, labels: Tensor, state: ModelState
+    model: BlockRecurrentTransformer, inputs: Tensor, labels: Tensor, state: ModelState | None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, ModelState]:
-    """Per-token losses (B, N) of one segment, and the state after it."""
-    logits, state = model.run(inputs, state)  # (B, N, V): the only large tensor, freed on return
+    """Per-token losses (B, N) of one segment (0 where a label is ignore_index), and the state after it."""
+    logits, state = model.run(inputs, state, reset=reset)  # (B, N, V): the only large tensor, freed on return
     losses = model.loss(logits, labels, reduction="none")  # (B * N,)
     return losses.view(labels.shape).double(), state
 
@@ -86,7 +112,8 @@ def evaluate(
     Runs in eval mode without autograd (the caller's mode is restored). With segment_len = max_seq_len and
     T = k * max_seq_len + 1 the loss equals ``RecurrentTrainerWrapper(model)(tokens)`` in eval mode.
     """
-    tokens, segment_len = _check_arguments(model, tokens, segment_len, bytes_per_token, bucket_size)
+    tokens = _check_tokens(model, tokens)
+    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size)
     B, T = tokens.shape
     predicted = T - 1
     state = checked_state(model.config, state, B)
@@ -105,11 +132,8 @@ def evaluate(
                 positions = torch.arange(begin, end, device=tokens.device)
                 bucket_sums.index_add_(0, positions // bucket_size, losses.sum(dim=0))  # summed over rows
 
-    count = B * predicted
-    total = loss_sum.item()
-    loss = total / count
-    bits = loss / math.log(2)
-    return EvalResult(total, count, loss, bits, bits / bytes_per_token, _buckets(bucket_sums, bucket_size, B, predicted))
+    buckets = _buckets(bucket_sums, bucket_size, B, predicted)
+    return EvalResult.from_sums(loss_sum.item(), B * predicted, bytes_per_token, buckets)
 
 
 def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -> list[tuple[int, float, int]] | None:
@@ -123,19 +147,106 @@ def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -
     return buckets
 
 
+def evaluate_documents(
+    model: BlockRecurrentTransformer,
+    documents: Sequence[Tensor],
+    *,
+    batch_size: int = 8,
+    segment_len: int | None = None,
+    bytes_per_token: float = 1.0,
+    bucket_size: int | None = None,
+) -> list[EvalResult]:
+    """Score documents of different lengths side by side; one result per document, each equal (to rounding)
+    to ``evaluate(model, document)``: every document is scored from a fresh state.
+
+    The documents are dealt to ``batch_size`` lanes (the longest first, each to the least loaded lane); a lane
+    reads its documents one after another, each padded to a whole number of segments, and its row is reset
+    (empty memory, initial state) where a document starts; a lane whose documents are done leaves the batch. Padding is scored by nothing and influences nothing
+    that is scored: it only follows a document's last token. Runs in eval mode without autograd, under the
+    caller's autocast if any.
+    """
+    if not isinstance(documents, Sequence) or isinstance(documents, Tensor) or not documents:
+        raise TypeError("documents must be a non-empty list of 1-D token tensors")
+    docs = [_check_tokens(model, doc)[0] if isinstance(doc, Tensor) and doc.ndim == 1 else None for doc in documents]
+    if any(doc is None for doc in docs):
+        raise ValueError("documents must be 1-D token tensors (one document each)")
+    check_int("batch_size", batch_size, 1)
+    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size)
+    device, ignore = docs[0].device, model.config.ignore_index
+
+    # 1. deal the documents to lanes; a document takes whole segments, predictions at inputs 0 .. T - 2
+    segments_of = [math.ceil((len(doc) - 1) / segment_len) for doc in docs]
+    lanes: list[list[int]] = [[] for _ in range(min(batch_size, len(docs)))]
+    loads = [0] * len(lanes)
+    for index in sorted(range(len(docs)), key=lambda i: -segments_of[i]):
+        lane = loads.index(min(loads))
+        lanes[lane].append(index)
+        loads[lane] += segments_of[index]
+
+    # 2. per lane, inputs, labels (ignore_index on padding), which document and position each input is
+    B, steps = len(lanes), max(loads)
+    length = steps * segment_len
+    inputs = torch.zeros(B, length, dtype=torch.long, device=device)
+    labels = torch.full((B, length), ignore, dtype=torch.long, device=device)
+    owner = torch.full((B, length), -1, dtype=torch.long, device=device)  # document index, -1 on padding
+    position = torch.zeros(B, length, dtype=torch.long, device=device)
+    starts = torch.zeros(B, steps, dtype=torch.bool, device=device)  # a document starts at this segment
+    for lane, indices in enumerate(lanes):
+        at = 0
+        for index in indices:
+            doc, n = docs[index], len(docs[index]) - 1
+            inputs[lane, at : at + n], labels[lane, at : at + n] = doc[:-1], doc[1:]
+            owner[lane, at : at + n] = index
+            position[lane, at : at + n] = torch.arange(n, device=device)
+            starts[lane, at // segment_len] = True
+            at += segments_of[index] * segment_len
+
+    # 3. segment by segment, rows reset where their next document starts
+    sums = torch.zeros(len(docs), dtype=torch.float64, device=device)
+    bucket_sums = bucket_base = None
+    if bucket_size is not None:
+        counts = [math.ceil((len(doc) - 1) / bucket_size) for doc in docs]
+        bucket_base = torch.tensor([0] + counts[:-1], device=device).cumsum(0)  # each document's first bucket
+        bucket_sums = torch.zeros(sum(counts), dtype=torch.float64, device=device)
+    state, lanes_left = None, torch.tensor(loads, device=device)  # segments each lane still has
+    with eval_no_grad(model):
+        for step in range(steps):
+            active = lanes_left > step
+            if not bool(active.all()):  # lanes whose documents are done leave the batch
+                rows = active.nonzero()[:, 0]
+                inputs, labels, owner, position, starts = (t[rows] for t in (inputs, labels, owner, position, starts))
+                state, lanes_left = state.select_rows(rows), lanes_left[rows]
+            window = slice(step * segment_len, (step + 1) * segment_len)
+            losses, state = _score_segment(model, inputs[:, window], labels[:, window], state, starts[:, step])
+            scored = owner[:, window] >= 0
+            sums.index_add_(0, owner[:, window][scored], losses[scored])
+            if bucket_sums is not None:
+                doc_of = owner[:, window][scored]
+                bucket_sums.index_add_(0, bucket_base[doc_of] + position[:, window][scored] // bucket_size, losses[scored])
+
+    results = []
+    for index, doc in enumerate(docs):
+        predicted = len(doc) - 1
+        buckets = None
+        if bucket_sums is not None:
+            first = int(bucket_base[index])
+            count = math.ceil(predicted / bucket_size)
+            buckets = _buckets(bucket_sums[first : first + count], bucket_size, 1, predicted)
+        results.append(EvalResult.from_sums(float(sums[index]), predicted, bytes_per_token, buckets))
+    return results
+
+
 def evaluate_corpus(
     model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
-    distributed: "Distributed | None" = None,
+    distributed: "Distributed | None" = None, batch_size: int = 8,
 ) -> dict[str, float]:
-    """Loss and bits per byte over a corpus's documents, each scored from a fresh state by ``evaluate``.
+    """Loss and bits per byte over a corpus's documents, each scored from a fresh state, ``batch_size`` side by
+    side (:func:`evaluate_documents`).
 
     Documents are taken whole in order until ``max_tokens`` (the last one cut short); with several ranks each
-    scores every world_size-th document and the sums are all-reduced.
+    scores every world_size-th document and the sums are all-reduced. Raises ValueError when nothing would be
+    scored (no document of at least 2 tokens within the budget).
     """
-    if distributed is None:
-        from .distributed import Distributed
-
-        distributed = Distributed()
     docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
     for i in range(len(corpus)):
         doc = corpus.document(i)[:budget]
@@ -144,11 +255,18 @@ def evaluate_corpus(
         if len(doc) >= 2:
             docs.append(doc)
             budget -= len(doc)
+    if not docs:
+        raise ValueError(f"nothing to score: no document of at least 2 tokens within max_tokens={max_tokens}")
+    rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
+    mine = [torch.from_numpy(doc.astype("int64")).to(model.device) for doc in docs[rank::world]]
     totals = torch.zeros(2, dtype=torch.float64)
-    for doc in docs[distributed.rank :: distributed.world_size]:
-        tokens = torch.from_numpy(doc.astype("int64"))[None].to(model.device)
-        result = evaluate(model, tokens)
-        totals += torch.tensor([float(result.loss_sum), float(result.tokens)], dtype=torch.float64)
-    loss_sum, count = distributed.all_reduce(totals).tolist()
-    loss = loss_sum / max(count, 1)
+    if mine:
+        for result in evaluate_documents(model, mine, batch_size=batch_size, bytes_per_token=corpus.bytes_per_token):
+            totals += torch.tensor([result.loss_sum, result.tokens], dtype=torch.float64)
+    if distributed is not None:
+        totals = distributed.all_reduce(totals)
+    loss_sum, count = totals.tolist()
+    loss = loss_sum / count
     return {"loss": loss, "bpb": loss / math.log(2) / corpus.bytes_per_token, "tokens": int(count), "documents": len(docs)}
+
+

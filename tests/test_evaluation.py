@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from block_recurrent import RecurrentTrainerWrapper
-from block_recurrent.evaluation import EvalResult, evaluate
+from block_recurrent.evaluation import EvalResult, evaluate, evaluate_documents
 
 from conftest import TINY, make_model, random_tokens
 
@@ -180,3 +180,49 @@ def test_bad_inputs_raise_clear_errors():
         evaluate(model, text, state=state3)
     with pytest.raises(TypeError, match="model"):
         evaluate(RecurrentTrainerWrapper(model), text)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(use_compressed_mem=True, compressed_mem_factor=2),
+     dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
+     dict(state_feedback=True, gate="lstm"), dict(recurrent_layers=())],
+)
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_documents_side_by_side_equal_each_document_alone(variant, batch_size):
+    """Ragged documents in lanes (reset where each starts, padded to whole segments) score as if alone."""
+    model = eval_model(**variant)
+    lengths = [2, W - 1, W + 1, N, N + 1, 3 * N + 5, 2 * N + 2]  # shorter than, equal to and longer than a block/segment
+    documents = [random_tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    results = evaluate_documents(model, documents, batch_size=batch_size, bucket_size=5)
+    assert len(results) == len(documents)
+    for document, result in zip(documents, results):
+        alone = evaluate(model, document, bucket_size=5)
+        assert result.tokens == alone.tokens == len(document) - 1
+        assert result.loss_sum == pytest.approx(alone.loss_sum, rel=1e-10, abs=1e-10)
+        for (start, loss, count), (start2, loss2, count2) in zip(result.bucket_losses, alone.bucket_losses):
+            assert (start, count) == (start2, count2) and loss == pytest.approx(loss2, rel=1e-10, abs=1e-10)
+
+
+def test_documents_side_by_side_detect_a_leak():
+    """The check above can fail: without the reset, a lane's second document sees the first one's memory."""
+    model = eval_model()
+    documents = [random_tokens(1, N + 1, seed=1)[0], random_tokens(1, N + 1, seed=2)[0]]
+    together = evaluate_documents(model, documents, batch_size=1)
+    with torch.no_grad():
+        _, state = model.run(documents[0][None, :-1])
+    leaked = evaluate(model, documents[1], state=state)
+    assert together[1].loss_sum != pytest.approx(leaked.loss_sum, rel=1e-6)
+    assert together[1].loss_sum == pytest.approx(evaluate(model, documents[1]).loss_sum, rel=1e-10)
+
+
+def test_documents_input_checks():
+    model = eval_model()
+    with pytest.raises(TypeError, match="documents"):
+        evaluate_documents(model, random_tokens(2, 5))
+    with pytest.raises(ValueError, match="1-D"):
+        evaluate_documents(model, [random_tokens(2, 5)])
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_documents(model, [random_tokens(1, 1)[0]])
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_documents(model, [random_tokens(1, 5)[0]], batch_size=0)
