@@ -31,7 +31,7 @@ def attend(
     q: (B, H, N, D). k, v: (B, K, J, D) with K key/value heads; query head h uses key/value head
     h // (H // K). mask: bool, True where a query may attend: (N, J) or (B, 1, N, J). No row may be fully
     masked (callers that can produce such rows unmask them and zero their output). bias: additive logits
-    (H, N, J).
+    (H, N, J), or (B, H, N, J) when rows differ (ragged decoding).
     """
     B, H, N, D = q.shape
     K = k.shape[1]
@@ -43,7 +43,7 @@ def attend(
         if mask is not None and G > 1:
             mask = mask.repeat(G, 1) if mask.ndim == 2 else mask.repeat(1, 1, G, 1)  # (G * N, J) / (B, 1, G * N, J)
         if bias is not None:
-            bias = bias.reshape(K, G * N, -1).to(q.dtype)  # (K, G * N, J)
+            bias = bias.reshape(*bias.shape[:-3], K, G * N, bias.shape[-1]).to(q.dtype)  # ([B,] K, G * N, J)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))  # additive float mask
         # SDPA picks flash / memory-efficient / math kernels itself; a boolean mask rules out the
         # flash-only kernels on CUDA, and we never force one, so there is no invalid combination

@@ -92,17 +92,18 @@ def _score_segment(
 
 def evaluate(
     model: BlockRecurrentTransformer,
-    tokens: Tensor,
+    tokens: Tensor | Sequence[Tensor],
     *,
     segment_len: int | None = None,
     state: ModelState | None = None,
     bytes_per_token: float = 1.0,
     bucket_size: int | None = None,
-) -> EvalResult:
+) -> EvalResult | list[EvalResult]:
     """Score next-token prediction over documents of any length, segment by segment, carrying the state.
 
     tokens: (T,) one document or (B, T) a batch of documents of equal length, T >= 2; the T - 1 tokens
-        after the first are predicted.
+        after the first are predicted. A list of 1-D documents of different lengths is scored side by side
+        by :func:`evaluate_documents`, which returns one result per document.
     segment_len: tokens per forward call (default max_seq_len; a multiple of block_width). The result does
         not depend on it beyond rounding; only memory does (one segment's logits, (B, segment_len, V)).
     state: where the documents continue from (None: a fresh start).
@@ -112,6 +113,11 @@ def evaluate(
     Runs in eval mode without autograd (the caller's mode is restored). With segment_len = max_seq_len and
     T = k * max_seq_len + 1 the loss equals ``RecurrentTrainerWrapper(model)(tokens)`` in eval mode.
     """
+    if isinstance(tokens, (list, tuple)):  # documents of different lengths: one result each
+        if state is not None:
+            raise ValueError("a list of documents is scored from fresh states: state must be None")
+        return evaluate_documents(model, list(tokens), segment_len=segment_len, bytes_per_token=bytes_per_token,
+                                  bucket_size=bucket_size)
     tokens = _check_tokens(model, tokens)
     segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size)
     B, T = tokens.shape

@@ -21,6 +21,7 @@ from .checks import check_float, check_int, check_tokens
 from .decoding import (
     DecodeState, as_batch, as_decode_state, check_model, commit_partial, decode_step, eval_no_grad, feed, prefill,
 )
+from .ragged import check_prompts, ragged_prefill, ragged_step
 from .state import ModelState, state_from_reference
 
 __all__ = ["DecodeState", "commit_partial", "decode_step", "generate", "generate_reference", "prefill", "sample",
@@ -93,7 +94,7 @@ def _check_sampling(
 
 def _decode_loop(
     model: "BlockRecurrentTransformer",
-    prompt: Tensor,
+    prompt: Tensor | list[Tensor],
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
@@ -105,10 +106,12 @@ def _decode_loop(
 ) -> Iterator[Tensor]:
     """Yield (B,) tokens; ``final`` receives the decode state covering everything fed (all but the last token).
 
-    Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has.
+    Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has. A list of prompts of
+    different lengths runs on the ragged decoder (each row at its own position in its block).
     """
+    ragged = isinstance(prompt, list)
     with eval_no_grad(model):
-        logits, ds = prefill(model, prompt, state)
+        logits, ds = ragged_prefill(model, prompt) if ragged else prefill(model, prompt, state)
     done = None
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -120,21 +123,30 @@ def _decode_loop(
         yield token
         if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
             return
-        with eval_no_grad(model):
-            hidden, ds = feed(model, token[:, None], ds)  # sampled ids need no range check
-            logits = model.logits(hidden[:, -1])
+        with eval_no_grad(model):  # sampled ids need no range check
+            if ragged:
+                logits, ds = ragged_step(model, token, ds)
+            else:
+                hidden, ds = feed(model, token[:, None], ds)
+                logits = model.logits(hidden[:, -1])
     final[:] = [ds]
 
 
-def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator) -> Tensor:
+def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state):
+    """The checked prompt: (B, T) token ids, or a list of 1-D prompts of different lengths."""
     check_model(model)
     _check_sampling(model, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
-    return as_batch(prompt, model.config.num_tokens, "prompt")
+    if isinstance(prompt, (list, tuple)):
+        if state is not None:
+            raise ValueError("a list of prompts starts fresh documents: state must be None")
+        return check_prompts(list(prompt), model.config.num_tokens), None
+    prompt = as_batch(prompt, model.config.num_tokens, "prompt")
+    return prompt, as_decode_state(model, state, prompt.shape[0])  # checked now, not at the first token
 
 
 def stream(
     model: "BlockRecurrentTransformer",
-    prompt: Tensor,
+    prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -144,18 +156,18 @@ def stream(
     generator: torch.Generator | None = None,
     state: ModelState | DecodeState | None = None,
 ) -> Iterator[Tensor]:
-    """Like :func:`generate`, but yields each new token (B,) as soon as it is sampled.
+    """Like :func:`generate`, but yields each new token (B,) as soon as it is sampled (with a list of prompts,
+    row b is prompt b; rows that ended are padded with ``eos_token``).
 
     Arguments are checked when this is called, before the first token is asked for.
     """
-    prompt = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
-    state = as_decode_state(model, state, prompt.shape[0])  # checked now, not at the first token
+    prompt, state = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state)
     return _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, [])
 
 
 def generate(
     model: "BlockRecurrentTransformer",
-    prompt: Tensor,
+    prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -168,7 +180,11 @@ def generate(
 ):
     """Continue ``prompt`` (B, T) by up to ``max_new_tokens`` tokens: returns (B, new) token ids.
 
-    prompt: token ids, (B, T) or (T,) for one row, T >= 1 and of any length (consumed block by block).
+    prompt: token ids, (B, T) or (T,) for one row, T >= 1 and of any length (consumed block by block); or a
+        list of 1-D prompts of different lengths, generated side by side, each exactly as it would be alone
+        (:mod:`block_recurrent.ragged`): then the result is a list of 1-D tensors of new tokens, each ending
+        at its own ``eos_token`` (included) or after ``max_new_tokens``; ``state`` and ``return_state`` do not
+        apply.
     temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / temperature), optionally
         restricted to the ``top_k`` most likely ids and then to the nucleus of mass ``top_p``.
     eos_token: a row that produces it is finished and padded with it; generation stops early once every
@@ -183,13 +199,27 @@ def generate(
     ``torch.inference_mode`` and CUDA autocast. The cost per new token is one token's pass against at most
     the memory plus one block, so it does not grow with the output's length.
     """
-    prompt = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    prompt, state = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state)
+    ragged = isinstance(prompt, list)
+    if ragged and return_state:
+        raise ValueError("return_state is for a (B, T) prompt; a list of prompts returns only its tokens")
     final: list = []
     loop = _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, final)
     tokens = list(loop)
-    B = prompt.shape[0]
-    out = torch.stack(tokens, dim=1) if tokens else prompt.new_empty((B, 0))  # (B, new)
+    B = len(prompt) if ragged else prompt.shape[0]
+    first = prompt[0] if ragged else prompt
+    out = torch.stack(tokens, dim=1) if tokens else first.new_empty((B, 0))  # (B, new)
+    if ragged:
+        return [_until_end(row, eos_token) for row in out]
     return (out, final[0]) if return_state else out
+
+
+def _until_end(tokens: Tensor, eos_token: int | None) -> Tensor:
+    """A row's new tokens up to and including its first ``eos_token``."""
+    if eos_token is None:
+        return tokens
+    ends = (tokens == eos_token).nonzero()
+    return tokens if ends.numel() == 0 else tokens[: int(ends[0, 0]) + 1]
 
 
 # the reference's interface

@@ -39,7 +39,9 @@ class LayerCache(NamedTuple):
     values: Tensor | None  # (B, >= M + P, kv_dim): raw values (values are never transformed)
     raw_keys: Tensor | None  # (B, >= P, kv_dim): the block's keys as projected, which the commit stores
     memory_len: int  # M
-    filled: int  # P: tokens of the block fed so far
+    # P: tokens of the block fed so far; a (B,) tensor when rows stand at different positions (ragged decoding:
+    # one token per row per call, written in place in buffers of M + block_width slots)
+    filled: int | Tensor
     written: list  # [slots of the block written by any cache sharing these buffers]
     # which keys each of the block's W positions sees, from AttentionBlock.visibility: mask (W, M + W) or
     # (B, 1, W, M + W) bool (None: every key so far, the plain causal case), T5 bias (H, W, M + W) or None,
@@ -160,7 +162,10 @@ class AttentionBlock(nn.Module):
         H, dh, C = self.heads, self.dim_head, self.kv_dim
         Q = H * dh
         M, P = cache.memory_len, cache.filled
-        if P + N > self.block_width:
+        ragged = isinstance(P, Tensor)
+        if ragged and N != 1:
+            raise ValueError(f"rows at different positions take one token each, got {N}")
+        if not ragged and P + N > self.block_width:
             raise ValueError(f"{N} tokens do not fit in the block: {P} of block_width={self.block_width} are fed")
 
         # 1. one product for queries, keys, values and the state reads' queries
@@ -172,24 +177,31 @@ class AttentionBlock(nn.Module):
         q, scale = self.attn.prepare_queries(q, q_tables)
 
         # 2. append this call's keys and values to the block's (normalised and rotated once, here)
-        cache = self._append(cache, self.attn.prepare_keys(key, k_tables), value, key)
+        new_keys = self.attn.prepare_keys(key, k_tables)
+        cache = self._write_rows(cache, new_keys, value, key) if ragged else self._append(cache, new_keys, value, key)
 
         # 3. attend over what each query may see: memory, the block's earlier tokens, itself
-        J = M + P + N
-        mask = bias = empty = None
-        if cache.mask is not None:
-            mask = cache.mask[..., P : P + N, :J]  # (N, J) or (B, 1, N, J)
-        elif N > 1:
-            mask = torch.ones(N, J, dtype=torch.bool, device=x.device).tril(M + P)  # causal, after the memory
-        if cache.bias is not None:
-            bias = cache.bias[:, P : P + N, :J]  # (H, N, J)
+        if ragged:
+            mask, bias, empty = self._ragged_visibility(cache, P)
+            J = M + self.block_width
+        else:
+            J = M + P + N
+            mask = bias = empty = None
+            if cache.mask is not None:
+                mask = cache.mask[..., P : P + N, :J]  # (N, J) or (B, 1, N, J)
+            elif N > 1:
+                mask = torch.ones(N, J, dtype=torch.bool, device=x.device).tril(M + P)  # causal, after the memory
+            if cache.bias is not None:
+                bias = cache.bias[:, P : P + N, :J]  # (H, N, J)
+            if cache.empty is not None:
+                empty = cache.empty[..., P : P + N, :]
         dropout_p = self.attn.dropout if self.training else 0.0
         out = attend(
             q, cache.keys[:, :, :J], split_kv_heads(cache.values[:, :J], self.attn.kv_heads), mask,
             scale=scale, bias=bias, dropout_p=dropout_p, implementation=self.attn.implementation,
         )
-        if cache.empty is not None:
-            out = out.masked_fill(cache.empty[..., P : P + N, :], 0.0)  # nothing to see: read nothing (meliad)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)  # nothing to see: read nothing (meliad)
         outs = [out.transpose(1, 2).reshape(B, N, Q)]
 
         # 4. reads of the recurrent states, with their keys prepared at the block's start
@@ -215,6 +227,31 @@ class AttentionBlock(nn.Module):
         raw_keys = _append(cache.raw_keys, P, raw_keys, W, 1, mode)
         written[0] = max(written[0], P + N)
         return cache._replace(keys=keys, values=values, raw_keys=raw_keys, filled=P + N, written=written)
+
+    def _write_rows(self, cache: LayerCache, keys: Tensor, values: Tensor, raw_keys: Tensor) -> LayerCache:
+        """Ragged decoding: row b's new key/value (keys (B, K, 1, dh), values and raw keys (B, 1, C)) into slot
+        M + P[b] of the block-sized buffers, in place (a ragged cache is owned by one decoding loop)."""
+        M, P = cache.memory_len, cache.filled
+        rows = torch.arange(P.shape[0], device=P.device)
+        cache.keys[rows, :, M + P] = keys[:, :, 0].to(cache.keys.dtype)
+        cache.values[rows, M + P] = values[:, 0].to(cache.values.dtype)
+        cache.raw_keys[rows, P] = raw_keys[:, 0].to(cache.raw_keys.dtype)
+        return cache._replace(filled=P + 1)
+
+    def _ragged_visibility(self, cache: LayerCache, P: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Row b's query at block position P[b] over all M + block_width slots: (mask (B, 1, 1, J), bias
+        (B, H, 1, J) or None, empty (B, 1, 1, 1) or None). Slots past each row's token are never visible."""
+        M, W = cache.memory_len, self.block_width
+        rows = torch.arange(P.shape[0], device=P.device)
+        seen = torch.arange(M + W, device=P.device) <= M + P[:, None]  # (B, J): memory and the block so far
+        if cache.mask is not None:
+            rule = cache.mask[P] if cache.mask.ndim == 2 else cache.mask[rows, 0, P]  # (B, J)
+            seen = seen & rule
+        bias = None if cache.bias is None else cache.bias[:, P].transpose(0, 1)[:, :, None]  # (B, H, 1, J)
+        empty = None
+        if cache.empty is not None:
+            empty = (cache.empty[P] if cache.empty.ndim == 2 else cache.empty[rows, 0, P])[:, None, None]  # (B, 1, 1, 1)
+        return seen[:, None, None], bias, empty
 
     def visibility(
         self, M: int, P: int, N: int, valid: Tensor | None, device: torch.device

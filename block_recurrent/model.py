@@ -119,7 +119,9 @@ class BlockRecurrentTransformer(nn.Module):
         """
         P, N = caches[0].filled, x.shape[1]
         tables = None  # the N tokens' rotary tables, the same in every layer
-        if self.config.position_encoding == "rotary_xpos":
+        if self.config.position_encoding == "rotary_xpos" and isinstance(P, Tensor):
+            tables = self.rotary.queries_at(P), self.rotary.keys_at(P)  # ragged: one token per row at its position
+        elif self.config.position_encoding == "rotary_xpos":
             tables = self.rotary.queries(P, P + N), self.rotary.keys(P, P + N)
         next_caches = []
         for layer, cache in zip(self.layers, caches):

@@ -88,6 +88,16 @@ class RotaryXPos(nn.Module):
         start, stop = start + self.block_start, stop + self.block_start
         return RotaryTables(self.q_cos[start:stop], self.q_sin[start:stop])
 
+    def queries_at(self, positions: Tensor) -> RotaryTables:
+        """Tables of one query per row at block positions ``positions`` (B,), shaped (B, 1, 1, dh)."""
+        slots = positions + self.block_start
+        return RotaryTables(self.q_cos[slots][:, None, None], self.q_sin[slots][:, None, None])
+
+    def keys_at(self, positions: Tensor) -> RotaryTables:
+        """Tables of one key per row at block positions ``positions`` (B,), shaped (B, 1, 1, dh)."""
+        slots = positions + self.block_start
+        return RotaryTables(self.k_cos[slots][:, None, None], self.k_sin[slots][:, None, None])
+
     def keys(self, start: int, stop: int) -> RotaryTables:
         """Tables of the keys at block positions start .. stop - 1 (negative: memory slots)."""
         start, stop = start + self.block_start, stop + self.block_start

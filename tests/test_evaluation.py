@@ -196,6 +196,8 @@ def test_documents_side_by_side_equal_each_document_alone(variant, batch_size):
     documents = [random_tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     results = evaluate_documents(model, documents, batch_size=batch_size, bucket_size=5)
     assert len(results) == len(documents)
+    listed = evaluate(model, documents, bucket_size=5)  # a list given to evaluate goes the same way
+    assert [r.loss_sum for r in listed] == pytest.approx([r.loss_sum for r in results], rel=1e-10, abs=1e-10)
     for document, result in zip(documents, results):
         alone = evaluate(model, document, bucket_size=5)
         assert result.tokens == alone.tokens == len(document) - 1

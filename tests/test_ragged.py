@@ -1,0 +1,87 @@
+"""Prompts of different lengths side by side: every row is decoded exactly as it would be alone."""
+
+import pytest
+import torch
+
+from block_recurrent.generation import generate, stream
+from block_recurrent.ragged import ragged_prefill, ragged_step
+
+from conftest import TINY, make_model, random_tokens
+from test_generation import CONFIGS
+
+W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
+# shorter than, equal to and longer than a block and than max_seq_len; two of equal tail length
+LENGTHS = [1, 3, W, W + 1, 2 * W + 1, N, N + 3, 3 * N + 2]
+
+
+def prompts_of(lengths, seed=0):
+    return [random_tokens(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_teacher_forced_ragged_logits_equal_each_rows_forward_pass(config):
+    model = make_model(**CONFIGS[config])
+    steps = 2 * W + 3  # crosses block ends at a different step in every row
+    texts = prompts_of([n + steps for n in LENGTHS])
+    with torch.no_grad():
+        logits, rs = ragged_prefill(model, [t[:n] for t, n in zip(texts, LENGTHS)])
+        got = [logits]
+        for k in range(steps):
+            logits, rs = ragged_step(model, torch.stack([t[n + k] for t, n in zip(texts, LENGTHS)]), rs)
+            got.append(logits)
+    got = torch.stack(got, dim=1)  # (B, steps + 1, V)
+    for row, (text, n) in enumerate(zip(texts, LENGTHS)):
+        with torch.no_grad():
+            expected = model.run(text[None])[0][0, n - 1 : n + steps]
+        torch.testing.assert_close(got[row], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", ["default", "compressed", "sliding_t5_feedback", "meliad", "grouped_query"])
+def test_ragged_greedy_equals_each_prompt_alone(config):
+    model = make_model(**CONFIGS[config])
+    prompts = prompts_of(LENGTHS, seed=5)
+    together = generate(model, prompts, 3 * W + 1, temperature=0)
+    assert isinstance(together, list) and len(together) == len(prompts)
+    for prompt, row in zip(prompts, together):
+        assert torch.equal(row, generate(model, prompt, 3 * W + 1, temperature=0)[0])
+
+
+def test_each_row_stops_at_its_own_end_token_and_stream_yields_rows():
+    model = make_model()
+    prompts = prompts_of(LENGTHS, seed=2)
+    free = generate(model, prompts, 12, temperature=0)
+    eos = int(free[0][3])  # a token row 0 produces at step 3
+    ended = generate(model, prompts, 12, temperature=0, eos_token=eos)
+    for row, full in zip(ended, free):
+        hits = (full == eos).nonzero()
+        expected = full if hits.numel() == 0 else full[: int(hits[0, 0]) + 1]
+        assert torch.equal(row, expected)
+    assert len(ended[0]) <= 4
+    steps = list(stream(model, prompts, 5, temperature=0))
+    assert len(steps) == 5 and all(t.shape == (len(prompts),) for t in steps)
+    assert torch.equal(torch.stack(steps, dim=1), torch.stack([row[:5] for row in free]))
+
+
+def test_padding_instead_would_change_the_answer():
+    """Why the ragged decoder exists: left-padding a short prompt to a batch moves its blocks."""
+    model = make_model()
+    short, long = prompts_of([W + 1, 2 * W + 3], seed=3)
+    padded = torch.cat((torch.zeros(W + 2, dtype=torch.long), short))[None]  # as long as `long`
+    alone = generate(model, short, 8, temperature=0)[0]
+    assert not torch.equal(generate(model, padded, 8, temperature=0)[0], alone)
+    assert torch.equal(generate(model, [short, long], 8, temperature=0)[0], alone)
+
+
+def test_ragged_input_checks():
+    model = make_model()
+    with pytest.raises(TypeError, match="prompts must be a non-empty list"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a 1-D tensor"):
+        generate(model, [random_tokens(1, 3)[0], random_tokens(2, 3)], 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token ids"):
+        generate(model, [torch.tensor([0, TINY["num_tokens"]])], 3)
+    with pytest.raises(ValueError, match="state must be None"):
+        _, ds = generate(model, random_tokens(1, 3), 2, return_state=True)
+        generate(model, [random_tokens(1, 3)[0]], 3, state=ds)
+    with pytest.raises(ValueError, match="return_state"):
+        generate(model, [random_tokens(1, 3)[0]], 3, return_state=True)
