@@ -5,17 +5,21 @@
 - ``brt generate``: :func:`block_recurrent.checkpoint.from_pretrained` then
   :func:`block_recurrent.generation.generate`.
 - ``brt eval``: :func:`block_recurrent.checkpoint.from_pretrained` then
-  :func:`block_recurrent.trainer.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`.
+  :func:`block_recurrent.evaluation.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`
+  (without importing the trainer).
 
-Errors in the input (bad options, data, checkpoints) print one line ``brt: error: ...`` and exit with 2;
-a diverged run exits with 1.
+Errors in the input (bad options, data, checkpoints, a run folder in use, a full disk) print one line
+``brt: error: ...`` and exit with 2; a diverged run exits with 1. Library warnings print as ``brt: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -31,6 +35,7 @@ TRAIN_HELP = {
     "text_field": "text column of --hf-dataset",
     "tokenizer": "a `tokenizers` JSON file (needs [tokenizers]); default: bytes",
     "mode": "stream: rows continue whole documents step after step; crop: random windows",
+    "allow_data_change": "--resume: warn, instead of refusing, when the data's paths or documents changed",
     "batch_size": "rows per micro-batch (per rank)",
     "segments": "segments of max_seq_len tokens per row per step",
     "backward_every": "back-propagate through this many segments at a time",
@@ -60,9 +65,27 @@ TRAIN_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other brt error."""
+
+    def error(self, message: str):
+        self.exit(2, f"brt: error: {message} (see brt {self.prog.split(' ', 1)[-1]} --help)\n"
+                  if " " in self.prog else f"brt: error: {message}\n")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; unset options keep the config's defaults (or the resumed run's)."""
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     group = parser.add_argument_group("training settings (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
@@ -74,12 +97,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = str if default is None else type(default)
+            kind = str if default is None else _finite_float if isinstance(default, float) else type(default)
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brt", description="Block-Recurrent Transformer: train, evaluate, generate")
+    parser = _Parser(prog="brt", description="Block-Recurrent Transformer: train, evaluate, generate")
     parser.add_argument("--version", action="version", version=f"block-recurrent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -93,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
-    generate.add_argument("--prompt", required=True, help="text to continue")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="UTF-8 file holding the text to continue; - reads stdin")
     generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--temperature", type=_finite_float, default=0.8, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-p", type=_finite_float, default=None)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="auto")
 
@@ -114,20 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import check_same_config, newest_intact_checkpoint
     from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
+    resume = False
     if args.resume:
-        model_config, config = resume_configs(options.pop("out_dir", TrainConfig.out_dir), **options)
+        # the checkpoint is read once: for its settings here, for its state in the trainer
+        out_dir = options.pop("out_dir", TrainConfig.out_dir)
+        if not out_dir:
+            raise ValueError("--out-dir must not be empty")
+        resume = newest_intact_checkpoint(out_dir)
+        model_config, config = resume_configs(resume, out_dir=out_dir, **options)
         asked = _model_config(args, default=None)
-        if asked is not None and asked != model_config:
-            raise ValueError("--resume: the run was trained with another model config; drop --preset/--model-config")
+        if asked is not None:
+            check_same_config(model_config, asked, resume.path)  # names every differing field
     else:
         model_config = _model_config(args, default=DEFAULT_PRESET)
         config = TrainConfig(**options)
     try:
-        result = train(model_config, config, resume=args.resume)
+        result = train(model_config, config, resume=resume)
     except TrainingDiverged as error:
         print(f"brt: training stopped: {error}", file=sys.stderr)
         return 1
@@ -143,7 +175,14 @@ def _model_config(args: argparse.Namespace, default: str | None):
         path = Path(args.model_config)
         if not path.is_file():
             raise ValueError(f"--model-config: no file at {path}")
-        return BlockRecurrentConfig.load(path)
+        try:
+            return BlockRecurrentConfig.load(path)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--model-config {path} is not valid JSON ({error})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--model-config {path} is not a UTF-8 text file") from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--model-config {path}: {error}") from None
     name = args.preset or default
     return None if name is None else BlockRecurrentConfig.from_name(name)
 
@@ -164,15 +203,35 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .generation import generate
 
+    text = _prompt_text(args)
     model, tokenizer = _load(args.checkpoint, args.device)
-    if not args.prompt:
-        raise ValueError("--prompt must not be empty")
-    prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=model.device)[None]
+    prompt = torch.as_tensor(tokenizer.encode(text), dtype=torch.long, device=model.device)[None]
     generator = torch.Generator(model.device).manual_seed(args.seed)
     new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, generator=generator)
-    print(args.prompt + tokenizer.decode(new[0].tolist()))
+    print(text + tokenizer.decode(new[0].tolist()))
     return 0
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    """--prompt, or the text of --prompt-file (``-``: standard input), which has no command-line size limit."""
+    if args.prompt is not None:
+        text, where = args.prompt, "--prompt"
+    else:
+        where = f"--prompt-file {args.prompt_file}"
+        try:
+            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"{where}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"{where}: is a folder, not a file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: not UTF-8 text") from None
+        except OSError as error:
+            raise ValueError(f"{where}: {error.strerror}") from None
+    if not text:
+        raise ValueError(f"{where}: the prompt is empty")
+    return text
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -185,6 +244,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens)
+    if result["tokens"] == 0:  # a loss over no tokens is no score at all (it would print as 0.0000)
+        raise ValueError("nothing was scored: no document holds 2 tokens or more (a prediction needs a next token)")
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
           f"({result['documents']} of {len(corpus)} documents)")
     return 0
@@ -199,11 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, ImportError) as error:
+    except (ValueError, TypeError, ImportError, OSError) as error:
         print(f"brt: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"brt: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
         (("train", "--preset", "tiny", "--data", "{tmp}/x", "--hf-dataset", "y"), "give one training source"),
         (("train", "--preset", "tiny", "--segments", "1", "--backward-every", "2"), "backward_every"),
         (("train", "--resume", "--out-dir", "{tmp}/nothing"), "no checkpoint to resume"),
-        (("generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"), "neither a local folder"),
+        (("generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"), "no such folder"),
+        (("generate", "--checkpoint", "owner/name/extra", "--prompt", "x"), "no such folder"),
         (("eval", "--checkpoint", "{tmp}", "--data", "{tmp}/empty.txt"), "holds no checkpoint"),
     ],
 )
