@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -140,16 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from .checkpoint import check_same_config, newest_intact_checkpoint
+    from .storage import lock_run_folder
     from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
-    resume = False
+    resume, lock = False, None
     if args.resume:
-        # the checkpoint is read once: for its settings here, for its state in the trainer
+        # the checkpoint is read once (settings here, state in the trainer), under the run folder's lock: a
+        # run still writing there could replace it meanwhile (under torchrun, rank 0 alone locks)
         out_dir = options.pop("out_dir", TrainConfig.out_dir)
         if not out_dir:
             raise ValueError("--out-dir must not be empty")
+        if Path(out_dir).is_dir() and os.environ.get("RANK", "0") == "0":
+            lock = lock_run_folder(Path(out_dir))
         resume = newest_intact_checkpoint(out_dir)
         model_config, config = resume_configs(resume, out_dir=out_dir, **options)
         asked = _model_config(args, default=None)
@@ -163,6 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"brt: training stopped: {error}", file=sys.stderr)
         return 1
+    finally:
+        del lock  # the trainer held it too; the folder is free once both let go
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
     print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
     return 0
