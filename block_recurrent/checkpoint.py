@@ -84,7 +84,9 @@ def read_bytes(path: Path) -> bytes:
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A safetensors file, with clear errors for a missing, pickled or damaged file."""
     raw = read_bytes(path)
-    if raw[:1] == b"\x80" or raw[:2] == b"PK":
+    # safetensors: an 8-byte little-endian header length, then the JSON header (whose length may start with 0x80)
+    header_ok = len(raw) > 8 and raw[8:9] == b"{" and 8 + int.from_bytes(raw[:8], "little") <= len(raw)
+    if not header_ok and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
         raise CheckpointError(f"{path} is a pickle (torch.save) file, not safetensors; refusing to load it")
     try:
         return load_bytes(raw)
