@@ -269,6 +269,7 @@ class TrainingCheckpoint:
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     tensors: dict[str, Tensor]
+    passed_over: tuple[Path, ...] = ()  # newer checkpoints of the run found damaged (newest_intact_checkpoint)
 
 
 def save_training_checkpoint(
@@ -338,6 +339,7 @@ def newest_intact_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
         if problems:
             warnings.warn(f"resuming from {path.name}, the newest intact checkpoint; passed over: "
                           + "; ".join(problems), stacklevel=2)
+        saved.passed_over = tuple(p for p in found if p.name > path.name)
         return saved
     raise DamagedCheckpoint(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
 

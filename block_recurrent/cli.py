@@ -171,6 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         del lock  # the trainer held it too; the folder is free once both let go
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
+    summary = summary or f"nothing to do, max_steps is {config.max_steps}"
     print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
     return 0
 

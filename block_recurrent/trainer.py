@@ -299,6 +299,10 @@ class Trainer:
         if not isinstance(saved, TrainingCheckpoint):
             saved = load_training_checkpoint(saved)
         self._check_same_run(saved)
+        if self.is_main:
+            for damaged in saved.passed_over:  # set aside (kept for a look), so "latest" never means a damaged one
+                damaged.rename(damaged.with_name(damaged.name + ".damaged"))
+                warnings.warn(f"{damaged} is damaged: renamed to {damaged.name}.damaged", stacklevel=3)
         load_state(self.model, saved.weights, saved.path / WEIGHTS_FILE)
         optimizer_from_tensors(self.optimizer, saved.optimizer)
         self.step = saved.trainer["step"]

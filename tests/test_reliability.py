@@ -153,13 +153,18 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path)
     with pytest.warns(UserWarning, match="resuming from step-00000002.*step-00000003/model.safetensors is damaged"):
         resumed = Trainer(tiny(), config, resume=True)
     assert resumed.step == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
+        "step-00000001", "step-00000002", "step-00000003.damaged"]  # set aside: "latest" is intact again
+    assert latest_checkpoint(run).name == "step-00000002"
     resumed.close()
 
+    flip_tensor_bytes(run / "step-00000002" / "trainer.safetensors")
     done = brt("train", "--resume", "--out-dir", run, "--max-steps", 4, "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert "brt: warning: resuming from step-00000002" in done.stderr and "Traceback" not in done.stderr
+    assert "brt: warning: resuming from step-00000001" in done.stderr and "Traceback" not in done.stderr
+    assert "step-00000002/trainer.safetensors is damaged" in done.stderr
     assert load_training_checkpoint(run).trainer["step"] == 4
-    done = brt("eval", "--checkpoint", run / "step-00000002", "--data", tmp_path / "data" / "doc1.txt")
+    done = brt("eval", "--checkpoint", run, "--data", tmp_path / "data" / "doc1.txt")
     assert done.returncode == 0 and "bits/byte" in done.stdout
 
 
