@@ -286,8 +286,8 @@ class Trainer:
             source = {"paths": {k: _resolved(settings.get(k)) for k in TrainConfig.PATHS}}
         changed = [f"{k}: checkpoint {source['paths'].get(k)}, now {v}" for k, v in self.data_source["paths"].items()
                    if source["paths"].get(k) != v]
-        changed += [f"{k} documents: checkpoint {source[k]}, now {self.data_source[k]}" for k in ("train", "validation")
-                    if k in source and source[k] != self.data_source[k]]
+        changed += [f"{k} documents: checkpoint {_described(source[k])}, now {_described(self.data_source[k])}"
+                    for k in ("train", "validation") if k in source and source[k] != self.data_source[k]]
         if changed and self.config.allow_data_change:
             warnings.warn(f"resuming {saved.path} on changed data ({'; '.join(changed)})", stacklevel=3)
         elif changed:
@@ -366,6 +366,13 @@ class Trainer:
         self._lock = None
 
 
+def _described(fingerprint: Any) -> str:
+    try:
+        return f"{fingerprint['documents']} documents, {fingerprint['bytes']} bytes, sha256 {fingerprint['sha256']}"
+    except (TypeError, KeyError):
+        return repr(fingerprint)
+
+
 def _resolved(path: str | None) -> str | None:
     # "./data/d", "data/d/" and "/abs/data/d" name one folder; a run resumed elsewhere names another
     return None if path is None else os.path.realpath(path)
@@ -383,7 +390,8 @@ def resume_configs(run: str | Path | TrainingCheckpoint, **overrides: Any) -> tu
         raise CheckpointError(f"{saved.path}: trainer.json is damaged (no train_config)")
     out_dir = overrides.pop("out_dir", saved.path.parent if isinstance(run, TrainingCheckpoint) else run)
     try:
-        config = TrainConfig.from_dict({**settings, **overrides, "out_dir": str(out_dir)})
+        # allow_data_change holds for one invocation: a run resumed once on changed data stays checked after
+        config = TrainConfig.from_dict({**settings, "allow_data_change": False, **overrides, "out_dir": str(out_dir)})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{saved.path}: trainer.json holds unusable training settings ({error})") from error
     return saved.config, config

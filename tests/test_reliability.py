@@ -251,6 +251,9 @@ def test_resume_from_another_folder_whose_data_is_another_folder_is_refused(tmp_
     done = brt("train", "--resume", "--allow-data-change", "--out-dir", tmp_path / "run", "--max-steps", 2,
                "--no-progress", cwd=tmp_path / "b")
     assert done.returncode == 0 and "brt: warning: resuming" in done.stderr and "changed data" in done.stderr
+    # allowed once, not for good: the next resume checks again
+    done = brt("train", "--resume", "--out-dir", tmp_path / "run", "--max-steps", 3, cwd=tmp_path / "a")
+    assert_one_line_error(done, f"data: checkpoint {tmp_path / 'b' / 'data'}, now {tmp_path / 'a' / 'data'}")
 
 
 # 6. one line instead of a traceback
