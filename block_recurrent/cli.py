@@ -70,8 +70,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in the one-line form of every other brt error."""
 
     def error(self, message: str):
-        self.exit(2, f"brt: error: {message} (see brt {self.prog.split(' ', 1)[-1]} --help)\n"
-                  if " " in self.prog else f"brt: error: {message}\n")
+        self.exit(2, f"brt: error: {message} (see {self.prog} --help)\n")
 
 
 def _finite_float(text: str) -> float:

@@ -152,8 +152,8 @@ def remove_leftovers(folder: Path) -> list[str]:
                 path.rename(original)
                 cleared.append(f"{name} (restored as {original.name})")
                 continue
-        elif not (name.startswith(".tmp-") or name.endswith(".tmp") and name.startswith(".")):
-            continue
+        elif not (name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))):
+            continue  # not a left-over: checkpoints, metrics, the lock file
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

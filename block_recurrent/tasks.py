@@ -31,7 +31,6 @@ class RecallTask:
     def __post_init__(self) -> None:
         for name in ("block_width", "distance", "num_values", "num_fillers"):
             check_int(name, getattr(self, name), 1)
-        check_int("ignore_index", self.ignore_index, -(2**63))
         if self.length < 3:
             raise ValueError("the task needs at least 3 positions: (distance + 1) * block_width >= 3")
 

@@ -393,7 +393,8 @@ def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
     resumed.close()
     monkeypatch.undo()
 
-    resumed = Trainer(tiny(), config.replace(max_steps=3), resume=True)
+    with pytest.warns(UserWarning, match="cleared what an interrupted run left: .metrics.jsonl.tmp"):
+        resumed = Trainer(tiny(), config.replace(max_steps=3), resume=True)
     resumed.fit()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
     assert not (run / ".metrics.jsonl.tmp").exists()
