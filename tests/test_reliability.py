@@ -150,8 +150,12 @@ def test_flipped_tensor_bytes_are_refused_naming_the_file(tmp_path):
 def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path):
     config, run = trained(tmp_path, steps=3)
     flip_tensor_bytes(run / "step-00000003" / "model.safetensors")
-    with pytest.warns(UserWarning, match="resuming from step-00000002.*step-00000003/model.safetensors is damaged"):
+    with pytest.warns(UserWarning) as caught:
         resumed = Trainer(tiny(), config, resume=True)
+    messages = [str(w.message) for w in caught]
+    assert any("resuming from step-00000002, the newest intact checkpoint; passed over: " in m
+               and "step-00000003/model.safetensors is damaged" in m for m in messages), messages
+    assert any("step-00000003 is damaged: renamed to step-00000003.damaged" in m for m in messages), messages
     assert resumed.step == 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
         "step-00000001", "step-00000002", "step-00000003.damaged"]  # set aside: "latest" is intact again
