@@ -61,6 +61,52 @@ def time_ours(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     return latencies
 
 
+def batch_rates(batches: list[int], new_tokens: int, seed: int) -> dict[int, float]:
+    """Ours: tokens/s (all rows) decoding ``new_tokens`` greedily after equal-length prompts, per batch size."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from block_recurrent import BlockRecurrentTransformer
+    from block_recurrent.generation import generate
+
+    torch.manual_seed(seed)
+    model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()
+    rates = {}
+    for batch in batches:
+        prompt = torch.randint(0, SMALL["num_tokens"], (batch, PROMPT_LEN))
+        generate(model, prompt, WARMUP_TOKENS, temperature=0)
+        start = time.perf_counter()
+        generate(model, prompt, new_tokens, temperature=0)
+        rates[batch] = batch * new_tokens / (time.perf_counter() - start)
+    return rates
+
+
+def ragged_rates(prompts: int, longest: int, new_tokens: int, seed: int) -> tuple[float, float]:
+    """Ours: tokens/s generating ``new_tokens`` greedily for ``prompts`` prompts of random lengths 1..longest,
+    (side by side as one list, one by one). Prefill included in both."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from block_recurrent import BlockRecurrentTransformer
+    from block_recurrent.generation import generate
+
+    torch.manual_seed(seed)
+    model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (prompts,), generator=generator).tolist()
+    texts = [torch.randint(0, SMALL["num_tokens"], (n,), generator=generator) for n in lengths]
+    generate(model, texts[:2], WARMUP_TOKENS, temperature=0)
+    start = time.perf_counter()
+    together = generate(model, texts, new_tokens, temperature=0)
+    batched = prompts * new_tokens / (time.perf_counter() - start)
+    start = time.perf_counter()
+    alone = [generate(model, text, new_tokens, temperature=0)[0] for text in texts]
+    one_by_one = prompts * new_tokens / (time.perf_counter() - start)
+    if not all(torch.equal(a, b) for a, b in zip(together, alone)):
+        raise RuntimeError("side-by-side generation differs from one by one")
+    return batched, one_by_one
+
+
 def time_reference(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     """Runs inside the reference's virtual environment (see ``--reference-worker``)."""
     import torch
@@ -173,6 +219,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-python", help="python of an environment with the reference installed")
     parser.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32], help="batch sizes of the batched table")
+    parser.add_argument("--ragged", type=int, default=32, help="prompts of random lengths in the ragged table (0: skip)")
+    parser.add_argument("--skip-reference", action="store_true", help="only our tables (no reference run)")
     args = parser.parse_args()
 
     import torch
@@ -185,16 +234,29 @@ def main() -> None:
     lengths = sorted(args.lengths)
     ref_lengths = sorted({min(n, args.reference_cap) for n in lengths})
     started = time.perf_counter()
-    ref = run_reference(reference_python(args.reference_python), ref_lengths, args.threads, args.seed)
-    ours = {n: time_ours(n, args.seed) for n in lengths}
+    if not args.skip_reference:
+        ref = run_reference(reference_python(args.reference_python), ref_lengths, args.threads, args.seed)
+        ours = {n: time_ours(n, args.seed) for n in lengths}
+    batched = batch_rates(args.batches, 256, args.seed) if args.batches else {}
+    ragged = ragged_rates(args.ragged, 600, 256, args.seed) if args.ragged else None
     elapsed = time.perf_counter() - started
 
-    print(f"small configuration, batch 1, {PROMPT_LEN}-token prompt, top-26 sampling, "
-          f"torch {torch.__version__}, {args.threads} thread(s), CPU; {elapsed:.0f} s in all\n")
-    print(throughput_table(ours, ref, args.reference_cap))
-    print(f"\nper-token latency as the output grows (ours: the {lengths[-1]}-token run; "
-          f"reference: its {ref_lengths[-1]}-token run)\n")
-    print(latency_table(ours[lengths[-1]], ref[ref_lengths[-1]]))
+    print(f"small configuration, torch {torch.__version__}, {args.threads} thread(s), CPU; {elapsed:.0f} s in all\n")
+    if not args.skip_reference:
+        print(f"batch 1, {PROMPT_LEN}-token prompt, top-26 sampling\n")
+        print(throughput_table(ours, ref, args.reference_cap))
+        print(f"\nper-token latency as the output grows (ours: the {lengths[-1]}-token run; "
+              f"reference: its {ref_lengths[-1]}-token run)\n")
+        print(latency_table(ours[lengths[-1]], ref[ref_lengths[-1]]))
+    if batched:
+        print(f"\nbatched decoding, ours: 256 new tokens after {PROMPT_LEN}-token prompts, greedy\n")
+        print("| batch | tokens/s (all rows) | per row |\n|---:|---:|---:|")
+        for batch, value in batched.items():
+            print(f"| {batch} | {value:.0f} | {value / batch:.0f} |")
+    if ragged:
+        print(f"\n{args.ragged} prompts of random lengths 1-600, 256 new tokens each, greedy, ours\n")
+        print("| side by side (one list), tokens/s | one by one, tokens/s | ratio |\n|---:|---:|---:|")
+        print(f"| {ragged[0]:.0f} | {ragged[1]:.0f} | {ragged[0] / ragged[1]:.1f}x |")
 
 
 if __name__ == "__main__":

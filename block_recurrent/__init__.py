@@ -6,10 +6,19 @@ from .evaluation import EvalResult, evaluate
 from .generation import generate, stream
 from .model import BlockRecurrentTransformer
 from .state import ModelState, XLMemory
-from .trainer import TrainConfig, train
 from .segments import RecurrentTrainerWrapper, SegmentResult
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the trainer (and what it imports: data streams, the run loop) loads only when asked for, so that
+    # `brt eval` and `brt generate` never import it
+    if name in ("TrainConfig", "train"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'block_recurrent' has no attribute {name!r}")
 
 __all__ = [
     "PRESETS",

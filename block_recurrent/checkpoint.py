@@ -8,27 +8,34 @@ was trained with a ``tokenizers`` file. A training checkpoint ``step-00000100/``
   step, data positions, optimiser hyper-parameters, which carried tensors exist),
 - ``trainer.safetensors`` (the memories and states carried between steps, RNG states).
 
-Every checkpoint is written to a temporary folder and renamed into place, so a crash mid-write never leaves
-a broken checkpoint behind; loading refuses pickled files and names what is wrong with a damaged one.
+Every checkpoint is written to a temporary folder, fsynced and renamed into place (:mod:`.storage`), so a
+crash mid-write never leaves a broken checkpoint behind. A training checkpoint also records the sha256 of each
+of its files (``checksums.json``), checked whenever a file is read, and its format number (``trainer.json``
+``"format"``), refused when unknown. Loading refuses pickled files and names what is wrong with a damaged one;
+:func:`newest_intact_checkpoint` steps back past damaged checkpoints of a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import BlockRecurrentConfig
 from .model import BlockRecurrentTransformer
+from .storage import MANIFEST_FILE, atomic_directory, finish_file, read_manifest, write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,11 +44,16 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_JSON = "trainer.json"
 TRAINER_TENSORS = "trainer.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FORMAT = 1  # of a training checkpoint (trainer.json "format"); a reader refuses any other
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, pickled, or made for another model."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, cut short, or differ from their recorded checksums."""
 
 
 # reading and writing single files
@@ -57,35 +69,45 @@ def _refuse_pickles(directory: Path) -> None:
         )
 
 
+def read_bytes(path: Path) -> bytes:
+    """A checkpoint file's bytes, checked against the sha256 its folder's manifest recorded (if it has one)."""
+    if not path.is_file():
+        raise DamagedCheckpoint(f"checkpoint file {path} is missing")
+    raw = path.read_bytes()
+    sums = read_manifest(path.parent)
+    if sums is not None and sums.get(path.name) != hashlib.sha256(raw).hexdigest():
+        recorded = "no checksum recorded" if path.name not in sums else "its sha256 differs from the recorded one"
+        raise DamagedCheckpoint(f"{path} is damaged ({recorded} in {MANIFEST_FILE})")
+    return raw
+
+
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A safetensors file, with clear errors for a missing, pickled or damaged file."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    with path.open("rb") as handle:
-        head = handle.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+    raw = read_bytes(path)
+    # safetensors: an 8-byte little-endian header length, then the JSON header (whose length may start with 0x80)
+    header_ok = len(raw) > 8 and raw[8:9] == b"{" and 8 + int.from_bytes(raw[:8], "little") <= len(raw)
+    if not header_ok and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
         raise CheckpointError(f"{path} is a pickle (torch.save) file, not safetensors; refusing to load it")
     try:
-        return load_file(str(path))
+        return load_bytes(raw)
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is damaged or not a safetensors file ({error})") from error
+        raise DamagedCheckpoint(f"{path} is damaged or not a safetensors file ({error})") from error
 
 
 def write_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    finish_file(path)
 
 
 def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is damaged (not valid JSON: {error})") from error
+        raise DamagedCheckpoint(f"{path} is damaged (not valid JSON: {error})") from error
 
 
 def write_json(data: Any, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(directory: Path) -> BlockRecurrentConfig:
@@ -140,7 +162,7 @@ def save_pretrained(model: BlockRecurrentTransformer, directory: str | Path, *, 
     def fill(tmp: Path) -> None:
         _write_model(model, tmp, tokenizer_file)
 
-    atomic_directory(directory, fill)
+    _atomic_write(directory, fill)
     return directory
 
 
@@ -149,6 +171,7 @@ def _write_model(model: BlockRecurrentTransformer, directory: Path, tokenizer_fi
     write_tensors(model.state_dict(), directory / WEIGHTS_FILE)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
+        finish_file(directory / TOKENIZER_FILE)
 
 
 def from_pretrained(
@@ -164,8 +187,18 @@ def from_pretrained(
     return model.to(device).eval()
 
 
+def _looks_local(name: str) -> bool:
+    """A name that can only be meant as a local path (so a missing one is a typo, not a Hub repository id)."""
+    separators = {"/", os.sep}
+    parent = os.path.dirname(name.rstrip("".join(separators)))
+    return (name.startswith((".", "~", *separators)) or name.endswith(tuple(separators))
+            or sum(name.count(s) for s in separators) > 1 or (parent not in ("", ".") and os.path.isdir(parent)))
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+    if _looks_local(repo_id):
+        raise CheckpointError(f"checkpoint {repo_id}: no such folder")
+    if repo_id.count("/") != 1:
         raise CheckpointError(f"{repo_id} is neither a local folder nor a Hub repository id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
@@ -191,22 +224,12 @@ def push_to_hub(model: BlockRecurrentTransformer, repo_id: str, *, private: bool
 # training checkpoints: step-XXXXXXXX folders in a run folder
 
 
-def atomic_directory(final: Path, fill) -> None:
-    """Build a folder with ``fill(tmp)`` next to ``final``, then move it into place in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _atomic_write(final: Path, fill, *, manifest: bool = False) -> None:
+    """:func:`atomic_directory`, with a full disk or a failing device as a CheckpointError."""
     try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        final.rename(old)  # re-saving a step: the new folder replaces it, never a half-written one
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        atomic_directory(final, fill, manifest=manifest)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"could not write {final}: {error}; the earlier checkpoints are unchanged") from error
 
 
 def step_directories(run_dir: Path) -> list[Path]:
@@ -246,24 +269,33 @@ class TrainingCheckpoint:
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     tensors: dict[str, Tensor]
+    passed_over: tuple[Path, ...] = ()  # newer checkpoints of the run found damaged (newest_intact_checkpoint)
 
 
 def save_training_checkpoint(
     run_dir: str | Path, step: int, *, model: BlockRecurrentTransformer, optimizer: torch.optim.Optimizer,
     trainer: dict[str, Any], tensors: dict[str, Tensor], keep_last: int = 3, tokenizer_file: str | Path | None = None,
 ) -> Path:
-    """Write ``run_dir/step-{step:08d}`` atomically, then delete all but the newest ``keep_last``."""
+    """Write ``run_dir/step-{step:08d}`` atomically, then delete all but the newest ``keep_last``.
+
+    Refused (CheckpointError, nothing written) when a weight or optimiser tensor is NaN or infinite: a
+    checkpoint is always one a run can continue from.
+    """
     run_dir = Path(run_dir)
     final = run_dir / f"step-{step:08d}"
     optim_tensors, optim_json = optimizer_to_tensors(optimizer)
+    for kind, named in (("weight", model.state_dict()), ("optimizer tensor", optim_tensors)):
+        bad = [name for name, t in named.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"step {step}: not saved, {len(bad)} {kind}s hold NaN or inf (first: {bad[0]})")
 
     def fill(tmp: Path) -> None:
         _write_model(model, tmp, tokenizer_file)
         write_tensors(optim_tensors, tmp / OPTIMIZER_FILE)
         write_tensors(tensors, tmp / TRAINER_TENSORS)
-        write_json({**trainer, "step": step, "optimizer": optim_json}, tmp / TRAINER_JSON)
+        write_json({**trainer, "format": FORMAT, "step": step, "optimizer": optim_json}, tmp / TRAINER_JSON)
 
-    atomic_directory(final, fill)
+    _atomic_write(final, fill, manifest=True)
     for old in step_directories(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -276,11 +308,40 @@ def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
         raise CheckpointError(f"{path} is a trained model, not a training checkpoint (no {TRAINER_JSON})")
     trainer = read_json(path / TRAINER_JSON)
     if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "optimizer" not in trainer:
-        raise CheckpointError(f"{path / TRAINER_JSON} is damaged (no step or optimizer entry)")
-    optim = {"tensors": read_tensors(path / OPTIMIZER_FILE), "json": trainer.pop("optimizer")}
+        raise DamagedCheckpoint(f"{path / TRAINER_JSON} is damaged (no step or optimizer entry)")
+    if trainer.get("format") != FORMAT:
+        raise CheckpointError(f"{path / TRAINER_JSON} has checkpoint format {trainer.get('format')!r}; this version "
+                              f"of block-recurrent reads format {FORMAT} only")
+    optimizer = trainer.pop("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise DamagedCheckpoint(f"{path / TRAINER_JSON} is damaged (its optimizer entry has no param_groups)")
+    optim = {"tensors": read_tensors(path / OPTIMIZER_FILE), "json": optimizer}
     return TrainingCheckpoint(
         path, read_config(path), read_tensors(path / WEIGHTS_FILE), optim, trainer, read_tensors(path / TRAINER_TENSORS)
     )
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
+    """The newest checkpoint of a run whose files are all present and match their checksums.
+
+    Each damaged checkpoint passed over is named in a warning; a CheckpointError when none is intact.
+    """
+    found = step_directories(Path(run_dir))
+    if not found:
+        raise CheckpointError(f"resume: {run_dir} holds no checkpoint to resume from")
+    problems = []
+    for path in reversed(found):
+        try:
+            saved = load_training_checkpoint(path)
+        except DamagedCheckpoint as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            warnings.warn(f"resuming from {path.name}, the newest intact checkpoint; passed over: "
+                          + "; ".join(problems), stacklevel=2)
+        saved.passed_over = tuple(p for p in found if p.name > path.name)
+        return saved
+    raise DamagedCheckpoint(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
 
 
 # optimiser state: tensors to safetensors, the rest to JSON
@@ -303,15 +364,19 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, saved: dict[str, An
     """Load what :func:`optimizer_to_tensors` wrote into ``optimizer`` (same parameter layout)."""
     tensors, info = saved["tensors"], saved["json"]
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value.clone()  # never share storage with the caller's tensors
-    for key, value in info.get("scalars", {}).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in info["param_groups"]]
+    try:
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.clone()  # never share storage with the caller's tensors
+        for key, value in info.get("scalars", {}).items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in info["param_groups"]]
+        sizes = [len(g["params"]) for g in groups]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"the checkpoint's optimizer state is malformed ({error!r})") from error
     own = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in own]:
+    if sizes != [len(g["params"]) for g in own]:
         raise CheckpointError("the checkpoint's optimizer state does not fit this model's parameter groups")
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})

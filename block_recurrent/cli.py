@@ -5,17 +5,22 @@
 - ``brt generate``: :func:`block_recurrent.checkpoint.from_pretrained` then
   :func:`block_recurrent.generation.generate`.
 - ``brt eval``: :func:`block_recurrent.checkpoint.from_pretrained` then
-  :func:`block_recurrent.trainer.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`.
+  :func:`block_recurrent.evaluation.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`
+  (without importing the trainer).
 
-Errors in the input (bad options, data, checkpoints) print one line ``brt: error: ...`` and exit with 2;
-a diverged run exits with 1.
+Errors in the input (bad options, data, checkpoints, a run folder in use, a full disk) print one line
+``brt: error: ...`` and exit with 2; a diverged run exits with 1. Library warnings print as ``brt: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -31,6 +36,7 @@ TRAIN_HELP = {
     "text_field": "text column of --hf-dataset",
     "tokenizer": "a `tokenizers` JSON file (needs [tokenizers]); default: bytes",
     "mode": "stream: rows continue whole documents step after step; crop: random windows",
+    "allow_data_change": "--resume: warn, instead of refusing, when the data's paths or documents changed",
     "batch_size": "rows per micro-batch (per rank)",
     "segments": "segments of max_seq_len tokens per row per step",
     "backward_every": "back-propagate through this many segments at a time",
@@ -47,7 +53,7 @@ TRAIN_HELP = {
     "state_dropout": "chance per segment to start it with the initial state",
     "seed": "seed of the weights, the data order and dropout",
     "device": "auto, cpu, cuda, cuda:N",
-    "bf16": "bfloat16 autocast (CUDA only)",
+    "bf16": "bfloat16 autocast (CUDA, or a CPU with native bf16): state, gates and loss stay float32",
     "compile": "torch.compile the layers (CUDA only)",
     "out_dir": "run folder: checkpoints, metrics.jsonl, loss_curve.png",
     "log_every": "steps between metric lines (loss and bits per byte averaged over them)",
@@ -60,9 +66,26 @@ TRAIN_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other brt error."""
+
+    def error(self, message: str):
+        self.exit(2, f"brt: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; unset options keep the config's defaults (or the resumed run's)."""
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     group = parser.add_argument_group("training settings (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
@@ -74,12 +97,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = str if default is None else type(default)
+            kind = str if default is None else _finite_float if isinstance(default, float) else type(default)
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brt", description="Block-Recurrent Transformer: train, evaluate, generate")
+    parser = _Parser(prog="brt", description="Block-Recurrent Transformer: train, evaluate, generate")
     parser.add_argument("--version", action="version", version=f"block-recurrent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -93,12 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model")
     generate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
-    generate.add_argument("--prompt", required=True, help="text to continue")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="UTF-8 file holding the text to continue; - reads stdin")
+    prompt.add_argument("--prompts", metavar="FILE",
+                        help='JSON Lines, one {"prompt": "..."} per line (- reads stdin): continues every prompt, '
+                             '--batch-size side by side, and writes one JSON line per prompt with its "continuation"')
     generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--temperature", type=_finite_float, default=0.8, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-p", type=_finite_float, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=32, help="--prompts generated side by side (default: 32)")
+    generate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     generate.add_argument("--device", default="auto")
 
     evaluate = commands.add_parser("eval", help="bits per byte of a trained model on documents")
@@ -106,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None,
                           help="text file, .gz or folder; default: the built-in corpus's validation documents")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="documents scored side by side (default: 8)")
+    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster where the CPU has native "
+                                                                   "bf16; scores change in the third decimal)")
     evaluate.add_argument("--device", default="auto")
     return parser
 
@@ -114,24 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import check_same_config, newest_intact_checkpoint
+    from .storage import lock_run_folder
     from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
+    resume, lock = False, None
     if args.resume:
-        model_config, config = resume_configs(options.pop("out_dir", TrainConfig.out_dir), **options)
+        # the checkpoint is read once (settings here, state in the trainer), under the run folder's lock: a
+        # run still writing there could replace it meanwhile (under torchrun, rank 0 alone locks)
+        out_dir = options.pop("out_dir", TrainConfig.out_dir)
+        if not out_dir:
+            raise ValueError("--out-dir must not be empty")
+        if Path(out_dir).is_dir() and os.environ.get("RANK", "0") == "0":
+            lock = lock_run_folder(Path(out_dir))
+        resume = newest_intact_checkpoint(out_dir)
+        model_config, config = resume_configs(resume, out_dir=out_dir, **options)
         asked = _model_config(args, default=None)
-        if asked is not None and asked != model_config:
-            raise ValueError("--resume: the run was trained with another model config; drop --preset/--model-config")
+        if asked is not None:
+            check_same_config(model_config, asked, resume.path)  # names every differing field
     else:
         model_config = _model_config(args, default=DEFAULT_PRESET)
         config = TrainConfig(**options)
     try:
-        result = train(model_config, config, resume=args.resume)
+        result = train(model_config, config, resume=resume)
     except TrainingDiverged as error:
         print(f"brt: training stopped: {error}", file=sys.stderr)
         return 1
+    finally:
+        del lock  # the trainer held it too; the folder is free once both let go
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
+    summary = summary or f"nothing to do, max_steps is {config.max_steps}"
     print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
     return 0
 
@@ -143,7 +190,14 @@ def _model_config(args: argparse.Namespace, default: str | None):
         path = Path(args.model_config)
         if not path.is_file():
             raise ValueError(f"--model-config: no file at {path}")
-        return BlockRecurrentConfig.load(path)
+        try:
+            return BlockRecurrentConfig.load(path)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--model-config {path} is not valid JSON ({error})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--model-config {path} is not a UTF-8 text file") from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--model-config {path}: {error}") from None
     name = args.preset or default
     return None if name is None else BlockRecurrentConfig.from_name(name)
 
@@ -159,23 +213,89 @@ def _load(checkpoint: str, device: str):
     return model, load_tokenizer(tokenizer_file if tokenizer_file.exists() else None)
 
 
+def _autocast(enabled: bool, device):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .checks import check_int
     from .generation import generate
 
+    check_int("--batch-size", args.batch_size, 1)
+    texts = _prompts_jsonl(args.prompts) if args.prompts is not None else [_prompt_text(args)]
     model, tokenizer = _load(args.checkpoint, args.device)
-    if not args.prompt:
-        raise ValueError("--prompt must not be empty")
-    prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=model.device)[None]
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=generator)
-    print(args.prompt + tokenizer.decode(new[0].tolist()))
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    if args.prompts is None:
+        prompt = torch.as_tensor(tokenizer.encode(texts[0]), dtype=torch.long, device=model.device)[None]
+        with _autocast(args.bf16, model.device):
+            new = generate(model, prompt, args.max_new_tokens, **options)
+        print(texts[0] + tokenizer.decode(new[0].tolist()))
+        return 0
+    for begin in range(0, len(texts), args.batch_size):  # a list of prompts of any lengths runs side by side
+        batch = texts[begin : begin + args.batch_size]
+        prompts = [torch.as_tensor(tokenizer.encode(t), dtype=torch.long, device=model.device) for t in batch]
+        with _autocast(args.bf16, model.device):
+            rows = generate(model, prompts, args.max_new_tokens, **options)
+        for text, row in zip(batch, rows):
+            print(json.dumps({"prompt": text, "continuation": tokenizer.decode(row.tolist())}), flush=True)
     return 0
 
 
+def _prompts_jsonl(path: str) -> list[str]:
+    """The "prompt" of every line of a JSON Lines file (``-``: standard input)."""
+    where = f"--prompts {path}"
+    try:
+        lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where}: is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise ValueError(f'{where}: line {number} needs a non-empty string "prompt"')
+        texts.append(record["prompt"])
+    if not texts:
+        raise ValueError(f"{where}: no prompt in the file")
+    return texts
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    """--prompt, or the text of --prompt-file (``-``: standard input), which has no command-line size limit."""
+    if args.prompt is not None:
+        text, where = args.prompt, "--prompt"
+    else:
+        where = f"--prompt-file {args.prompt_file}"
+        try:
+            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"{where}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"{where}: is a folder, not a file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: not UTF-8 text") from None
+        except OSError as error:
+            raise ValueError(f"{where}: {error.strerror}") from None
+    if not text:
+        raise ValueError(f"{where}: the prompt is empty")
+    return text
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from .checks import check_int
     from .data import TokenCorpus, builtin_documents, path_documents, split_documents
     from .evaluation import evaluate_corpus
 
@@ -184,7 +304,9 @@ def run_eval(args: argparse.Namespace) -> int:
     corpus = TokenCorpus.from_documents(documents, tokenizer)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-    result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens)
+    check_int("--batch-size", args.batch_size, 1)
+    with _autocast(args.bf16, model.device):  # raises when nothing would be scored
+        result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
           f"({result['documents']} of {len(corpus)} documents)")
     return 0
@@ -199,11 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, ImportError) as error:
+    except (ValueError, TypeError, ImportError, OSError) as error:
         print(f"brt: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"brt: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ document holds out its last 5% instead; a split that would leave either side emp
 from __future__ import annotations
 
 import gzip
+import hashlib
 import sysconfig
 import warnings
 import zlib
@@ -31,6 +32,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .checks import check_int
 
 VALIDATION_PERCENT = 5  # share of files held out, by crc32 of their relative path (see the module docstring)
 _SNIFF_BYTES = 8192  # a file whose first bytes hold NUL or invalid UTF-8 is not text
@@ -211,6 +214,15 @@ def load_documents(
     return path_documents(data)
 
 
+def fingerprint(documents: Sequence[Document]) -> dict[str, Any]:
+    """What identifies a document list for a resumed run: count, bytes, and a sha256 of (name, size) pairs."""
+    digest = hashlib.sha256()
+    sizes = sorted((d.name, len(d.text.encode("utf-8"))) for d in documents)
+    for name, size in sizes:
+        digest.update(f"{name}\0{size}\n".encode("utf-8"))
+    return {"documents": len(sizes), "bytes": sum(size for _, size in sizes), "sha256": digest.hexdigest()[:16]}
+
+
 def is_validation(name: str) -> bool:
     return zlib.crc32(name.encode("utf-8")) % 100 < VALIDATION_PERCENT
 
@@ -301,9 +313,9 @@ class Batch:
 
 
 def _check_rows(rows: int, row_offset: int, total_rows: int) -> None:
-    for name, value, minimum in (("rows", rows, 1), ("row_offset", row_offset, 0), ("total_rows", total_rows, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    check_int("rows", rows, 1)
+    check_int("row_offset", row_offset, 0)
+    check_int("total_rows", total_rows, 1)
     if row_offset + rows > total_rows:
         raise ValueError(f"rows {row_offset}..{row_offset + rows - 1} exceed total_rows={total_rows}")
 
@@ -373,7 +385,20 @@ class DocumentStreams:
         positions = state.get("positions")
         if state.get("mode") != "stream" or not isinstance(positions, list) or len(positions) != self.rows:
             raise ValueError(f"data state does not fit {self.rows} streaming rows: {str(state)[:200]}")
-        self.positions = [[int(v) for v in p] for p in positions]
+        for row, position in enumerate(positions):
+            self._check_position(row, position)
+        self.positions = [list(p) for p in positions]
+
+    def _check_position(self, row: int, position: Any) -> None:
+        """A saved [epoch, index, offset] that points inside this corpus (a damaged or foreign one does not)."""
+        where = f"data position of row {self.row_offset + row} ({position!r})"
+        if (not isinstance(position, list) or len(position) != 3
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in position)):
+            raise ValueError(f"{where} must be three ints >= 0: epoch, document index, token offset")
+        epoch, index, offset = position
+        documents = self.documents_of(row, epoch)
+        if index >= len(documents) or offset >= len(self.corpus.document(int(documents[index]))):
+            raise ValueError(f"{where} lies past the end of the data: the documents changed since it was saved")
 
 
 class RandomCrops:
@@ -408,8 +433,9 @@ class RandomCrops:
         return {"mode": "crop", "row_offset": self.row_offset, "total_rows": self.total_rows, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mode") != "crop" or not isinstance(state.get("step"), int):
-            raise ValueError(f"data state is not a crop-mode state: {str(state)[:200]}")
+        step = state.get("step")
+        if state.get("mode") != "crop" or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"data state is not a crop-mode state (a step >= 0): {str(state)[:200]}")
         self.step = state["step"]
 
 

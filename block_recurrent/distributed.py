@@ -58,9 +58,22 @@ class Distributed:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (cuda:LOCAL_RANK when CUDA is there, else cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a
+    ValueError for any other name or a device this machine does not have."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={name!r} but MPS (Apple GPUs) is not available")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return device

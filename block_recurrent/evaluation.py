@@ -262,7 +262,7 @@ def evaluate_corpus(
             docs.append(doc)
             budget -= len(doc)
     if not docs:
-        raise ValueError(f"nothing to score: no document of at least 2 tokens within max_tokens={max_tokens}")
+        raise ValueError(f"nothing was scored: no document of at least 2 tokens within max_tokens={max_tokens}")
     rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
     mine = [torch.from_numpy(doc.astype("int64")).to(model.device) for doc in docs[rank::world]]
     totals = torch.zeros(2, dtype=torch.float64)

@@ -37,7 +37,9 @@ class FixedGate(nn.Module):
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
         candidate = update if self.to_candidate is None else self.to_candidate(update)
-        keep = torch.sigmoid(self.keep_bias).to(candidate.dtype)
+        # in the state's precision (float32 under bf16 autocast): a keep of 0.99 is 0.98828 in bf16, which
+        # would shorten the memory the gate was trained to hold
+        candidate, keep = candidate.to(state.dtype), torch.sigmoid(self.keep_bias.to(state.dtype))
         return state * keep + candidate * (1 - keep)
 
 
@@ -56,11 +58,12 @@ class LSTMGate(nn.Module):
         self.to_gates = nn.Linear(dim, dim * (3 if projection else 2))  # [z,] i, f in one projection
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
+        gates = self.to_gates(update).to(state.dtype)  # the gates in the state's precision, as FixedGate
         if self.projection:
-            candidate, input_gate, forget_gate = self.to_gates(update).chunk(3, dim=-1)
+            candidate, input_gate, forget_gate = gates.chunk(3, dim=-1)
         else:
-            candidate = update
-            input_gate, forget_gate = self.to_gates(update).chunk(2, dim=-1)
+            candidate = update.to(state.dtype)
+            input_gate, forget_gate = gates.chunk(2, dim=-1)
         return state * torch.sigmoid(forget_gate + 1) + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_int
+
 
 @dataclass(frozen=True)
 class RecallTask:
@@ -28,9 +30,7 @@ class RecallTask:
 
     def __post_init__(self) -> None:
         for name in ("block_width", "distance", "num_values", "num_fillers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.length < 3:
             raise ValueError("the task needs at least 3 positions: (distance + 1) * block_width >= 3")
 

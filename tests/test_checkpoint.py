@@ -1,6 +1,7 @@
 """Checkpoints: round trips, atomic writes, keep-last, pickle refusal, damaged and mismatched files."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,87 @@ def test_a_config_written_before_gate_projection_existed_loads_with_the_projecti
     tokens = torch.randint(0, 256, (2, 40))
     model.eval()
     assert torch.equal(model.run(tokens)[0], loaded.run(tokens)[0])
+
+
+VARIANTS = {
+    "fixed gate, skip update (default)": {},
+    "lstm gate": dict(gate="lstm"),
+    "dual update": dict(state_update="dual"),
+    "lstm gate, dual update": dict(gate="lstm", state_update="dual"),
+    "gate projection, keep init": dict(gate_projection=True, gate_keep_init=2.0),
+    "sliding window": dict(attention_window="sliding"),
+    "t5 positions": dict(position_encoding="t5", t5_num_buckets=8, t5_max_distance=32),
+    "block-feedback": dict(state_feedback=True),
+    "compressed memory": dict(use_compressed_mem=True, compressed_mem_factor=2),
+    "read below write": dict(depth=3, recurrent_layers=(3,), read_recurrent_layers=(1,)),
+    "two recurrent layers": dict(depth=3, recurrent_layers=(2, 3)),
+    "XL baseline": dict(recurrent_layers=()),
+    "meliad options": dict(kv_heads=4, ff_activation="relu", qk_norm_gains=False, all_layers_qk_rmsnorm=True),
+    "the paper's preset, shrunk": dict(kv_heads=4, ff_activation="relu", qk_norm_gains=False,
+                                       all_layers_qk_rmsnorm=True, attention_window="sliding", position_encoding="t5",
+                                       state_feedback=True, gate="lstm", state_update="dual"),
+}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_variant_round_trips_through_save_and_load(tmp_path, overrides):
+    model = tiny_model(**overrides).eval()
+    folder = save_pretrained(model, tmp_path / "model")
+    loaded = from_pretrained(folder)
+    assert loaded.config == model.config
+    assert BlockRecurrentConfig.load(folder / "config.json") == model.config
+    tokens = torch.randint(0, 256, (2, 100))  # more than one segment: memories and states are carried
+    assert torch.equal(model.run(tokens)[0], loaded.run(tokens)[0])
+
+
+def test_an_unknown_checkpoint_format_is_refused(tmp_path):
+    from block_recurrent.storage import write_manifest
+
+    folder = save_step(tmp_path, 1, tiny_model())
+    assert json.loads((folder / "trainer.json").read_text())["format"] == 1
+    for value in (2, None):
+        data = json.loads((folder / "trainer.json").read_text())
+        data["format"] = value
+        (folder / "trainer.json").write_text(json.dumps(data))
+        write_manifest(folder)
+        with pytest.raises(CheckpointError, match=f"checkpoint format {value}; this version .* reads format 1"):
+            load_training_checkpoint(folder)
+
+
+def test_push_to_hub_uploads_a_save_pretrained_folder(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from block_recurrent.checkpoint import push_to_hub
+
+    calls = []
+
+    class StubApi:  # records what a real HfApi would be asked to do (no network)
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path):
+            uploaded = Path(folder_path)
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in uploaded.iterdir())))
+            model = from_pretrained(uploaded)  # the folder is a complete model while the upload reads it
+            calls.append(("loaded", model.config))
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StubApi)
+    model = tiny_model()
+    assert push_to_hub(model, "owner/name", token="secret") == "https://huggingface.co/owner/name/commit/0"
+    assert calls == [("init", "secret"), ("create_repo", "owner/name", True, True),
+                     ("upload_folder", "owner/name", ["config.json", "model.safetensors"]), ("loaded", model.config)]
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    from block_recurrent.checkpoint import read_tensors, write_tensors
+
+    path = tmp_path / "t.safetensors"
+    for pad in range(300):  # a tensor name of some length puts 0x80 in the header length's first byte
+        write_tensors({"x" * (pad + 1): torch.ones(2)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(next(iter(read_tensors(path).values())), torch.ones(2))

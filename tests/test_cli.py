@@ -64,7 +64,8 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
         (("train", "--preset", "tiny", "--data", "{tmp}/x", "--hf-dataset", "y"), "give one training source"),
         (("train", "--preset", "tiny", "--segments", "1", "--backward-every", "2"), "backward_every"),
         (("train", "--resume", "--out-dir", "{tmp}/nothing"), "no checkpoint to resume"),
-        (("generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"), "neither a local folder"),
+        (("generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"), "no such folder"),
+        (("generate", "--checkpoint", "owner/name/extra", "--prompt", "x"), "no such folder"),
         (("eval", "--checkpoint", "{tmp}", "--data", "{tmp}/empty.txt"), "holds no checkpoint"),
     ],
 )
@@ -127,3 +128,32 @@ def test_train_with_a_tokenizer_file_and_a_local_hf_dataset(tmp_path, capsys):
     capsys.readouterr()
     assert brt("generate", "--checkpoint", run, "--prompt", "the quick", "--max-new-tokens", 3) == 0
     assert capsys.readouterr().out.startswith("the quick")
+
+
+def test_generate_many_prompts_from_json_lines_and_eval_options(tmp_path, corpus, capsys):
+    """--prompts: one JSON line out per prompt, equal to generating each prompt alone (greedy)."""
+    run = tmp_path / "run"
+    assert brt(*tiny_run(corpus, run, "--max-steps", 2)) == 0
+    prompts = ["the quick brown fox", "a", "document 3: the lazy dog jumps over the quick brown fox again and again"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)) + "\n")
+    capsys.readouterr()
+    assert brt("generate", "--checkpoint", run, "--prompts", jsonl, "--max-new-tokens", 9, "--temperature", 0,
+               "--batch-size", 2) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == prompts
+    for prompt, line in zip(prompts, lines):
+        assert brt("generate", "--checkpoint", run, "--prompt", prompt, "--max-new-tokens", 9, "--temperature", 0) == 0
+        assert capsys.readouterr().out == prompt + line["continuation"] + "\n"
+
+    jsonl.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert brt("generate", "--checkpoint", run, "--prompts", jsonl) == 2
+    assert 'line 2 needs a non-empty string "prompt"' in capsys.readouterr().err
+
+    assert brt("eval", "--checkpoint", run, "--data", corpus, "--batch-size", 3) == 0
+    batched = capsys.readouterr().out
+    assert brt("eval", "--checkpoint", run, "--data", corpus, "--batch-size", 1) == 0
+    one = capsys.readouterr().out
+    assert batched.split(" bits/byte")[0][-6:] == one.split(" bits/byte")[0][-6:]  # the same 4-decimal score
+    assert brt("eval", "--checkpoint", run, "--data", corpus, "--bf16") == 0
+    assert "bits/byte" in capsys.readouterr().out

@@ -28,7 +28,7 @@ def import_graph() -> dict[str, set[str]]:
                 for alias in node.names:
                     if alias.name.startswith("block_recurrent."):
                         edges.add(alias.name.split(".")[1])
-        graph[path.stem] = edges & modules
+        graph[path.stem] = (edges & modules) - {path.stem}  # the package importing its own submodules
     return graph
 
 
@@ -76,3 +76,16 @@ def test_nothing_imports_upward(low, high):
         return b in graph[a] or any(reaches(n, b, seen + (a,)) for n in graph[a] if n not in seen)
 
     assert not reaches(low, high), f"{low} imports {high} (directly or through another module)"
+
+
+def test_eval_and_generate_do_not_import_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, block_recurrent.cli, block_recurrent.evaluation, block_recurrent.generation; "
+            "from block_recurrent import TrainConfig as _; loaded = 'block_recurrent.trainer' in sys.modules; "
+            "print(loaded)")
+    before = ("import sys, block_recurrent.cli, block_recurrent.evaluation, block_recurrent.generation; "
+              "print('block_recurrent.trainer' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

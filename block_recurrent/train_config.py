@@ -1,0 +1,126 @@
+"""Training settings: :class:`TrainConfig` (everything about a run except the architecture) and the
+learning-rate schedule :func:`lr_at`. Every number is checked to be finite and in range when the config is
+built, so a NaN or an infinity never reaches the optimiser (or a checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .checks import check_bool, check_choice, check_float, check_int
+from .data import BATCHERS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the architecture. Sizes are per rank."""
+
+    # data (exactly one source: data, hf_dataset, or neither for the built-in standard-library corpus)
+    data: str | None = None
+    val_data: str | None = None  # held-out documents; by default the fixed split of the training source
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    tokenizer: str | None = None  # a `tokenizers` JSON file; bytes (vocabulary 256) when None
+    mode: str = "stream"  # "stream": rows continue their documents; "crop": random windows, fresh each step
+    # a resumed run refuses data whose documents (names, sizes) or resolved paths changed; True: warn and go on
+    allow_data_change: bool = False
+
+    # batch: each micro-batch is batch_size rows of segments * max_seq_len tokens
+    batch_size: int = 8
+    segments: int = 1
+    backward_every: int = 1  # back-propagate through this many segments at a time
+    grad_accum: int = 1
+
+    # optimisation
+    max_steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    xl_memories_dropout: float = 0.0
+    state_dropout: float = 0.0
+
+    # runtime
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
+    bf16: bool = False  # bfloat16 autocast (CUDA, or a CPU with native bf16); state, gates and loss stay float32
+    compile: bool = False  # torch.compile the layers (CUDA only)
+
+    # output: metrics, loss curve, samples and checkpoints all go to out_dir
+    out_dir: str = "runs/brt"
+    log_every: int = 10  # steps between metric lines; loss and bpb are averaged over them
+    eval_every: int = 50  # 0: never
+    eval_tokens: int = 16384  # validation budget (whole held-out documents, in name order, up to this many tokens)
+    sample_tokens: int = 200  # generated after each validation; 0: never
+    checkpoint_every: int = 50  # 0: only at the end (and on Ctrl-C)
+    keep_last: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("data", "val_data", "hf_dataset", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{name} must be a non-empty str or None, got {value!r}")
+        for name in ("hf_split", "text_field", "device", "out_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:  # "" as out_dir would train into the current folder
+                raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+        if self.data is not None and self.hf_dataset is not None:
+            raise ValueError("data and hf_dataset are both set; give one training source")
+        check_choice("mode", self.mode, BATCHERS)
+        for name in ("batch_size", "segments", "backward_every", "grad_accum", "max_steps", "keep_last", "log_every"):
+            check_int(name, getattr(self, name), 1)
+        if self.backward_every > self.segments:
+            raise ValueError(f"backward_every ({self.backward_every}) must be <= segments ({self.segments})")
+        for name in ("warmup_steps", "eval_every", "sample_tokens", "checkpoint_every", "seed"):
+            check_int(name, getattr(self, name), 0)
+        # a validation scores next-token predictions: it needs two tokens at least, or nothing is scored
+        check_int("eval_tokens", self.eval_tokens, 2)
+        check_float("lr", self.lr, 0.0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("beta1", self.beta1, 0.0, 1.0)
+        check_float("beta2", self.beta2, 0.0, 1.0)
+        check_float("grad_clip", self.grad_clip, 0.0)
+        check_float("xl_memories_dropout", self.xl_memories_dropout, 0.0, 1.0)
+        check_float("state_dropout", self.state_dropout, 0.0, 1.0)
+        for name in ("bf16", "compile", "progress", "allow_data_change"):
+            check_bool(name, getattr(self, name))
+
+    # settings a resumed run may change: logging and schedule, and how the same global rows are split into
+    # ranks and micro-batches (batch_size * grad_accum * ranks must stay the same; that is checked on restore)
+    RESUMABLE = ("max_steps", "out_dir", "log_every", "eval_every", "eval_tokens", "sample_tokens",
+                 "checkpoint_every", "keep_last", "progress", "device", "compile", "batch_size", "grad_accum",
+                 "allow_data_change")
+    # paths, compared by the folder or file they name (resolved), not by how they are written
+    PATHS = ("data", "val_data", "tokenizer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
