@@ -456,6 +456,6 @@ def test_generate_reads_the_prompt_from_a_file_or_stdin(tmp_path):
     assert inline.stdout == from_file.stdout == from_stdin.stdout and inline.stdout.startswith(prompt)
 
     assert_one_line_error(brt(*common, "--prompt", "x", "--prompt-file", "-"), "not allowed with argument")
-    assert_one_line_error(brt(*common), "one of the arguments --prompt --prompt-file is required")
+    assert_one_line_error(brt(*common), "one of the arguments --prompt --prompt-file --prompts is required")
     assert_one_line_error(brt(*common, "--prompt-file", tmp_path / "missing.txt"), "no such file")
     assert_one_line_error(brt(*common, "--prompt-file", "-", stdin=""), "the prompt is empty")
