@@ -49,7 +49,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool) -> dict:
+def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool, bf16: bool = False) -> dict:
     """Build one model, train ``steps`` timed steps after one warm-up step, report tokens/s and memory."""
     import torch
 
@@ -75,7 +75,8 @@ def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool) 
         if impl == "reference":
             wrapper(data).backward()
         else:
-            wrapper.forward_backward(data)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                wrapper.forward_backward(data)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -103,10 +104,10 @@ def ensure_reference_venv() -> Path:
     return python
 
 
-def measure(impl: str, config: str, segments: int, steps: int, flash: bool = False) -> dict:
+def measure(impl: str, config: str, segments: int, steps: int, flash: bool = False, bf16: bool = False) -> dict:
     python = ensure_reference_venv() if impl == "reference" else Path(sys.executable)
     cmd = [str(python), __file__, "--worker", impl, "--config", config, "--segments", str(segments),
-           "--steps", str(steps)] + (["--flash"] if flash else [])
+           "--steps", str(steps)] + (["--flash"] if flash else []) + (["--bf16"] if bf16 else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,11 +120,12 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--flash", action="store_true", help="reference: use_flash_attn=True (SDPA)")
+    parser.add_argument("--bf16", action="store_true", help="ours: bfloat16 autocast (worker)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="only the throughput table")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.config, args.segments, args.steps, args.flash)))
+        print(json.dumps(worker(args.worker, args.config, args.segments, args.steps, args.flash, args.bf16)))
         return
 
     import torch
@@ -131,16 +133,19 @@ def main() -> None:
     steps = 2 if args.quick else args.steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {os.cpu_count()} cores, float32\n")
     print("## Training throughput (forward + backward + AdamW step; best of", steps, "steps)\n")
-    print("| config | batch x segments x tokens | reference tok/s | reference (use_flash_attn) tok/s | ours tok/s | speed-up | reference peak MB | ours peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | batch x segments x tokens | reference tok/s | reference (use_flash_attn) tok/s | ours tok/s | "
+          "speed-up | ours bf16 autocast tok/s | bf16 speed-up | reference peak MB | ours peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, spec in CONFIGS.items():
         ref = measure("reference", name, spec["segments"], steps)
         ref_flash = measure("reference", name, spec["segments"], steps, flash=True)
         ours = measure("ours", name, spec["segments"], steps)
-        best_ref = max(ref["tokens_per_s"], ref_flash["tokens_per_s"])
+        ours_bf16 = measure("ours", name, spec["segments"], steps, bf16=True)
+        best_ref = max(ref["tokens_per_s"], ref_flash["tokens_per_s"])  # the reference in float32
         print(f"| {name} | {spec['batch']} x {spec['segments']} x {spec['model']['max_seq_len']} "
               f"| {ref['tokens_per_s']:.0f} | {ref_flash['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} "
-              f"| {ours['tokens_per_s'] / best_ref:.2f}x | {ref['peak_mb']:.0f} | {ours['peak_mb']:.0f} |", flush=True)
+              f"| {ours['tokens_per_s'] / best_ref:.2f}x | {ours_bf16['tokens_per_s']:.0f} "
+              f"| {ours_bf16['tokens_per_s'] / best_ref:.2f}x | {ref['peak_mb']:.0f} | {ours['peak_mb']:.0f} |", flush=True)
 
     if args.skip_memory:
         return

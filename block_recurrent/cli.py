@@ -58,7 +58,8 @@ TRAIN_HELP = {
     "out_dir": "run folder: checkpoints, metrics.jsonl, loss_curve.png",
     "log_every": "steps between metric lines (loss and bits per byte averaged over them)",
     "eval_every": "steps between validations and samples (0: never)",
-    "eval_tokens": "validation tokens per evaluation",
+    "eval_tokens": "validation tokens per evaluation, shared by every held-out file",
+    "final_eval": "score the whole held-out split at the end, beside gzip -9",
     "sample_tokens": "tokens generated after each validation (0: none)",
     "checkpoint_every": "steps between checkpoints (0: only at the end and on Ctrl-C)",
     "keep_last": "checkpoints kept",
@@ -180,6 +181,9 @@ def run_train(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
     summary = summary or f"nothing to do, max_steps is {config.max_steps}"
     print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
+    if "held_out_bpb" in result:
+        print(f"held-out: {result['held_out_bpb']:.4f} bits per byte over the whole split ({result['held_out_tokens']} "
+              f"tokens); gzip -9 on the same files, one by one: {result['held_out_gzip_bpb']:.4f}")
     return 0
 
 

@@ -244,18 +244,21 @@ def evaluate_documents(
 
 def evaluate_corpus(
     model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
-    distributed: "Distributed | None" = None, batch_size: int = 8,
+    distributed: "Distributed | None" = None, batch_size: int = 8, spread: bool = False,
 ) -> dict[str, float]:
     """Loss and bits per byte over a corpus's documents, each scored from a fresh state, ``batch_size`` side by
     side (:func:`evaluate_documents`).
 
-    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with several ranks each
-    scores every world_size-th document and the sums are all-reduced. Raises ValueError when nothing would be
-    scored (no document of at least 2 tokens within the budget).
+    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with ``spread`` the budget
+    is shared instead: every document gives its first ``max_tokens // documents`` tokens (at least 2), a sample
+    of the whole corpus that stays the same from one validation to the next. With several ranks each scores every
+    world_size-th document and the sums are all-reduced. Raises ValueError when nothing would be scored (no
+    document of at least 2 tokens within the budget).
     """
     docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
+    share = None if max_tokens is None or not spread else max(2, max_tokens // max(len(corpus), 1))
     for i in range(len(corpus)):
-        doc = corpus.document(i)[:budget]
+        doc = corpus.document(i)[: budget if share is None else share]
         if budget < 2:
             break
         if len(doc) >= 2:

@@ -95,6 +95,12 @@ class RunLoop:
                     break
             if saved_at != t.step:
                 self.checkpoint()
+            # 5. the whole held-out split, next to gzip on the same files: did the model learn anything?
+            if config.final_eval and not self.stop_requested and t.step == config.max_steps:
+                final = t.validate(whole=True)
+                final["held_out_gzip_bpb"] = t.held_out_gzip_bpb()
+                self.log({"step": t.step, **final})
+                last.update(final)
         finally:
             bar.close()
             for number, handler in previous.items():

@@ -56,7 +56,8 @@ class TrainConfig:
     out_dir: str = "runs/brt"
     log_every: int = 10  # steps between metric lines; loss and bpb are averaged over them
     eval_every: int = 50  # 0: never
-    eval_tokens: int = 16384  # validation budget (whole held-out documents, in name order, up to this many tokens)
+    eval_tokens: int = 16384  # validation budget: the first eval_tokens / files tokens of every held-out file
+    final_eval: bool = True  # at the end, score the whole held-out split and compare it with gzip -9 per file
     sample_tokens: int = 200  # generated after each validation; 0: never
     checkpoint_every: int = 50  # 0: only at the end (and on Ctrl-C)
     keep_last: int = 3
@@ -90,12 +91,12 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, 0.0)
         check_float("xl_memories_dropout", self.xl_memories_dropout, 0.0, 1.0)
         check_float("state_dropout", self.state_dropout, 0.0, 1.0)
-        for name in ("bf16", "compile", "progress", "allow_data_change"):
+        for name in ("bf16", "compile", "progress", "allow_data_change", "final_eval"):
             check_bool(name, getattr(self, name))
 
     # settings a resumed run may change: logging and schedule, and how the same global rows are split into
     # ranks and micro-batches (batch_size * grad_accum * ranks must stay the same; that is checked on restore)
-    RESUMABLE = ("max_steps", "out_dir", "log_every", "eval_every", "eval_tokens", "sample_tokens",
+    RESUMABLE = ("max_steps", "out_dir", "log_every", "eval_every", "eval_tokens", "final_eval", "sample_tokens",
                  "checkpoint_every", "keep_last", "progress", "device", "compile", "batch_size", "grad_accum",
                  "allow_data_change")
     # paths, compared by the folder or file they name (resolved), not by how they are written

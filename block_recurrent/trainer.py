@@ -22,6 +22,7 @@ The run folder belongs to one process at a time: rank 0 locks it for the trainer
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import warnings
@@ -38,7 +39,7 @@ from .checkpoint import (
     load_training_checkpoint, newest_intact_checkpoint, optimizer_from_tensors, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
-from .data import BATCHERS, TokenCorpus, fingerprint, load_documents, load_tokenizer, path_documents, split_documents
+from .data import BATCHERS, ByteTokenizer, TokenCorpus, fingerprint, load_documents, load_tokenizer, path_documents, split_documents
 from .distributed import Distributed, resolve_device
 from .evaluation import evaluate_corpus
 from .model import BlockRecurrentTransformer
@@ -202,12 +203,21 @@ class Trainer:
     # validation and samples
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Streaming loss over the held-out documents (each from a fresh state), split across ranks."""
+    def validate(self, whole: bool = False) -> dict[str, float]:
+        """Streaming loss over the held-out documents (each from a fresh state), split across ranks: the same
+        sample of every file each time (``eval_tokens`` shared by the files), or with ``whole`` every token."""
         with self._autocast():
-            result = evaluate_corpus(self.model, self.val_corpus, max_tokens=self.config.eval_tokens,
-                                     distributed=self.dist)
-        return {f"val_{k}": v for k, v in result.items() if k != "documents"}
+            result = evaluate_corpus(self.model, self.val_corpus, max_tokens=None if whole else self.config.eval_tokens,
+                                     distributed=self.dist, spread=True)
+        prefix = "held_out_" if whole else "val_"
+        return {f"{prefix}{k}": v for k, v in result.items() if k != "documents"}
+
+    def held_out_gzip_bpb(self) -> float:
+        """gzip -9's bits per byte on the held-out documents, each compressed alone, as the model reads them."""
+        texts = [self.tokenizer.decode(self.val_corpus.document(i).tolist()).encode("utf-8", "surrogateescape")
+                 if not isinstance(self.tokenizer, ByteTokenizer) else self.val_corpus.document(i).astype("uint8").tobytes()
+                 for i in range(len(self.val_corpus))]
+        return 8 * sum(len(gzip.compress(t, 9)) for t in texts) / max(sum(len(t) for t in texts), 1)
 
     def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""

@@ -40,8 +40,11 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
     # resume: only what may change is given; the rest comes from the checkpoint
     assert brt("train", "--resume", "--out-dir", run, "--max-steps", 5, "--no-progress") == 0
     assert load_training_checkpoint(run).trainer["step"] == 5
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 3, 4, 5]  # training lines and the step-3 validation, no repeats
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # training lines, the step-3 validation, each run's final score of the whole held-out split; no repeats
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 3, 4, 5, 5]
+    final = records[-1]
+    assert final["held_out_tokens"] > 0 and 0 < final["held_out_gzip_bpb"] < 8 and final["held_out_bpb"] > 0
 
     capsys.readouterr()
     assert brt("eval", "--checkpoint", run, "--data", corpus / "doc1.txt") == 0

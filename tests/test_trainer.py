@@ -41,7 +41,8 @@ def tiny():
 def settings(tmp_path, **changes):
     data = write_corpus(tmp_path / "data")
     base = dict(data=str(data), out_dir=str(tmp_path / "run"), batch_size=2, segments=2, max_steps=6,
-                warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, progress=False, lr=3e-3)
+                warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, progress=False, lr=3e-3,
+                final_eval=False)
     return TrainConfig(**{**base, **changes})
 
 
@@ -244,3 +245,24 @@ def test_bf16_training_on_the_cpu_follows_float32(tmp_path):
     assert max(abs(a - b) / a for a, b in zip(expected, got)) < 0.03, (expected, got)
     assert all(s is None or s.dtype == torch.float32 for s in half.carry[0].states)
     full.close(), half.close()
+
+
+def test_validation_samples_every_file_and_the_run_ends_with_the_whole_split_beside_gzip(tmp_path):
+    from block_recurrent.evaluation import evaluate_corpus
+
+    many = write_corpus(tmp_path / "many", copies=8)  # enough files for several to be held out
+    trainer = Trainer(tiny(), settings(tmp_path, data=str(many), eval_every=3, eval_tokens=40, final_eval=True, max_steps=3))
+    corpus = trainer.val_corpus
+    spread = evaluate_corpus(trainer.model, corpus, max_tokens=40, spread=True)
+    assert spread["documents"] == len(corpus) > 1  # every held-out file gives its first 40 // files tokens
+    assert spread["tokens"] == sum(min(len(corpus.document(i)), max(2, 40 // len(corpus))) - 1 for i in range(len(corpus)))
+    result = trainer.fit()
+    trainer.close()
+    whole = evaluate_corpus(trainer.model, corpus)
+    assert result["held_out_tokens"] == whole["tokens"] == corpus.num_tokens - len(corpus)
+    assert result["held_out_bpb"] == pytest.approx(whole["bpb"], rel=1e-6)
+    texts = [corpus.document(i).astype("uint8").tobytes() for i in range(len(corpus))]
+    import gzip
+
+    expected = 8 * sum(len(gzip.compress(t, 9)) for t in texts) / sum(len(t) for t in texts)
+    assert result["held_out_gzip_bpb"] == pytest.approx(expected)

@@ -1,0 +1,108 @@
+"""The sweep behind `brt train`'s defaults: held-out bits per byte of candidate recipes on the built-in corpus.
+
+    python benchmarks/default_recipe.py --jobs 2                 # every candidate, seed 0, two at a time
+    python benchmarks/default_recipe.py --only w128d4 --seeds 0 1 2
+
+Each candidate is a model config and training settings with a step count chosen so that training takes about
+the same wall-clock time on two idle cores (``seconds_per_step`` measured there, bf16 autocast). Runs go through
+the library's own trainer (``block_recurrent.trainer.train``); each is then scored on the whole held-out split
+(96 files, 1.41 M bytes) with ``evaluate_corpus`` and compared with gzip -9 on the same files, one by one.
+With ``--jobs 2`` two runs share the machine, one thread each: step counts are fixed, so results do not depend
+on the sharing; only the printed wall-clock does. Prints a markdown table and writes runs/recipes/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BYTE_MODEL = dict(num_tokens=256, heads=4, all_layers_qk_rmsnorm=True)
+CANDIDATES = {
+    # the probe of the issue: small and fast, many steps
+    "w128d4": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
+                              recurrent_layers=(2,)), train=dict(batch_size=16, lr=3e-3), steps=1100),
+    "w128d4-t4": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
+                                 recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=3e-3), steps=1100),
+    "w192d4": dict(model=dict(dim=192, depth=4, dim_head=48, max_seq_len=128, block_width=64, num_state_vectors=64,
+                              recurrent_layers=(2,)), train=dict(batch_size=16, lr=3e-3), steps=790),
+    "w128d6": dict(model=dict(dim=128, depth=6, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
+                              recurrent_layers=(3,)), train=dict(batch_size=16, lr=3e-3), steps=790),
+    # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
+    "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
+                                 recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),
+                      steps=300),
+}
+
+
+def gzip_bits_per_byte() -> float:
+    from block_recurrent.data import builtin_documents, split_documents
+
+    _, held_out = split_documents(builtin_documents())
+    raw = [doc.text.encode() for doc in held_out]
+    return 8 * sum(len(gzip.compress(b, 9)) for b in raw) / sum(len(b) for b in raw)
+
+
+def run(name: str, seed: int, threads: int, out: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from block_recurrent import BlockRecurrentConfig
+    from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
+    from block_recurrent.evaluation import evaluate_corpus
+    from block_recurrent.checkpoint import from_pretrained
+    from block_recurrent.trainer import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    spec = CANDIDATES[name]
+    model_config = BlockRecurrentConfig(**{**BYTE_MODEL, **spec["model"]})
+    run_dir = Path(out) / f"{name}-seed{seed}"
+    config = TrainConfig(**{**spec["train"], "max_steps": spec["steps"], "warmup_steps": 30, "seed": seed,
+                            "bf16": True, "out_dir": str(run_dir), "eval_every": 0, "checkpoint_every": 0,
+                            "sample_tokens": 0, "progress": False, "keep_last": 1})
+    started = time.perf_counter()
+    last = train(model_config, config)
+    trained = time.perf_counter() - started
+    model = from_pretrained(run_dir)
+    held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = evaluate_corpus(model, held_out)
+    return {"name": name, "seed": seed, "steps": spec["steps"], "train_s": round(trained, 1),
+            "eval_s": round(time.perf_counter() - started, 1), "train_bpb": last.get("bpb"),
+            "held_out_bpb": scores["bpb"], "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (1: two threads)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
+    args = parser.parse_args()
+
+    jobs = [(name, seed, 1 if args.jobs > 1 else 2, args.out) for name in args.only for seed in args.seeds]
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        results = pool.starmap(run, jobs)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "results.jsonl", "a") as handle:
+        for result in results:
+            handle.write(json.dumps(result) + "\n")
+    print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s; gzip -9 per file: {gzip_bits_per_byte():.3f} "
+          "bits per byte on the same held-out files\n")
+    print("| candidate | seed | steps | parameters | train s | eval s | held-out bits per byte |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['seed']} | {r['steps']} | {r['parameters'] / 1e6:.2f} M | {r['train_s']} | "
+              f"{r['eval_s']} | {r['held_out_bpb']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
