@@ -53,7 +53,8 @@ TRAIN_HELP = {
     "state_dropout": "chance per segment to start it with the initial state",
     "seed": "seed of the weights, the data order and dropout",
     "device": "auto, cpu, cuda, cuda:N",
-    "bf16": "bfloat16 autocast (CUDA, or a CPU with native bf16): state, gates and loss stay float32",
+    "bf16": "bfloat16 autocast; state, gates and loss stay float32 (default: on where bf16 is native: CUDA, CPUs "
+            "with AVX-512 BF16 or AMX)",
     "compile": "torch.compile the layers (CUDA only)",
     "out_dir": "run folder: checkpoints, metrics.jsonl, loss_curve.png",
     "log_every": "steps between metric lines (loss and bits per byte averaged over them)",
@@ -95,7 +96,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         help_text = TRAIN_HELP.get(field.name, "")
         if "default" not in help_text:
             help_text += f" (default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or "bool" in str(field.type):  # bool, or bool | None (None: auto)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = str if default is None else _finite_float if isinstance(default, float) else type(default)
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text file, .gz or folder; default: the built-in corpus's validation documents")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
     evaluate.add_argument("--batch-size", type=int, default=8, help="documents scored side by side (default: 8)")
-    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster where the CPU has native "
-                                                                   "bf16; scores change in the third decimal)")
+    evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                          help="bfloat16 autocast (default: on where bf16 is native; scores move in the third decimal)")
     evaluate.add_argument("--device", default="auto")
     return parser
 
@@ -300,6 +301,7 @@ def _prompt_text(args: argparse.Namespace) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .checks import check_int
+    from .distributed import resolve_bf16
     from .data import TokenCorpus, builtin_documents, path_documents, split_documents
     from .evaluation import evaluate_corpus
 
@@ -309,7 +311,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     check_int("--batch-size", args.batch_size, 1)
-    with _autocast(args.bf16, model.device):  # raises when nothing would be scored
+    with _autocast(resolve_bf16(args.bf16, model.device), model.device):  # raises when nothing would be scored
         result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
           f"({result['documents']} of {len(corpus)} documents)")

@@ -49,7 +49,9 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
-    bf16: bool = False  # bfloat16 autocast (CUDA, or a CPU with native bf16); state, gates and loss stay float32
+    # bfloat16 autocast; None (auto): on where bf16 is native (CUDA, AVX-512 BF16 / AMX CPUs). State, gates and
+    # loss stay float32
+    bf16: bool | None = None
     compile: bool = False  # torch.compile the layers (CUDA only)
 
     # output: metrics, loss curve, samples and checkpoints all go to out_dir
@@ -91,7 +93,9 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, 0.0)
         check_float("xl_memories_dropout", self.xl_memories_dropout, 0.0, 1.0)
         check_float("state_dropout", self.state_dropout, 0.0, 1.0)
-        for name in ("bf16", "compile", "progress", "allow_data_change", "final_eval"):
+        if self.bf16 is not None:
+            check_bool("bf16", self.bf16)
+        for name in ("compile", "progress", "allow_data_change", "final_eval"):
             check_bool(name, getattr(self, name))
 
     # settings a resumed run may change: logging and schedule, and how the same global rows are split into

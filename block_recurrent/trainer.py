@@ -40,7 +40,7 @@ from .checkpoint import (
 )
 from .config import BlockRecurrentConfig
 from .data import BATCHERS, ByteTokenizer, TokenCorpus, fingerprint, load_documents, load_tokenizer, path_documents, split_documents
-from .distributed import Distributed, resolve_device
+from .distributed import Distributed, resolve_bf16, resolve_device
 from .evaluation import evaluate_corpus
 from .model import BlockRecurrentTransformer
 from .run_loop import RunLoop
@@ -71,6 +71,7 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.dist = distributed or Distributed.from_env()
         self.device = resolve_device(config.device, self.dist.local_rank)
+        self.bf16 = resolve_bf16(config.bf16, self.device)  # None: on where bf16 is native
         if config.compile and self.device.type != "cuda":
             raise ValueError("compile is for CUDA devices; this run is on the CPU (leave it off)")
         self.model_config, self.config = model_config, config
@@ -147,7 +148,7 @@ class Trainer:
     # one step
 
     def _autocast(self):
-        if self.config.bf16:
+        if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

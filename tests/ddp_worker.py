@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 data, out, batch_size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 distributed = Distributed.from_env()
 config = TrainConfig(data=data, out_dir=str(out / "run"), batch_size=batch_size, segments=2, warmup_steps=1,
-                     eval_every=0, checkpoint_every=0, progress=False, lr=3e-3)
+                     eval_every=0, checkpoint_every=0, progress=False, lr=3e-3, bf16=False, final_eval=False)
 trainer = Trainer(BlockRecurrentConfig.from_name("tiny"), config, distributed=distributed)
 losses = [trainer.train_step()["loss"]]
 grads = {f"grad.{n}": p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

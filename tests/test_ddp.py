@@ -26,7 +26,7 @@ def write_corpus(folder):
 
 def single_process(data, out, batch_size):
     return TrainConfig(data=str(data), out_dir=str(out), batch_size=batch_size, segments=2, warmup_steps=1,
-                         eval_every=0, checkpoint_every=0, progress=False, lr=3e-3)
+                         eval_every=0, checkpoint_every=0, progress=False, lr=3e-3, bf16=False, final_eval=False)
 
 
 def test_two_gloo_ranks_equal_one_rank_on_the_combined_batch_and_resume(tmp_path):
@@ -68,7 +68,7 @@ def test_torchrun_cli_writes_one_checkpoint_that_resumes_on_one_process(tmp_path
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "block_recurrent", "train", "--preset", "tiny", "--data", str(data), "--out-dir", str(run),
                "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--eval-tokens", "300",
-               "--sample-tokens", "4", "--no-progress"]
+               "--sample-tokens", "4", "--no-progress", "--no-bf16", "--no-final-eval"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("checkpoints in") == 2  # both ranks finish; only rank 0 wrote

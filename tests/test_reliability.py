@@ -54,7 +54,8 @@ def tiny_run(corpus, run, *extra):
 
 def settings(tmp_path, **changes):
     base = dict(data=str(write_corpus(tmp_path / "data")), out_dir=str(tmp_path / "run"), batch_size=2,
-                max_steps=3, warmup_steps=1, eval_every=0, checkpoint_every=1, log_every=1, progress=False)
+                max_steps=3, warmup_steps=1, eval_every=0, checkpoint_every=1, log_every=1, progress=False,
+                final_eval=False, bf16=False)
     return TrainConfig(**{**base, **changes})
 
 

@@ -42,7 +42,7 @@ def settings(tmp_path, **changes):
     data = write_corpus(tmp_path / "data")
     base = dict(data=str(data), out_dir=str(tmp_path / "run"), batch_size=2, segments=2, max_steps=6,
                 warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, progress=False, lr=3e-3,
-                final_eval=False)
+                final_eval=False, bf16=False)
     return TrainConfig(**{**base, **changes})
 
 
