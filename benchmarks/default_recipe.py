@@ -39,6 +39,9 @@ CANDIDATES = {
                               recurrent_layers=(2,)), train=dict(batch_size=16, lr=3e-3), steps=790),
     "w128d6": dict(model=dict(dim=128, depth=6, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
                               recurrent_layers=(3,)), train=dict(batch_size=16, lr=3e-3), steps=790),
+    # the chosen default: the mini preset and TrainConfig's defaults, exactly what `brt train` runs
+    "mini": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
+                            recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=3e-3), steps=1000),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),

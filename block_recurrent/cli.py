@@ -26,7 +26,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS
 
-DEFAULT_PRESET = "small"
+DEFAULT_PRESET = "mini"
 
 TRAIN_HELP = {
     "data": "text file, .gz file or folder of them (default: the Python standard library's sources)",

@@ -88,7 +88,7 @@ def test_conflicting_and_mismatched_runs(tmp_path, corpus, capsys):
     assert brt("train", "--resume", "--out-dir", run, "--preset", "small") == 2
     assert "another model config" in capsys.readouterr().err
     assert brt("train", "--resume", "--out-dir", run, "--lr", "0.5") == 2
-    assert "lr: checkpoint 0.002, now 0.5" in capsys.readouterr().err
+    assert "lr: checkpoint 0.003, now 0.5" in capsys.readouterr().err  # the default lr, from the checkpoint
     with pytest.raises(SystemExit):  # argparse: --preset and --model-config exclude each other
         brt("train", "--preset", "tiny", "--model-config", tmp_path / "c.json")
 
