@@ -103,7 +103,7 @@ def main() -> None:
             scores = evaluate_corpus(model, held_out, max_tokens=max_tokens, batch_size=batch_size)
             seconds = time.perf_counter() - start
         rate = scores["tokens"] / seconds
-        whole = held_out.num_tokens / rate
+        whole = held_out.token_count / rate
         rows.append((name, rate, whole, scores["bpb"], scores["tokens"]))
         print(f"  {name}: {rate:.0f} tok/s", file=sys.stderr, flush=True)
 
@@ -117,7 +117,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
 
     print(f"model {label} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), held-out split "
-          f"{held_out.num_tokens} tokens in {len(held_out)} files, torch {torch.__version__}, {args.threads} threads; "
+          f"{held_out.token_count} tokens in {len(held_out)} files, torch {torch.__version__}, {args.threads} threads; "
           f"{elapsed:.0f} s in all\n")
     print("| scoring | tokens/s | whole split, s | vs training tok/s | bits per byte (tokens scored) |")
     print("|---|---:|---:|---:|---:|")
@@ -126,7 +126,7 @@ def main() -> None:
     print(f"| training step (forward + backward + AdamW), float32 | {train:.0f} | | 1.0x | |")
     if reference is not None:
         print(f"| reference 0.4.4, wrapper forward without gradients, float32, 64 K tokens | {reference:.0f} "
-              f"| {held_out.num_tokens / reference:.0f} | {reference / train:.1f}x | |")
+              f"| {held_out.token_count / reference:.0f} | {reference / train:.1f}x | |")
 
 
 if __name__ == "__main__":

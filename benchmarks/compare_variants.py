@@ -188,7 +188,7 @@ def run(budget: Budget, data: str | None = None, names: list[str] | None = None,
     train_docs, val_docs = split_documents(load_documents(data))
     train, val = (TokenCorpus.from_documents(d, ByteTokenizer()) for d in (train_docs, val_docs))
     _CORPORA[str(data)] = (train, val)
-    log(f"corpus: {train.num_tokens:,} training bytes, {val.num_tokens:,} held-out bytes in {len(val)} documents")
+    log(f"corpus: {train.token_count:,} training bytes, {val.token_count:,} held-out bytes in {len(val)} documents")
     units = [("corpus", name, budget, data, corpus_seed) for name in names]
     units += [("recall", name, budget, data, seed) for name in names for seed in budget.recall_seeds]
     if jobs > 1:

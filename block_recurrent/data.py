@@ -273,12 +273,12 @@ class TokenCorpus:
         return len(self.names)
 
     @property
-    def num_tokens(self) -> int:
+    def token_count(self) -> int:
         return int(self.offsets[-1])
 
     @property
     def bytes_per_token(self) -> float:
-        return self.num_bytes / self.num_tokens
+        return self.num_bytes / self.token_count
 
     def document(self, index: int) -> np.ndarray:
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
@@ -339,7 +339,7 @@ class DocumentStreams:
         if len(corpus) < total_rows:
             corpus = corpus.cut(-(-total_rows // len(corpus)))  # more rows than documents: cut documents
         if len(corpus) < total_rows:
-            raise ValueError(f"data: {corpus.num_tokens} tokens cannot feed {total_rows} document streams")
+            raise ValueError(f"data: {corpus.token_count} tokens cannot feed {total_rows} document streams")
         self.corpus = corpus
         self.rows, self.row_offset, self.total_rows = rows, row_offset, total_rows
         self.seed, self.ignore_index = seed, ignore_index

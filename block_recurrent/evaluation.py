@@ -255,7 +255,7 @@ def evaluate_corpus(
     world_size-th document and the sums are all-reduced. Raises ValueError when nothing would be scored (no
     document of at least 2 tokens within the budget).
     """
-    docs, budget = [], corpus.num_tokens if max_tokens is None else max_tokens
+    docs, budget = [], corpus.token_count if max_tokens is None else max_tokens
     share = None if max_tokens is None or not spread else max(2, max_tokens // max(len(corpus), 1))
     for i in range(len(corpus)):
         doc = corpus.document(i)[: budget if share is None else share]

@@ -120,7 +120,7 @@ class Trainer:
             self.train_corpus, rows, row_offset=self.dist.rank * rows, total_rows=self.dist.world_size * rows,
             seed=config.seed, ignore_index=model_config.ignore_index,
         )
-        self.window = config.segments * model_config.max_seq_len
+        self.step_length = config.segments * model_config.max_seq_len  # tokens per row per step
 
         # 2. model and optimiser; every rank seeds alike, so every rank starts from the same weights
         torch.manual_seed(config.seed)
@@ -158,7 +158,7 @@ class Trainer:
         lr = lr_at(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.batcher.next_batch(self.window)
+        batch = self.batcher.next_batch(self.step_length)
         micro = [batch.rows(m * config.batch_size, (m + 1) * config.batch_size) for m in range(config.grad_accum)]
 
         # every label token of the step, over micro-batches and ranks, weighs 1 / total

@@ -101,7 +101,7 @@ def test_more_rows_than_documents_cuts_documents():
     corpus = unique_corpus([40, 30])
     streams = DocumentStreams(corpus, 5)
     assert len(streams.corpus) >= 5
-    assert streams.corpus.num_tokens == 70
+    assert streams.corpus.token_count == 70
 
 
 def test_random_crops_are_shifted_windows_reset_every_step():
@@ -145,7 +145,7 @@ def test_files_folders_and_gz(tmp_path):
                                                      "sub/b.md": "héllo\n"}
     assert path_documents(tmp_path / "c.txt.gz")[0].text == "zipped text\n"
     corpus = TokenCorpus.from_documents(documents, ByteTokenizer())
-    assert corpus.num_bytes == corpus.num_tokens == len("hello world\nzipped text\nhéllo\n".encode())
+    assert corpus.num_bytes == corpus.token_count == len("hello world\nzipped text\nhéllo\n".encode())
 
 
 def test_bad_data_paths_give_clear_errors(tmp_path):

@@ -259,7 +259,7 @@ def test_validation_samples_every_file_and_the_run_ends_with_the_whole_split_bes
     result = trainer.fit()
     trainer.close()
     whole = evaluate_corpus(trainer.model, corpus)
-    assert result["held_out_tokens"] == whole["tokens"] == corpus.num_tokens - len(corpus)
+    assert result["held_out_tokens"] == whole["tokens"] == corpus.token_count - len(corpus)
     assert result["held_out_bpb"] == pytest.approx(whole["bpb"], rel=1e-6)
     texts = [corpus.document(i).astype("uint8").tobytes() for i in range(len(corpus))]
     import gzip
