@@ -251,19 +251,25 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts_jsonl(path: str) -> list[str]:
-    """The "prompt" of every line of a JSON Lines file (``-``: standard input)."""
-    where = f"--prompts {path}"
+def _read_text_input(path: str, where: str) -> str:
+    """The UTF-8 text of a file named on the command line (``-``: standard input), or a one-line ValueError."""
     try:
-        lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{where}: is a folder, not a file") from None
     except UnicodeDecodeError:
         raise ValueError(f"{where}: not UTF-8 text") from None
+    except OSError as error:
+        raise ValueError(f"{where}: {error.strerror}") from None
+
+
+def _prompts_jsonl(path: str) -> list[str]:
+    """The "prompt" of every line of a JSON Lines file (``-``: standard input)."""
+    where = f"--prompts {path}"
     texts = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(_read_text_input(path, where).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -284,16 +290,7 @@ def _prompt_text(args: argparse.Namespace) -> str:
         text, where = args.prompt, "--prompt"
     else:
         where = f"--prompt-file {args.prompt_file}"
-        try:
-            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"{where}: no such file") from None
-        except IsADirectoryError:
-            raise ValueError(f"{where}: is a folder, not a file") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{where}: not UTF-8 text") from None
-        except OSError as error:
-            raise ValueError(f"{where}: {error.strerror}") from None
+        text = _read_text_input(args.prompt_file, where)
     if not text:
         raise ValueError(f"{where}: the prompt is empty")
     return text
