@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a trained model (default: brt train's default preset, random weights)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--one-at-a-time-tokens", type=int, default=200_000,
                         help="the one-document-at-a-time row scores this many tokens (its rate is what counts)")
     args = parser.parse_args()

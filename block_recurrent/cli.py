@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None,
                           help="text file, .gz or folder; default: the built-in corpus's validation documents")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="documents scored side by side (default: 8)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="documents scored side by side (default: 16)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                           help="bfloat16 autocast (default: on where bf16 is native; scores move in the third decimal)")
     evaluate.add_argument("--device", default="auto")

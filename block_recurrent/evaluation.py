@@ -157,7 +157,7 @@ def evaluate_documents(
     model: BlockRecurrentTransformer,
     documents: Sequence[Tensor],
     *,
-    batch_size: int = 8,
+    batch_size: int = 16,
     segment_len: int | None = None,
     bytes_per_token: float = 1.0,
     bucket_size: int | None = None,
@@ -244,7 +244,7 @@ def evaluate_documents(
 
 def evaluate_corpus(
     model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
-    distributed: "Distributed | None" = None, batch_size: int = 8, spread: bool = False,
+    distributed: "Distributed | None" = None, batch_size: int = 16, spread: bool = False,
 ) -> dict[str, float]:
     """Loss and bits per byte over a corpus's documents, each scored from a fresh state, ``batch_size`` side by
     side (:func:`evaluate_documents`).

@@ -80,6 +80,10 @@ class BlockRecurrentTransformer(nn.Module):
         return self.token_emb.weight.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.token_emb.weight.dtype
+
+    @property
     def cells(self) -> list[RecurrentStateCell]:
         """The state cells, in the order of ``config.recurrent_layers``."""
         return [self.layers[layer - 1].attn.cell for layer in self.config.recurrent_layers]

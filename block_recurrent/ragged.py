@@ -66,20 +66,21 @@ def check_prompts(prompts, num_tokens: int) -> list[Tensor]:
 # rows of states with different histories in one batch
 
 
-def _padded(model, state: ModelState, batch_size: int, like: Tensor) -> ModelState:
+def _padded(model, state: ModelState, batch_size: int) -> ModelState:
     """``state`` with every memory left-padded to max_memory_len (invalid slots) and every state a tensor."""
     config = model.config
-    length, width = config.max_memory_len, config.kv_dim
+    length, width, device = config.max_memory_len, config.kv_dim, model.device
     memories = []
     for memory in state.memories:
         if memory is None:
-            memory = XLMemory(like.new_zeros(batch_size, 0, width), like.new_zeros(batch_size, 0, width))
+            empty = torch.zeros(batch_size, 0, width, dtype=model.dtype, device=device)
+            memory = XLMemory(empty, empty)
         valid = memory.valid
         if valid is None:
-            valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=like.device)
+            valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=device)
         missing = length - memory.length
         if missing:
-            pad = like.new_zeros(batch_size, missing, width, dtype=memory.keys.dtype)
+            pad = torch.zeros(batch_size, missing, width, dtype=memory.keys.dtype, device=device)
             memory = XLMemory(
                 torch.cat((pad, memory.keys), dim=1), torch.cat((pad, memory.values), dim=1),
                 torch.cat((valid.new_zeros(batch_size, missing), valid), dim=1),
@@ -162,8 +163,7 @@ def ragged_prefill(model, prompts: Sequence[Tensor]) -> tuple[Tensor, RaggedDeco
     tokens = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=prompts[0].device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    like = model.token_emb.weight
-    committed = _padded(model, ModelState.empty(config), B, like)
+    committed = _padded(model, ModelState.empty(config), B)
     last: list[Tensor | None] = [None] * B  # each row's hidden state after its last prompt token
 
     # 1. whole blocks, batched over the rows that still have one (their blocks are aligned)
@@ -175,7 +175,7 @@ def ragged_prefill(model, prompts: Sequence[Tensor]) -> tuple[Tensor, RaggedDeco
         device_rows = rows.to(tokens.device)
         x = model.embed(tokens[device_rows, block * W : (block + 1) * W])
         hidden, state = model.forward_block(x, committed.select_rows(device_rows))
-        committed = _set_rows(committed, device_rows, _padded(model, state, len(rows), like))
+        committed = _set_rows(committed, device_rows, _padded(model, state, len(rows)))
         for i, row in enumerate(rows.tolist()):
             if lengths[row] == (block + 1) * W:
                 last[row] = hidden[i, -1]
@@ -219,7 +219,7 @@ def ragged_step(model, tokens: Tensor, rs: RaggedDecodeState) -> tuple[Tensor, R
     if full.numel():
         committed, views, block_caches = _rows_of(rs, full)
         done = model.commit_block(committed, views, block_caches)  # exactly as forward_block commits
-        done = _padded(model, done, full.shape[0], model.token_emb.weight)
+        done = _padded(model, done, full.shape[0])
         rs = RaggedDecodeState(_set_rows(rs.committed, full, done), rs.views, caches)
         _reopen_rows(model, rs, full, done)
     return model.logits(hidden[:, -1]), rs
