@@ -142,10 +142,14 @@ def _reopen_rows(model, rs: RaggedDecodeState, rows: Tensor, committed: ModelSta
         cache.filled[rows] = 0
 
 
+def _view_rows(views: tuple[StateView, ...], rows: Tensor) -> tuple[StateView, ...]:
+    return tuple(StateView(*(t[rows] for t in view)) for view in views)
+
+
 def _rows_of(rs: RaggedDecodeState, rows: Tensor) -> tuple[ModelState, tuple[StateView, ...], tuple[LayerCache, ...]]:
     """The committed state, views and full-block caches of ``rows``, as a batch of their own."""
     W = rs.caches[0].raw_keys.shape[1]
-    views = tuple(StateView(*(t[rows] for t in view)) for view in rs.views)
+    views = _view_rows(rs.views, rows)
     caches = tuple(
         c._replace(keys=c.keys[rows], values=c.values[rows], raw_keys=c.raw_keys[rows], filled=W) for c in rs.caches
     )
@@ -190,7 +194,7 @@ def ragged_prefill(model, prompts: Sequence[Tensor]) -> tuple[Tensor, RaggedDeco
         device_rows = rows.to(tokens.device)
         starts = lengths[rows] - tail
         x = model.embed(torch.stack([tokens[r, s : s + tail] for r, s in zip(rows.tolist(), starts.tolist())]))
-        sub_views = tuple(StateView(*(t[device_rows] for t in view)) for view in views)
+        sub_views = _view_rows(views, device_rows)
         sub_caches = tuple(
             c._replace(keys=c.keys[device_rows, :, : c.memory_len], values=c.values[device_rows, : c.memory_len],
                        raw_keys=None, filled=0, written=[0], mask=c.mask[device_rows],

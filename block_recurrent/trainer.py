@@ -22,7 +22,6 @@ The run folder belongs to one process at a time: rank 0 locks it for the trainer
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import warnings
@@ -39,7 +38,10 @@ from .checkpoint import (
     load_training_checkpoint, newest_intact_checkpoint, optimizer_from_tensors, save_training_checkpoint,
 )
 from .config import BlockRecurrentConfig
-from .data import BATCHERS, ByteTokenizer, TokenCorpus, fingerprint, load_documents, load_tokenizer, path_documents, split_documents
+from .data import (
+    BATCHERS, TokenCorpus, fingerprint, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents,
+    split_documents,
+)
 from .distributed import Distributed, resolve_bf16, resolve_device
 from .evaluation import evaluate_corpus
 from .model import BlockRecurrentTransformer
@@ -109,6 +111,7 @@ class Trainer:
         }
         self.train_corpus = TokenCorpus.from_documents(train_docs, self.tokenizer)
         self.val_corpus = TokenCorpus.from_documents(val_docs, self.tokenizer)
+        self.val_documents = val_docs  # their text, for gzip's figure at the end of a run
         longest = max(len(self.val_corpus.document(i)) for i in range(len(self.val_corpus)))
         if config.eval_every and longest < 2:  # a validation would score no token at all
             raise ValueError(
@@ -215,10 +218,7 @@ class Trainer:
 
     def held_out_gzip_bpb(self) -> float:
         """gzip -9's bits per byte on the held-out documents, each compressed alone, as the model reads them."""
-        texts = [self.tokenizer.decode(self.val_corpus.document(i).tolist()).encode("utf-8", "surrogateescape")
-                 if not isinstance(self.tokenizer, ByteTokenizer) else self.val_corpus.document(i).astype("uint8").tobytes()
-                 for i in range(len(self.val_corpus))]
-        return 8 * sum(len(gzip.compress(t, 9)) for t in texts) / max(sum(len(t) for t in texts), 1)
+        return gzip_bits_per_byte(self.val_documents)
 
     def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""
