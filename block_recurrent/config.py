@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import check_bool, check_float, check_int
+from .checks import check_bool, check_choice, check_float, check_int
 
 
 def _as_layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
@@ -94,7 +94,9 @@ class BlockRecurrentConfig:
     # accepted for the reference's constructor, with a warning when True: attention always runs through SDPA,
     # which chooses flash kernels itself where the device allows
     use_flash_attn: bool = False
-    attn_implementation: str = "sdpa"  # "sdpa" (fused kernels) or "math" (the plain path tests check it against)
+    # "auto" (the faster of "sdpa" and "matmul" for the call, see attention.MATMUL_MAX_LOGITS), "sdpa" (torch's fused
+    # kernels), "matmul" (two matrix products), or "math" (the plain path the others are tested against)
+    attn_implementation: str = "auto"
     rotary_theta: float = 10000.0
     xpos_scale_base: float = 512.0
 
@@ -190,8 +192,7 @@ class BlockRecurrentConfig:
         # (a config read back from its own JSON passes read_recurrent_layers equal to recurrent_layers)
         if self.state_feedback and read != recurrent:
             raise ValueError("state_feedback makes every layer read every state; do not also pass read_recurrent_layers")
-        if self.attn_implementation not in ("sdpa", "math"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'math', got {self.attn_implementation!r}")
+        check_choice("attn_implementation", self.attn_implementation, ("auto", "sdpa", "matmul", "math"))
         check_float("rotary_theta", self.rotary_theta, 1.0)
         check_float("xpos_scale_base", self.xpos_scale_base, 1.0)
         if self.use_compressed_mem:
@@ -281,11 +282,12 @@ class BlockRecurrentConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # brt train's default: the most held-out bits per byte in five minutes on two CPU cores among the recipes
-    # of benchmarks/default_recipe.py (docs/training.md). Every layer L2-normalises its attention with an initial
-    # temperature of 4: with 1, logits of cosine similarities in [-1, 1] start nearly uniform, and the same run
-    # scored 2.28 instead of 2.16 bits per byte on the held-out split
-    "mini": dict(num_tokens=256, dim=128, depth=4, dim_head=32, heads=4, max_seq_len=128, block_width=64,
-                 num_state_vectors=64, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
+    # of benchmarks/default_recipe.py (docs/training.md). Blocks of 16 bytes, so that a step of 2,048 bytes reads
+    # 128 documents side by side (16 rows of 128 bytes: 2.23-2.29 bits per byte; 128 rows of 16: 1.97-2.00 at
+    # equal steps). Every layer L2-normalises its attention with an initial temperature of 4: with 1, logits of
+    # cosine similarities in [-1, 1] start nearly uniform, and the same run scored 2.28 instead of 2.16
+    "mini": dict(num_tokens=256, dim=128, depth=4, dim_head=32, heads=4, max_seq_len=16, block_width=16,
+                 num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
     # a few seconds per step on a laptop CPU; for tests and smoke runs
     "tiny": dict(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64, block_width=32,
                  num_state_vectors=16, recurrent_layers=(1,)),

@@ -269,9 +269,10 @@ def test_every_recurrent_parameter_gets_gradient():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "matmul"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_sdpa_equals_plain_attention(variant):
-    sdpa = make_model(**VARIANTS[variant])
+def test_fast_attention_equals_plain_attention(variant, implementation):
+    sdpa = make_model(**VARIANTS[variant], attn_implementation=implementation)
     plain = make_model(**VARIANTS[variant], attn_implementation="math")
     plain.load_state_dict(sdpa.state_dict())
     tokens = random_tokens(3, 24)
@@ -358,9 +359,22 @@ def test_grouped_key_value_heads_match_a_per_head_loop(kv_heads):
         kh, vh = k[:, h // (H // kv_heads)], v[:, h // (H // kv_heads)]
         logits = (q[:, h] @ kh.transpose(-1, -2)) * 0.5 + bias[h]
         expected[:, h] = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ vh
-    for implementation in ("sdpa", "math"):
+    for implementation in ("sdpa", "matmul", "math", "auto"):
         out = attend(q, k, v, mask, scale=0.5, bias=bias, implementation=implementation)
         assert_close(out, expected)
+    # batched masks and biases (ragged decoding), and gradients, on the two fast paths
+    batched_mask = torch.rand(B, 1, N, J, generator=g) < 0.7
+    batched_mask[..., 0] = True
+    batched_bias = torch.randn(B, H, N, J, generator=g, dtype=torch.float64)
+    grads = {}
+    for implementation in ("sdpa", "matmul", "math"):
+        qg = q.clone().requires_grad_()
+        out = attend(qg, k, v, batched_mask, scale=0.5, bias=batched_bias, implementation=implementation)
+        out.square().sum().backward()
+        grads[implementation] = (out.detach(), qg.grad)
+    for implementation in ("sdpa", "matmul"):
+        assert_close(grads[implementation][0], grads["math"][0])
+        assert_close(grads[implementation][1], grads["math"][1])
 
 
 @pytest.mark.parametrize("variant", ["lstm_dual"])
@@ -534,3 +548,26 @@ def test_gate_keep_init_sets_the_fixed_gates_bias():
     assert torch.equal(cell.ff_gate.keep_bias, cell.gate.keep_bias)
     default = make_model().layers[1].attn.cell.gate.keep_bias
     assert 0.0 < default.std() < 0.3 and not torch.all(default == default[0])
+
+
+def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_on_the_cpu(monkeypatch):
+    """The choice measured in benchmarks/bench_attention.py: matmul under autograd in bf16, sdpa otherwise."""
+    from block_recurrent import attention
+
+    taken = []
+    real = attention._attend_matmul
+    monkeypatch.setattr(attention, "_attend_matmul", lambda *a: taken.append("matmul") or real(*a))
+    q = torch.randn(2, 4, 8, 16, requires_grad=True)
+    k = v = torch.randn(2, 1, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.attend(q, k, v, scale=0.25)
+        assert taken == ["matmul"]
+        with torch.no_grad():
+            attention.attend(q, k, v, scale=0.25)  # inference: the fused kernel
+        assert taken == ["matmul"]
+    attention.attend(q, k, v, scale=0.25)  # float32 training: the fused kernel
+    assert taken == ["matmul"]
+    monkeypatch.setattr(attention, "MATMUL_MAX_LOGITS", 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.attend(q, k, v, scale=0.25)  # past the size threshold: the fused kernel
+    assert taken == ["matmul"]
