@@ -83,7 +83,7 @@ def eval_no_grad(model: nn.Module):
 
 
 def _open_block(model, committed: ModelState, batch_size: int) -> DecodeState:
-    views, caches = model.start_block(committed, batch_size)
+    views, caches = model.start_block(committed, batch_size, token_by_token=True)
     return DecodeState(committed, views, caches, batch_size)
 
 

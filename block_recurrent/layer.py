@@ -53,7 +53,7 @@ class LayerCache(NamedTuple):
     # the layer's input projections side by side and transposed, (D, H dh + 2 kv_dim + reads * H dh): one matrix
     # product per call for queries, keys, values and state-read queries; and the feed-forward's input projection,
     # transposed. Contiguous copies when decoding (a vector times a contiguous (D, out) matrix was 1.2-3x faster
-    # on the CPU than F.linear), views under autograd
+    # on the CPU than F.linear) when the block is decoded token by token, views otherwise
     in_proj: Tensor
     ff_in: Tensor
 
@@ -131,9 +131,11 @@ class AttentionBlock(nn.Module):
         self.cell = RecurrentStateCell(config) if self.is_recurrent else None
 
     def start_block(
-        self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, ff: FeedForward
+        self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, ff: FeedForward,
+        token_by_token: bool = False,
     ) -> LayerCache:
-        """The cache for a block that starts after ``memory``: everything that is the same for all its tokens."""
+        """The cache for a block that starts after ``memory``: everything that is the same for all its tokens.
+        ``token_by_token``: keep contiguous copies of the input projections (see :meth:`model.start_block`)."""
         M = 0 if memory is None else memory.length
         keys = values = None
         if memory is not None:
@@ -148,7 +150,9 @@ class AttentionBlock(nn.Module):
         read_keys = tuple(read.prepare_keys(views[i]) for read, i in zip(self.state_reads, self.reads))
         in_proj = torch.cat([self.to_q.weight, self.to_kv.weight, *(r.to_queries.weight for r in self.state_reads)])
         in_proj, ff_in = in_proj.t(), ff.proj_in.weight.t()  # (D, outputs)
-        if not torch.is_grad_enabled():
+        if token_by_token and not torch.is_grad_enabled():
+            # copied once per block for its block_width decoding calls; evaluation would copy once per call
+            # (13% of its time with blocks of 16)
             in_proj, ff_in = in_proj.contiguous(), ff_in.contiguous()
         return LayerCache(keys, values, None, M, 0, [0], mask, bias, empty, read_keys, in_proj, ff_in)
 
@@ -286,8 +290,10 @@ class TransformerLayer(nn.Module):
         self.attn = AttentionBlock(config, layer)
         self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout, config.ff_activation)
 
-    def start_block(self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos) -> LayerCache:
-        return self.attn.start_block(memory, views, rotary, self.ff)
+    def start_block(
+        self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, token_by_token: bool = False
+    ) -> LayerCache:
+        return self.attn.start_block(memory, views, rotary, self.ff, token_by_token)
 
     def forward(
         self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None

@@ -108,7 +108,7 @@ def _set_rows(state: ModelState, rows: Tensor, part: ModelState) -> ModelState:
 def _open(model, committed: ModelState, batch_size: int) -> tuple[tuple[StateView, ...], tuple[LayerCache, ...]]:
     """Every row's block at position 0, in block-sized buffers (zeros where nothing is written yet, so that
     slots no row sees never hold a NaN that a zero attention weight would still propagate)."""
-    views, caches = model.start_block(committed, batch_size)
+    views, caches = model.start_block(committed, batch_size, token_by_token=True)
     views = tuple(StateView(*(t.clone() for t in view)) for view in views)  # rows are rewritten in place
     W = model.config.block_width
     opened = []
@@ -126,7 +126,7 @@ def _open(model, committed: ModelState, batch_size: int) -> tuple[tuple[StateVie
 
 def _reopen_rows(model, rs: RaggedDecodeState, rows: Tensor, committed: ModelState) -> None:
     """Start the next block of ``rows`` (whose committed states are ``committed``) in rs's buffers, in place."""
-    views, caches = model.start_block(committed, rows.shape[0])
+    views, caches = model.start_block(committed, rows.shape[0], token_by_token=True)
     for view, new in zip(rs.views, views):
         for field, value in zip(view, new):
             field[rows] = value
