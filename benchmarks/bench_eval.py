@@ -6,7 +6,7 @@ and against the reference's forward pass, in one run.
 
 Rows: documents one at a time (how `brt eval` scored before), documents side by side (``evaluate_corpus``'s
 lanes, ``--batch-size``), the same under bf16 autocast; tokens/s of a training step of the same model (forward +
-backward + AdamW, 16 rows of max_seq_len); and the reference package (0.4.4, from .venv-ref, as
+backward + AdamW, as many rows of max_seq_len as ``brt train`` takes, float32 and bf16); and the reference package (0.4.4, from .venv-ref, as
 bench_train.py creates it) scoring a sample of the same text by its wrapper's forward without gradients, segment
 after segment (it has no streaming evaluation of its own). Speed does not depend on the weights.
 """
@@ -51,7 +51,8 @@ print(({tokens} // n) * n / (time.perf_counter() - start))
     return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
-def training_rate(model, rows: int = 16) -> float:
+def training_rate(model, rows: int, bf16: bool) -> float:
+    """Tokens/s of a training step of ``model`` on ``rows`` rows of max_seq_len (best of 3 after one warm-up)."""
     import torch
 
     from block_recurrent import RecurrentTrainerWrapper
@@ -63,7 +64,8 @@ def training_rate(model, rows: int = 16) -> float:
     for step in range(4):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        wrapper.forward_backward(seq)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            wrapper.forward_backward(seq)
         optimizer.step()
         if step:
             best = min(best, time.perf_counter() - start)
@@ -111,7 +113,11 @@ def main() -> None:
     timed("one document at a time, float32", 1, False, args.one_at_a_time_tokens)
     timed(f"{args.batch_size} side by side, float32", args.batch_size, False)
     timed(f"{args.batch_size} side by side, bf16 autocast", args.batch_size, True)
-    train = training_rate(model)
+    from block_recurrent.train_config import TrainConfig
+
+    train_rows = TrainConfig().batch_size
+    train = training_rate(model, train_rows, False)
+    train_bf16 = training_rate(model, train_rows, True)
     config = model.config.to_dict()
     reference = reference_forward_rate(config, 65536, args.threads)
     elapsed = time.perf_counter() - started
@@ -123,7 +129,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, rate, whole, bpb, tokens in rows:
         print(f"| {name} | {rate:.0f} | {whole:.0f} | {rate / train:.1f}x | {bpb:.4f} ({tokens}) |")
-    print(f"| training step (forward + backward + AdamW), float32 | {train:.0f} | | 1.0x | |")
+    print(f"| training step (forward + backward + AdamW), {train_rows} rows, float32 | {train:.0f} | | 1.0x | |")
+    print(f"| training step, {train_rows} rows, bf16 autocast | {train_bf16:.0f} | | {train_bf16 / train:.1f}x | |")
     if reference is not None:
         print(f"| reference 0.4.4, wrapper forward without gradients, float32, 64 K tokens | {reference:.0f} "
               f"| {held_out.token_count / reference:.0f} | {reference / train:.1f}x | |")
