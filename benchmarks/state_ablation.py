@@ -41,7 +41,7 @@ def score(model, docs, autocast) -> tuple[float, list[tuple[float, int]]]:
     total = sum(r.loss_sum for r in results) / sum(r.tokens for r in results) / math.log(2)
     sums = [[0.0, 0] for _ in RANGES]
     for r in results:
-        for start, loss, count in r.buckets:
+        for start, loss, count in r.bucket_losses:
             index = start // BUCKET
             for (low, high), acc in zip(RANGES, sums):
                 if index >= low and (high is None or index < high):

@@ -42,7 +42,7 @@ from .data import (
     BATCHERS, TokenCorpus, fingerprint, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents,
     split_documents,
 )
-from .distributed import Distributed, resolve_bf16, resolve_device
+from .distributed import Distributed, resolve_bf16, resolve_device, resolve_eval_bf16
 from .evaluation import evaluate_corpus
 from .model import BlockRecurrentTransformer
 from .run_loop import RunLoop
@@ -74,6 +74,8 @@ class Trainer:
         self.dist = distributed or Distributed.from_env()
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.bf16 = resolve_bf16(config.bf16, self.device)  # None: on where bf16 is native
+        # validation follows an explicit setting; auto also weighs the block width (scoring has no backward pass)
+        self.eval_bf16 = resolve_eval_bf16(config.bf16, self.device, model_config.block_width)
         if config.compile and self.device.type != "cuda":
             raise ValueError("compile is for CUDA devices; this run is on the CPU (leave it off)")
         self.model_config, self.config = model_config, config
@@ -150,8 +152,8 @@ class Trainer:
 
     # one step
 
-    def _autocast(self):
-        if self.bf16:
+    def _autocast(self, enabled: bool | None = None):
+        if self.bf16 if enabled is None else enabled:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -210,7 +212,7 @@ class Trainer:
     def validate(self, whole: bool = False) -> dict[str, float]:
         """Streaming loss over the held-out documents (each from a fresh state), split across ranks: the same
         sample of every file each time (``eval_tokens`` shared by the files), or with ``whole`` every token."""
-        with self._autocast():
+        with self._autocast(self.eval_bf16):
             result = evaluate_corpus(self.model, self.val_corpus, max_tokens=None if whole else self.config.eval_tokens,
                                      distributed=self.dist, spread=True)
         prefix = "held_out_" if whole else "val_"
