@@ -23,55 +23,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 BYTE_MODEL = dict(num_tokens=256, heads=4, all_layers_qk_rmsnorm=True)
+
+
+def candidate(steps: int, *, dim: int = 128, depth: int = 4, dim_head: int = 32, recurrent_layers=(2,),
+              segment: int = 128, block: int = 64, states: int | None = None, temperature: float | None = 4.0,
+              rows: int = 16, lr: float = 3e-3) -> dict:
+    """A recipe: the model (blocks of ``block``, segments of ``segment`` tokens, ``states`` state vectors,
+    default one per block token; ``temperature`` None keeps the config's default of 1) and ``rows`` x
+    ``segment`` tokens per step for ``steps`` steps."""
+    model = dict(dim=dim, depth=depth, dim_head=dim_head, max_seq_len=segment, block_width=block,
+                 num_state_vectors=block if states is None else states, recurrent_layers=recurrent_layers)
+    if temperature is not None:
+        model["qk_rmsnorm_scale"] = temperature
+    return dict(model=model, train=dict(batch_size=rows, lr=lr), steps=steps)
+
+
 CANDIDATES = {
-    # the probe of the issue: small and fast, many steps
-    "w128d4": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                              recurrent_layers=(2,)), train=dict(batch_size=16, lr=3e-3), steps=1100),
-    "w128d4-t4": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                                 recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=3e-3), steps=1100),
-    "w128d4-t4-lr6": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                                     recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=6e-3),
-                          steps=1100),
-    "w128d4-t8": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                                 recurrent_layers=(2,), qk_rmsnorm_scale=8.0), train=dict(batch_size=16, lr=3e-3), steps=1100),
-    "w192d4": dict(model=dict(dim=192, depth=4, dim_head=48, max_seq_len=128, block_width=64, num_state_vectors=64,
-                              recurrent_layers=(2,)), train=dict(batch_size=16, lr=3e-3), steps=790),
-    "w128d6": dict(model=dict(dim=128, depth=6, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                              recurrent_layers=(3,)), train=dict(batch_size=16, lr=3e-3), steps=790),
+    # first round, 16 rows x 128 tokens: the issue's probe (temperature 1), temperature, lr, size
+    "w128d4": candidate(1100, temperature=None),
+    "w128d4-t4": candidate(1100),
+    "w128d4-t4-lr6": candidate(1100, lr=6e-3),
+    "w128d4-t8": candidate(1100, temperature=8.0),
+    "w192d4": candidate(790, dim=192, dim_head=48, temperature=None),
+    "w128d6": candidate(790, depth=6, recurrent_layers=(3,), temperature=None),
     # the first chosen default (1,000 steps of 16 x 128; the mini preset before blocks of 16)
-    "mini-b64": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=128, block_width=64, num_state_vectors=64,
-                                recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=3e-3),
-                     steps=1000),
+    "mini-b64": candidate(1000),
     # the chosen default: the mini preset and TrainConfig's defaults, exactly what `brt train` runs
-    "mini": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=16, block_width=16, num_state_vectors=16,
-                            recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=128, lr=3e-3),
-                 steps=1500),
-    # longer attention context at the same cost per step: blocks of 128 or 256 bytes, 8 rows x 256 per step
-    "b128": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=256, block_width=128, num_state_vectors=64,
-                            recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=8, lr=3e-3), steps=1000),
-    "b256": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=256, block_width=256, num_state_vectors=64,
-                            recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=8, lr=3e-3), steps=1000),
-    "b128x16": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=256, block_width=128, num_state_vectors=64,
-                               recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=16, lr=3e-3),
-                    steps=550),
-    # more document streams per step, one block per segment (the same bytes per step, fewer blocks in a row)
-    "r32": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=64, block_width=64, num_state_vectors=64,
-                           recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=32, lr=3e-3), steps=1200),
-    "r64b32": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=32, block_width=32, num_state_vectors=32,
-                              recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=64, lr=3e-3),
-                   steps=1050),
-    "r128b16": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=16, block_width=16, num_state_vectors=16,
-                               recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=128, lr=3e-3),
-                    steps=1000),
-    "r64b32-lr5": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=32, block_width=32, num_state_vectors=32,
-                                  recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=64, lr=5e-3),
-                       steps=1050),
-    "r256b16": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=16, block_width=16, num_state_vectors=16,
-                               recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=256, lr=3e-3),
-                    steps=555),
-    "r128b16-1500": dict(model=dict(dim=128, depth=4, dim_head=32, max_seq_len=16, block_width=16, num_state_vectors=16,
-                                    recurrent_layers=(2,), qk_rmsnorm_scale=4.0), train=dict(batch_size=128, lr=3e-3),
-                         steps=1500),
+    "mini": candidate(1500, segment=16, block=16, rows=128),
+    # second round, the same 2,048 bytes per step cut differently: longer attention context with fewer rows...
+    "b128": candidate(1000, segment=256, block=128, states=64, rows=8),
+    "b256": candidate(1000, segment=256, block=256, states=64, rows=8),
+    "b128x16": candidate(550, segment=256, block=128, states=64, rows=16),
+    # ...or more document streams per step, one block per segment
+    "r32": candidate(1200, segment=64, rows=32),
+    "r64b32": candidate(1050, segment=32, block=32, rows=64),
+    "r64b32-lr5": candidate(1050, segment=32, block=32, rows=64, lr=5e-3),
+    "r128b16": candidate(1000, segment=16, block=16, rows=128),
+    "r128b16-1500": candidate(1500, segment=16, block=16, rows=128),
+    "r256b16": candidate(555, segment=16, block=16, rows=256),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),
