@@ -1,5 +1,7 @@
 """Shared test helpers: tiny models built deterministically, in float64 where rounding could hide a bug."""
 
+import signal
+
 import pytest
 import torch
 
@@ -35,3 +37,17 @@ def one_thread():
 @pytest.fixture
 def model():
     return make_model()
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn for a child that must take Ctrl-C: a shell without job control starts background
+    commands (CI runners among them) with SIGINT ignored, and a Python child inherits that and keeps it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_handled():
+    """SIGINT raising KeyboardInterrupt in this process, as in a terminal, whatever this process inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -11,6 +11,7 @@ import pytest
 
 from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
 from block_recurrent.cli import main
+from conftest import interruptible
 
 
 @pytest.fixture
@@ -98,7 +99,8 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, corpus):
     command = [sys.executable, "-m", "block_recurrent", *map(str, tiny_run(corpus, run, "--max-steps", 100000,
                                                                              "--checkpoint-every", 0, "--eval-every", 0))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=interruptible)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

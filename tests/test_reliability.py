@@ -24,6 +24,7 @@ from block_recurrent.checkpoint import (
 )
 from block_recurrent.storage import write_manifest
 from block_recurrent.trainer import TrainConfig, Trainer, TrainingDiverged
+from conftest import interruptible
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
@@ -96,7 +97,7 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_the_first_is_unhar
     corpus, run = write_corpus(tmp_path / "data"), tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "block_recurrent", *map(str, tiny_run(
         corpus, run, "--max-steps", 100000, "--checkpoint-every", 2))], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=ENV)
+        stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 120
         while not (latest_checkpoint(run) and (run / "metrics.jsonl").read_text().count("\n") >= 3):

@@ -145,7 +145,7 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path):
     assert (good / "model.safetensors").read_bytes() == before
 
 
-def test_ctrl_c_saves_the_finished_step_and_stops(tmp_path):
+def test_ctrl_c_saves_the_finished_step_and_stops(tmp_path, sigint_handled):
     trainer = Trainer(tiny(), settings(tmp_path, max_steps=50))
     step = trainer.train_step
 
