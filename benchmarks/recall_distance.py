@@ -8,7 +8,7 @@ a query ``distance`` blocks later whose label is the value (chance 1/32). Out of
 distance 2 on: only the state can carry the value. The model is the library's default architecture at the
 comparison's tiny shape (docs/variants.md): width 64, 3 layers, 4 heads of 16, recurrence in layer 2, 8 state
 vectors, the fixed gate without its own projection, the default initialisation and qk temperature;
-``--set field=value`` changes a config field (to try a lever). 800 AdamW steps (lr 3e-3, no weight decay,
+``--set FIELD=JSON`` changes a config field (to try a lever). 800 AdamW steps (lr 3e-3, no weight decay,
 clipping at 1) of 32 fresh rows, then 1,024 held-out rows. One torch thread per run, ``--jobs`` runs side by
 side; results do not depend on ``--jobs``.
 """
@@ -16,7 +16,7 @@ side; results do not depend on ``--jobs``.
 from __future__ import annotations
 
 import argparse
-import ast
+import json
 import multiprocessing
 import sys
 import time
@@ -46,23 +46,19 @@ def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
     return accuracy, time.perf_counter() - began
 
 
-def _override(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=")
-    try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distances", type=int, nargs="+", default=[4, 6, 8, 12, 16])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config override")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="a config field, as compare_variants.py takes it, e.g. gate_keep_init=2.0 (repeatable)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     args = parser.parse_args()
-    overrides = dict(_override(text) for text in args.set)
+    overrides = {}
+    for item in args.set:
+        field_name, _, value = item.partition("=")
+        overrides[field_name] = json.loads(value)
     # the longest rows first, so the two workers finish together
     units = [(d, s, args.steps, overrides) for d in sorted(args.distances, reverse=True) for s in range(args.seeds)]
     began = time.time()
