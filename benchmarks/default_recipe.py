@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import sys
 import time
@@ -22,17 +23,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the per-position curve: bits per byte per bucket of this many positions, up to this far into a file
+POSITION_BUCKET, POSITION_LIMIT = 1024, 32768
+
 BYTE_MODEL = dict(num_tokens=256, heads=4, all_layers_qk_rmsnorm=True)
 
 
 def candidate(steps: int, *, dim: int = 128, depth: int = 4, dim_head: int = 32, recurrent_layers=(2,),
               segment: int = 128, block: int = 64, states: int | None = None, temperature: float | None = 4.0,
-              rows: int = 16, lr: float = 3e-3) -> dict:
+              rows: int = 16, lr: float = 3e-3, **model_fields) -> dict:
     """A recipe: the model (blocks of ``block``, segments of ``segment`` tokens, ``states`` state vectors,
-    default one per block token; ``temperature`` None keeps the config's default of 1) and ``rows`` x
-    ``segment`` tokens per step for ``steps`` steps."""
+    default one per block token; ``temperature`` None keeps the config's default of 1; any other
+    ``BlockRecurrentConfig`` field as a keyword) and ``rows`` x ``segment`` tokens per step for ``steps`` steps."""
     model = dict(dim=dim, depth=depth, dim_head=dim_head, max_seq_len=segment, block_width=block,
-                 num_state_vectors=block if states is None else states, recurrent_layers=recurrent_layers)
+                 num_state_vectors=block if states is None else states, recurrent_layers=recurrent_layers,
+                 **model_fields)
     if temperature is not None:
         model["qk_rmsnorm_scale"] = temperature
     return dict(model=model, train=dict(batch_size=rows, lr=lr), steps=steps)
@@ -61,6 +66,14 @@ CANDIDATES = {
     "r128b16": candidate(1000, segment=16, block=16, rows=128),
     "r128b16-1500": candidate(1500, segment=16, block=16, rows=128),
     "r256b16": candidate(555, segment=16, block=16, rows=256),
+    # the one-hour recipe's shape (width 192, blocks of 32, 128 rows): its 20-minute version as Rec, and the same
+    # model without recurrence as Transformer-XL (previous block cached) and as the sliding-window baseline (a
+    # window of exactly one block, one more layer: the paper's Slide:13 against 12 layers), at equal steps
+    "rec20": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
+    "xl20": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, recurrent_layers=()),
+    "slide20": candidate(3800, dim=192, depth=5, dim_head=48, segment=32, block=32, states=16, rows=128,
+                         recurrent_layers=(), attention_window="sliding"),
+    "hour": candidate(10000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),
@@ -74,7 +87,8 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentConfig
     from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
-    from block_recurrent.evaluation import evaluate_corpus
+    from block_recurrent.distributed import resolve_eval_bf16
+    from block_recurrent.evaluation import evaluate_documents
     from block_recurrent.checkpoint import from_pretrained
     from block_recurrent.trainer import TrainConfig, train
 
@@ -90,12 +104,26 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     trained = time.perf_counter() - started
     model = from_pretrained(run_dir)
     held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
+    documents = [torch.from_numpy(held_out.document(i).astype("int64")) for i in range(len(held_out))]
     started = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        scores = evaluate_corpus(model, held_out)
-    return {"name": name, "seed": seed, "steps": spec["steps"], "train_s": round(trained, 1),
-            "eval_s": round(time.perf_counter() - started, 1), "train_bpb": last.get("bpb"),
-            "held_out_bpb": scores["bpb"], "parameters": sum(p.numel() for p in model.parameters())}
+    # brt eval's precision (float32 on the CPU for blocks under 64)
+    bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        results = evaluate_documents(model, documents, bucket_size=POSITION_BUCKET)
+    loss_sum, tokens = sum(r.loss_sum for r in results), sum(r.tokens for r in results)
+    # bits per byte by position in the file: every file's buckets pooled, up to POSITION_LIMIT
+    positions: dict[int, list[float]] = {}
+    for result in results:
+        for start, loss, count in result.bucket_losses:
+            if start < POSITION_LIMIT:
+                pooled = positions.setdefault(start, [0.0, 0])
+                pooled[0] += loss * count
+                pooled[1] += count
+    curve = [(start, total / count / math.log(2), count) for start, (total, count) in sorted(positions.items())]
+    return {"name": name, "seed": seed, "steps": spec["steps"], "threads": threads, "train_s": round(trained, 1),
+            "eval_s": round(time.perf_counter() - started, 1), "eval_bf16": bf16, "train_bpb": last.get("bpb"),
+            "held_out_bpb": loss_sum / tokens / math.log(2), "parameters": sum(p.numel() for p in model.parameters()),
+            "positions": curve}
 
 
 def main() -> None:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import PRESETS
+from .train_config import RECIPES, recipe
 
-DEFAULT_PRESET = "mini"
+DEFAULT_PRESET = RECIPES["default"]["preset"]
 
 TRAIN_HELP = {
     "data": "text file, .gz file or folder of them (default: the Python standard library's sources)",
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=None, default=None,
                        help=f"model preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
     model.add_argument("--model-config", default=None, help="a model config JSON file instead of a preset")
+    model.add_argument("--recipe", default=None,
+                       help=f"a named recipe, a preset with the training settings measured with it: "
+                            f"{', '.join(RECIPES)} (options given beside it still win; docs/training.md)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     _add_train_options(train)
 
@@ -157,6 +161,11 @@ def run_train(args: argparse.Namespace) -> int:
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
     resume, lock = False, None
+    if args.recipe is not None:
+        if args.resume:
+            raise ValueError("--recipe sets up a new run; a resumed run keeps the settings it was started with")
+        preset, settings = recipe(args.recipe)
+        args.preset, options = preset, {**settings, **options}
     if args.resume:
         # the checkpoint is read once (settings here, state in the trainer), under the run folder's lock: a
         # run still writing there could replace it meanwhile (under torchrun, rank 0 alone locks)

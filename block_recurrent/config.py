@@ -288,6 +288,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # cosine similarities in [-1, 1] start nearly uniform, and the same run scored 2.28 instead of 2.16
     "mini": dict(num_tokens=256, dim=128, depth=4, dim_head=32, heads=4, max_seq_len=16, block_width=16,
                  num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
+    # the one-hour recipe's model (`brt train --recipe hour`, docs/training.md): mini's shape at width 192, with
+    # blocks of 32 so attention reaches 32-64 bytes back, and 128 rows of 32 bytes per step
+    "hour": dict(num_tokens=256, dim=192, depth=4, dim_head=48, heads=4, max_seq_len=32, block_width=32,
+                 num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
     # a few seconds per step on a laptop CPU; for tests and smoke runs
     "tiny": dict(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64, block_width=32,
                  num_state_vectors=16, recurrent_layers=(1,)),

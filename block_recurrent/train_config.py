@@ -121,6 +121,24 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# named recipes: a model preset and the training settings measured with it (docs/training.md); ``brt train
+# --recipe NAME`` starts from them, and options given beside it still win
+RECIPES: dict[str, dict[str, Any]] = {
+    # what `brt train` runs with no options: five minutes on two CPU cores
+    "default": dict(preset="mini", train={}),
+    # about an hour on two CPU cores (bf16 autocast)
+    "hour": dict(preset="hour", train=dict(batch_size=128, max_steps=10000, eval_every=2500, checkpoint_every=2500,
+                                           out_dir="runs/brt-hour")),
+}
+
+
+def recipe(name: str) -> tuple[str, dict[str, Any]]:
+    """A named recipe's model preset and training settings (TrainConfig fields)."""
+    check_choice("recipe", name, RECIPES)
+    chosen = RECIPES[name]
+    return chosen["preset"], dict(chosen["train"])
+
+
 def lr_at(config: TrainConfig, step: int) -> float:
     """Learning rate of (0-based) ``step``: linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
     if step < config.warmup_steps:

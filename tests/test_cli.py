@@ -81,6 +81,24 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
     assert err.startswith("brt: error:") and message in err
 
 
+def test_a_named_recipe_sets_the_preset_and_training_settings_and_options_still_win(tmp_path, corpus, capsys):
+    from block_recurrent.config import PRESETS, BlockRecurrentConfig
+    from block_recurrent.train_config import RECIPES
+
+    run = tmp_path / "run"
+    assert brt("train", "--recipe", "hour", "--data", corpus, "--out-dir", run, "--max-steps", 1, "--batch-size", 2,
+               "--warmup-steps", 1, "--no-progress", "--no-final-eval", "--sample-tokens", 0) == 0
+    saved = load_training_checkpoint(run)
+    assert saved.config == BlockRecurrentConfig(**PRESETS["hour"])
+    settings = saved.trainer["train_config"]
+    assert settings["checkpoint_every"] == RECIPES["hour"]["train"]["checkpoint_every"] != 500  # from the recipe
+    assert (settings["max_steps"], settings["batch_size"]) == (1, 2)  # options beside it win
+    assert brt("train", "--recipe", "hour", "--resume", "--out-dir", run) == 2
+    assert "a resumed run keeps the settings" in capsys.readouterr().err
+    assert brt("train", "--recipe", "week") == 2
+    assert "recipe must be one of 'default', 'hour', got 'week'" in capsys.readouterr().err
+
+
 def test_conflicting_and_mismatched_runs(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert brt(*tiny_run(corpus, run, "--max-steps", 1, "--eval-every", 0)) == 0
