@@ -69,7 +69,8 @@ class BlockRecurrentConfig:
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
     # and the reference's init. With the reference's gate projection, 2.0 (keep 0.88) made beyond-window recall
     # learnable where the default was not (benchmarks/gate_init.py)
-    gate_keep_init: float | None = None
+    # "spread": per channel, half-lives geometric from 1 to 256 blocks (recurrent.spread_keep_bias)
+    gate_keep_init: float | str | None = None
     # False (meliad, our default): the state's output projection is the gate's W_z. True (the reference): the
     # gate projects that (already projected) update once more, z = W_z h + b_z. With the fixed gate, False
     # learned beyond-window recall in 7 of 8 seeds, True in 1 of 8 (benchmarks/gate_projection.py)
@@ -176,7 +177,11 @@ class BlockRecurrentConfig:
         if self.gate not in ("fixed", "lstm"):
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
         if self.gate_keep_init is not None:
-            check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
+            if isinstance(self.gate_keep_init, str):
+                if self.gate_keep_init != "spread":
+                    raise ValueError(f"gate_keep_init must be a number, 'spread' or None, got {self.gate_keep_init!r}")
+            else:
+                check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
             if self.gate != "fixed":
                 raise ValueError("gate_keep_init sets the fixed gate's bias; it does not apply to gate='lstm'")
         if self.state_update not in ("skip", "dual"):

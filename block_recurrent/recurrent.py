@@ -11,6 +11,7 @@ Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,19 +21,37 @@ from .attention import Attention, FeedForward, attend, merge_heads, split_heads,
 from .config import BlockRecurrentConfig
 
 
+# "spread" keep biases: channel half-lives (blocks until half of a written value is left) from 1 to this many
+# blocks, geometrically spaced, so that some channels can carry a value far from the start while others
+# are rewritten at every block (the idea of "chrono" initialisation of LSTM forget gates)
+SPREAD_MAX_HALF_LIFE = 256
+
+
+def spread_keep_bias(dim: int, max_half_life: float = SPREAD_MAX_HALF_LIFE) -> Tensor:
+    """Keep biases b (dim,) with sigmoid(b) ** h = 1/2 for half-lives h geometric from 1 to ``max_half_life``."""
+    exponents = torch.linspace(0.0, math.log2(max_half_life), dim, dtype=torch.float64)
+    keep = torch.exp2(-1.0 / torch.exp2(exponents))
+    return (torch.log(keep) - torch.log1p(-keep)).to(torch.get_default_dtype())  # computed in float64: keep ~ 1
+
+
 class FixedGate(nn.Module):
     """The paper's fixed gate, a learned per-channel EMA: c' = c * g + z * (1 - g).
 
     z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4) or, with
-    ``keep_init``, to that constant. With ``projection=False`` z = h: the caller's output projection that
+    ``keep_init``, to that constant, or with "spread" to half-lives from 1 to 256 blocks across channels. With ``projection=False`` z = h: the caller's output projection that
     made h serves as W_z (meliad).
     The reference writes the same gate with beta = -b_g: sigmoid(beta) * z + (1 - sigmoid(beta)) * c.
     """
 
-    def __init__(self, dim: int, keep_init: float | None = None, projection: bool = True):
+    def __init__(self, dim: int, keep_init: float | str | None = None, projection: bool = True):
         super().__init__()
         self.to_candidate = nn.Linear(dim, dim) if projection else None
-        keep_bias = torch.randn(dim) * 0.1 if keep_init is None else torch.full((dim,), float(keep_init))
+        if keep_init is None:
+            keep_bias = torch.randn(dim) * 0.1
+        elif keep_init == "spread":
+            keep_bias = spread_keep_bias(dim)
+        else:
+            keep_bias = torch.full((dim,), float(keep_init))
         self.keep_bias = nn.Parameter(keep_bias)
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:

@@ -550,6 +550,16 @@ def test_gate_keep_init_sets_the_fixed_gates_bias():
     assert 0.0 < default.std() < 0.3 and not torch.all(default == default[0])
 
 
+def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
+    from block_recurrent.recurrent import SPREAD_MAX_HALF_LIFE
+
+    bias = make_model(gate_keep_init="spread").layers[1].attn.cell.gate.keep_bias.detach()
+    half_lives = -1.0 / torch.log2(torch.sigmoid(bias))  # keep ** h = 1/2
+    assert half_lives[0].item() == pytest.approx(1.0) and half_lives[-1].item() == pytest.approx(SPREAD_MAX_HALF_LIFE)
+    ratios = half_lives[1:] / half_lives[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios)) and ratios[0] > 1  # geometric, increasing
+
+
 def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_on_the_cpu(monkeypatch):
     """The choice measured in benchmarks/bench_attention.py: matmul under autograd in bf16, sdpa otherwise."""
     from block_recurrent import attention
