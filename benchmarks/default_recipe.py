@@ -73,7 +73,7 @@ CANDIDATES = {
     "xl20": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, recurrent_layers=()),
     "slide20": candidate(3800, dim=192, depth=5, dim_head=48, segment=32, block=32, states=16, rows=128,
                          recurrent_layers=(), attention_window="sliding"),
-    "hour": candidate(10000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
+    "hour": candidate(9000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),
@@ -98,7 +98,8 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     run_dir = Path(out) / f"{name}-seed{seed}"
     config = TrainConfig(**{**spec["train"], "max_steps": spec["steps"], "warmup_steps": 30, "seed": seed,
                             "bf16": True, "out_dir": str(run_dir), "eval_every": 0, "checkpoint_every": 0,
-                            "sample_tokens": 0, "progress": False, "keep_last": 1})
+                            "sample_tokens": 0, "progress": False, "keep_last": 1,
+                            "final_eval": False})  # scored below, with the per-position curve
     started = time.perf_counter()
     last = train(model_config, config)
     trained = time.perf_counter() - started

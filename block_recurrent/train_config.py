@@ -127,7 +127,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # what `brt train` runs with no options: five minutes on two CPU cores
     "default": dict(preset="mini", train={}),
     # about an hour on two CPU cores (bf16 autocast)
-    "hour": dict(preset="hour", train=dict(batch_size=128, max_steps=10000, eval_every=2500, checkpoint_every=2500,
+    "hour": dict(preset="hour", train=dict(batch_size=128, max_steps=9000, eval_every=3000, checkpoint_every=3000,
                                            out_dir="runs/brt-hour")),
 }
 
