@@ -73,7 +73,15 @@ CANDIDATES = {
     "xl20": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, recurrent_layers=()),
     "slide20": candidate(3800, dim=192, depth=5, dim_head=48, segment=32, block=32, states=16, rows=128,
                          recurrent_layers=(), attention_window="sliding"),
+    # the same with segments of two blocks (64 rows of 64 bytes, the same bytes per step): with segments of one
+    # block the state written at a block's end is only read in the next step, after the carry is detached, so
+    # the state's write path (its attention, update projection and gate) gets no gradient at all
+    "rec20-2blocks": candidate(3800, dim=192, dim_head=48, segment=64, block=32, states=16, rows=64),
+    "xl20-2blocks": candidate(3800, dim=192, dim_head=48, segment=64, block=32, states=16, rows=64,
+                              recurrent_layers=()),
     "hour": candidate(9000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
+    # the default with segments of two blocks (64 rows of 32 bytes): the state's write path trained
+    "mini-2blocks": candidate(1500, segment=32, block=16, states=16, rows=64),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),

@@ -127,6 +127,15 @@ class Trainer:
         )
         self.step_length = config.segments * model_config.max_seq_len  # tokens per row per step
 
+        window = model_config.max_seq_len * config.backward_every  # tokens per backward pass, per row
+        if model_config.recurrent_layers and window <= model_config.block_width:
+            # the state written at the end of the window is read only after the carry is detached
+            warnings.warn(
+                f"every backward pass covers one block (max_seq_len * backward_every = {window} <= block_width = "
+                f"{model_config.block_width}), so the recurrent state's write path (its attention, update projection "
+                "and gate) gets no gradient and keeps its initial weights; give each backward pass two blocks or "
+                "more (max_seq_len >= 2 * block_width, or segments = backward_every = 2)", stacklevel=2)
+
         # 2. model and optimiser; every rank seeds alike, so every rank starts from the same weights
         torch.manual_seed(config.seed)
         self.model = BlockRecurrentTransformer(model_config).to(self.device)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -280,3 +281,28 @@ def test_evaluation_precision_auto_weighs_the_block_width(monkeypatch):
     assert distributed.resolve_eval_bf16(False, cpu, 512) is False
     monkeypatch.setattr(distributed, "native_bf16", lambda device: False)
     assert distributed.resolve_eval_bf16(None, cpu, 512) is False
+
+
+def test_a_backward_pass_of_one_block_leaves_the_state_write_untrained_and_says_so(tmp_path):
+    """The state written at a block's end is read in the next block: with one block per backward pass that read
+    happens after the carry is detached, so no gradient reaches the write path. Two blocks per pass fix it."""
+    from block_recurrent import BlockRecurrentTransformer
+
+    def write_gradient(max_seq_len):
+        torch.manual_seed(0)
+        model = BlockRecurrentTransformer(tiny().replace(max_seq_len=max_seq_len))
+        tokens = torch.randint(0, 256, (2, max_seq_len + 1))
+        logits, _ = model.run(tokens[:, :-1])
+        model.loss(logits, tokens[:, 1:]).backward()
+        return model.layers[0].attn.cell.to_update.weight.grad
+
+    assert write_gradient(32) is None  # one block of 32
+    assert write_gradient(64).abs().sum() > 0  # two blocks
+
+    one_block = tiny().replace(max_seq_len=32)
+    with pytest.warns(UserWarning, match="write path .* gets no gradient"):
+        Trainer(one_block, settings(tmp_path / "a", segments=2, backward_every=1)).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(one_block, settings(tmp_path / "b", segments=2, backward_every=2)).close()
+        Trainer(tiny(), settings(tmp_path / "c")).close()  # segments of 64 tokens, two blocks
