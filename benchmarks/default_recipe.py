@@ -129,7 +129,8 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
                 pooled[0] += loss * count
                 pooled[1] += count
     curve = [(start, total / count / math.log(2), count) for start, (total, count) in sorted(positions.items())]
-    return {"name": name, "seed": seed, "steps": spec["steps"], "threads": threads, "train_s": round(trained, 1),
+    # the steps taken (a run stopped by a signal saves and ends early), not the ones planned
+    return {"name": name, "seed": seed, "steps": last["step"], "threads": threads, "train_s": round(trained, 1),
             "eval_s": round(time.perf_counter() - started, 1), "eval_bf16": bf16, "train_bpb": last.get("bpb"),
             "held_out_bpb": loss_sum / tokens / math.log(2), "parameters": sum(p.numel() for p in model.parameters()),
             "positions": curve}
