@@ -4,7 +4,7 @@
 
 Both sides build the "small" configuration with random weights and continue a 16-token prompt, batch 1,
 sampling from the 26 most likely ids (the reference's filter_thres=0.9). Ours streams tokens from
-``block_recurrent.generation.stream``; the reference (block-recurrent-transformer-pytorch 0.4.4) runs in
+``block_recurrent.generation.stream``, eager and compiled (``compile=True``); the reference (block-recurrent-transformer-pytorch 0.4.4) runs in
 its own virtual environment (created on first use) through ``RecurrentTrainerWrapper.generate``, the only
 way it can go past max_seq_len, and its per-token latency is read off the end of each forward call.
 The reference re-runs its whole window for every token, so its runs are capped (``--reference-cap``);
@@ -38,7 +38,12 @@ BUCKETS = ((1, 64), (65, 128), (129, 192), (193, 256), (257, 512), (513, 1024), 
 # the two sides: each returns (wall, CPU) seconds between consecutive new tokens
 
 
-def time_ours(new_tokens: int, seed: int) -> list[tuple[float, float]]:
+COMPILE_SECONDS: dict[str, float] = {}  # what a first compiled call took, per table (see time_ours)
+
+
+def time_ours(new_tokens: int, seed: int, compile: bool = False) -> list[tuple[float, float]]:
+    """``compile``: decode through torch.compile (``generate(..., compile=True)``); the warm-up compiles, and its
+    seconds (cold, or seconds when inductor's on-disk cache already holds the graph) go to COMPILE_SECONDS."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -50,19 +55,23 @@ def time_ours(new_tokens: int, seed: int) -> list[tuple[float, float]]:
     prompt = torch.randint(0, SMALL["num_tokens"], (1, PROMPT_LEN))
     top_k = math.ceil((1 - FILTER_THRES) * SMALL["num_tokens"])
     generator = torch.Generator().manual_seed(seed)
-    for _ in stream(model, prompt, WARMUP_TOKENS, top_k=top_k, generator=generator):
+    began = time.perf_counter()
+    for _ in stream(model, prompt, WARMUP_TOKENS, top_k=top_k, generator=generator, compile=compile):
         pass
+    if compile:
+        COMPILE_SECONDS.setdefault("batch 1", time.perf_counter() - began)
 
     latencies, last = [], clocks()
-    for _ in stream(model, prompt, new_tokens, top_k=top_k, generator=generator):
+    for _ in stream(model, prompt, new_tokens, top_k=top_k, generator=generator, compile=compile):
         now = clocks()
         latencies.append((now[0] - last[0], now[1] - last[1]))
         last = now
     return latencies
 
 
-def batch_rates(batches: list[int], new_tokens: int, seed: int) -> dict[int, float]:
-    """Ours: tokens/s (all rows) decoding ``new_tokens`` greedily after equal-length prompts, per batch size."""
+def batch_rates(batches: list[int], new_tokens: int, seed: int, compile: bool = False) -> dict[int, float]:
+    """Ours: tokens/s (all rows) decoding ``new_tokens`` greedily after equal-length prompts, per batch size
+    (``compile``: through torch.compile, one compilation per batch size, in the warm-up)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -74,9 +83,12 @@ def batch_rates(batches: list[int], new_tokens: int, seed: int) -> dict[int, flo
     rates = {}
     for batch in batches:
         prompt = torch.randint(0, SMALL["num_tokens"], (batch, PROMPT_LEN))
-        generate(model, prompt, WARMUP_TOKENS, temperature=0)
+        began = time.perf_counter()
+        generate(model, prompt, WARMUP_TOKENS, temperature=0, compile=compile)
+        if compile:
+            COMPILE_SECONDS.setdefault(f"batch {batch}", time.perf_counter() - began)
         start = time.perf_counter()
-        generate(model, prompt, new_tokens, temperature=0)
+        generate(model, prompt, new_tokens, temperature=0, compile=compile)
         rates[batch] = batch * new_tokens / (time.perf_counter() - start)
     return rates
 
@@ -181,31 +193,34 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def throughput_table(ours: dict, ref: dict, cap: int) -> str:
+def throughput_table(ours: dict, compiled: dict, ref: dict, cap: int) -> str:
     rows = [
-        "| new tokens | ours, tokens/s (wall) | reference, tokens/s (wall) | speed-up (wall) | speed-up (CPU time) |",
-        "|---:|---:|---:|---:|---:|",
+        "| new tokens | reference, tokens/s (wall) | ours, tokens/s (wall) | speed-up (wall) | speed-up (CPU time) "
+        "| ours compiled, tokens/s (wall) | speed-up (wall) | speed-up (CPU time) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for length, latencies in ours.items():
         measured = min(length, cap)
         note = "" if measured == length else f" (capped: first {measured} tokens)"
-        wall = rate(latencies, 0) / rate(ref[measured], 0)
-        cpu = rate(latencies, 1) / rate(ref[measured], 1)
-        rows.append(
-            f"| {length} | {rate(latencies, 0):.1f} | {rate(ref[measured], 0):.2f}{note} | {wall:.1f}x | {cpu:.1f}x |"
-        )
+        cells = [f"{rate(ref[measured], 0):.2f}{note}"]
+        for side in (latencies, compiled[length]):
+            wall = rate(side, 0) / rate(ref[measured], 0)
+            cpu = rate(side, 1) / rate(ref[measured], 1)
+            cells += [f"{rate(side, 0):.1f}", f"{wall:.1f}x", f"{cpu:.1f}x"]
+        rows.append(f"| {length} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def latency_table(ours: list, ref: list) -> str:
+def latency_table(ours: list, compiled: list, ref: list) -> str:
     rows = [
-        "| output positions | ours, ms/token (wall) | ours (CPU) | reference, ms/token (wall) | reference (CPU) |",
-        "|---|---:|---:|---:|---:|",
+        "| output positions | ours, ms/token (wall) | ours (CPU) | ours compiled (wall) | ours compiled (CPU) "
+        "| reference, ms/token (wall) | reference (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for first, last in BUCKETS:
         if len(ours) < last:
             break
-        cells = [fmt(bucket_ms(ours, first, last, c), 2) for c in (0, 1)]
+        cells = [fmt(bucket_ms(side, first, last, c), 2) for side in (ours, compiled) for c in (0, 1)]
         cells += [fmt(bucket_ms(ref, first, last, c)) for c in (0, 1)]
         rows.append(f"| {first}-{last} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -237,22 +252,28 @@ def main() -> None:
     if not args.skip_reference:
         ref = run_reference(reference_python(args.reference_python), ref_lengths, args.threads, args.seed)
         ours = {n: time_ours(n, args.seed) for n in lengths}
+        compiled = {n: time_ours(n, args.seed, compile=True) for n in lengths}
     batched = batch_rates(args.batches, 256, args.seed) if args.batches else {}
+    batched_compiled = batch_rates(args.batches, 256, args.seed, compile=True) if args.batches else {}
     ragged = ragged_rates(args.ragged, 600, 256, args.seed) if args.ragged else None
     elapsed = time.perf_counter() - started
 
     print(f"small configuration, torch {torch.__version__}, {args.threads} thread(s), CPU; {elapsed:.0f} s in all\n")
     if not args.skip_reference:
         print(f"batch 1, {PROMPT_LEN}-token prompt, top-26 sampling\n")
-        print(throughput_table(ours, ref, args.reference_cap))
-        print(f"\nper-token latency as the output grows (ours: the {lengths[-1]}-token run; "
+        print(throughput_table(ours, compiled, ref, args.reference_cap))
+        print(f"\nper-token latency as the output grows (ours: the {lengths[-1]}-token runs; "
               f"reference: its {ref_lengths[-1]}-token run)\n")
-        print(latency_table(ours[lengths[-1]], ref[ref_lengths[-1]]))
+        print(latency_table(ours[lengths[-1]], compiled[lengths[-1]], ref[ref_lengths[-1]]))
     if batched:
         print(f"\nbatched decoding, ours: 256 new tokens after {PROMPT_LEN}-token prompts, greedy\n")
-        print("| batch | tokens/s (all rows) | per row |\n|---:|---:|---:|")
+        print("| batch | tokens/s (all rows) | per row | compiled, tokens/s (all rows) | per row |\n|---:|---:|---:|---:|---:|")
         for batch, value in batched.items():
-            print(f"| {batch} | {value:.0f} | {value / batch:.0f} |")
+            fast = batched_compiled[batch]
+            print(f"| {batch} | {value:.0f} | {value / batch:.0f} | {fast:.0f} | {fast / batch:.0f} |")
+    if COMPILE_SECONDS:
+        print("\nfirst compiled call (compiles; inductor's on-disk cache may already hold the graph), seconds: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in COMPILE_SECONDS.items()))
     if ragged:
         print(f"\n{args.ragged} prompts of random lengths 1-600, 256 new tokens each, greedy, ours\n")
         print("| side by side (one list), tokens/s | one by one, tokens/s | ratio |\n|---:|---:|---:|")

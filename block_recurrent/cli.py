@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--batch-size", type=int, default=32, help="--prompts generated side by side (default: 32)")
     generate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    generate.add_argument("--compile", action="store_true",
+                          help="decode through torch.compile: 2-3x faster per token on the CPU after a first call "
+                               "that compiles (tens of seconds; seconds once cached)")
     generate.add_argument("--device", default="auto")
 
     evaluate = commands.add_parser("eval", help="bits per byte of a trained model on documents")
@@ -244,7 +247,8 @@ def run_generate(args: argparse.Namespace) -> int:
     texts = _prompts_jsonl(args.prompts) if args.prompts is not None else [_prompt_text(args)]
     model, tokenizer = _load(args.checkpoint, args.device)
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                   compile=args.compile)
     if args.prompts is None:
         prompt = torch.as_tensor(tokenizer.encode(texts[0]), dtype=torch.long, device=model.device)[None]
         with _autocast(args.bf16, model.device):

@@ -56,6 +56,10 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
                "--temperature", 0) == 0
     text = capsys.readouterr().out
     assert text.startswith("the quick") and len(text.encode()) >= len("the quick")
+    # greedy decoding through torch.compile continues the prompt the same way
+    assert brt("generate", "--checkpoint", latest_checkpoint(run), "--prompt", "the quick", "--max-new-tokens", 12,
+               "--temperature", 0, "--compile") == 0
+    assert capsys.readouterr().out == text
 
 
 @pytest.mark.parametrize(

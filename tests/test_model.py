@@ -560,8 +560,9 @@ def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
     assert torch.allclose(ratios, ratios[0].expand_as(ratios)) and ratios[0] > 1  # geometric, increasing
 
 
-def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_on_the_cpu(monkeypatch):
-    """The choice measured in benchmarks/bench_attention.py: matmul under autograd in bf16, sdpa otherwise."""
+def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_and_compiled_calls_on_the_cpu(monkeypatch):
+    """The choice measured in benchmarks/bench_attention.py and bench_generate.py: matmul under autograd in bf16
+    and under torch.compile (where inductor fuses around it), sdpa otherwise."""
     from block_recurrent import attention
 
     taken = []
@@ -581,3 +582,8 @@ def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_on_the_cpu(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attention.attend(q, k, v, scale=0.25)  # past the size threshold: the fused kernel
     assert taken == ["matmul"]
+    monkeypatch.setattr(attention, "MATMUL_MAX_LOGITS", 1 << 23)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        attention.attend(q, k, v, scale=0.25)  # traced by torch.compile: matmul, in float32 and without autograd
+    assert taken == ["matmul", "matmul"]

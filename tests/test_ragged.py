@@ -85,3 +85,53 @@ def test_ragged_input_checks():
         generate(model, [random_tokens(1, 3)[0]], 3, state=ds)
     with pytest.raises(ValueError, match="return_state"):
         generate(model, [random_tokens(1, 3)[0]], 3, return_state=True)
+
+
+# compiled decoding: the same token pass under torch.compile, on the ragged decoder's fixed-shape buffers
+
+
+def test_compiled_token_pass_equals_eager_and_compiles_once_for_every_position_and_block():
+    """Teacher-forced through two block ends, each row at its own position: the compiled pass's logits equal
+    the eager pass's within rounding, and after the first call no position, commit or new block recompiles."""
+    from torch._dynamo.utils import counters
+
+    model = make_model()  # float64: the two passes differ only by the order of rounding
+    lengths = [3, W + 2]
+    steps = 2 * W + 1
+    texts = prompts_of([n + steps for n in lengths])
+    with torch.no_grad():
+        _, eager = ragged_prefill(model, [t[:n] for t, n in zip(texts, lengths)])
+        _, fast = ragged_prefill(model, [t[:n] for t, n in zip(texts, lengths)])
+        graphs = None
+        for k in range(steps):
+            token = torch.stack([t[n + k] for t, n in zip(texts, lengths)])
+            expected, eager = ragged_step(model, token, eager)
+            got, fast = ragged_step(model, token, fast, compiled=True)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+            if k == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_generation_continues_a_model_state_as_eager_generation_does():
+    model = make_model()
+    text = random_tokens(2, 2 * W + 1)
+    _, state = model.run(text)  # a committed state: the prompt starts a new block
+    prompt = random_tokens(2, 3, seed=5)
+    expected = generate(model, prompt, 2 * W, temperature=0, state=state)
+    got = generate(model, prompt, 2 * W, temperature=0, state=state, compile=True)
+    assert torch.equal(got, expected)
+    streamed = torch.stack(list(stream(model, prompt[0], 3, temperature=0, compile=True)), dim=1)
+    assert torch.equal(streamed, generate(model, prompt[:1], 3, temperature=0))
+
+
+def test_compiled_generation_refuses_what_it_cannot_return():
+    model = make_model()
+    prompt = random_tokens(1, 3)
+    _, ds = generate(model, prompt, 2, temperature=0, return_state=True)
+    with pytest.raises(ValueError, match="DecodeState"):
+        generate(model, prompt, 2, state=ds, compile=True)
+    with pytest.raises(ValueError, match="return_state"):
+        generate(model, prompt, 2, return_state=True, compile=True)
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        generate(model, prompt, 2, compile="yes")
