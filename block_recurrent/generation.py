@@ -46,16 +46,20 @@ def sample(
     if top_k is not None and top_k < logits.shape[-1] and (top_p is None or top_p >= 1.0):
         # draw among the k largest directly: half the operators of masking the vocabulary (decoding's hot loop)
         values, ids = logits.topk(top_k, dim=-1)  # (B, k)
-        choice = torch.multinomial((values / temperature).softmax(dim=-1), 1, generator=generator)  # (B, 1)
-        return ids.gather(-1, choice)[:, 0]
+        return ids.gather(-1, _draw((values / temperature).softmax(dim=-1), generator))[:, 0]
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         logits = _nucleus(logits, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return _draw(logits.softmax(dim=-1), generator)[:, 0]
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row (B, 1) with probabilities ``probs`` (B, n): the row's argmax of p / E for exponential
+    noise E, the draw ``torch.multinomial(probs, 1)`` makes from the same generator, without its checks."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
 
 
 def _nucleus(logits: Tensor, top_p: float) -> Tensor:

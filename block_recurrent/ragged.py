@@ -72,8 +72,10 @@ def check_prompts(prompts, num_tokens: int) -> list[Tensor]:
 # rows of states with different histories in one batch
 
 
-def _padded(model, state: ModelState, batch_size: int) -> ModelState:
-    """``state`` with every memory left-padded to max_memory_len (invalid slots) and every state a tensor."""
+def full_length_state(model, state: ModelState, batch_size: int) -> ModelState:
+    """``state`` with every memory left-padded to max_memory_len (invalid slots) and every state a tensor: the
+    same shapes for every row and every block, whatever each row's history (a fresh document's memory is all
+    invalid, which its attention never sees)."""
     config = model.config
     length, width, device = config.max_memory_len, config.kv_dim, model.device
     memories = []
@@ -175,7 +177,7 @@ def ragged_prefill(model, prompts: Sequence[Tensor], state: ModelState | None = 
     tokens = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=prompts[0].device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    committed = _padded(model, ModelState.empty(config) if state is None else state, B)
+    committed = full_length_state(model, ModelState.empty(config) if state is None else state, B)
     last: list[Tensor | None] = [None] * B  # each row's hidden state after its last prompt token
 
     # 1. whole blocks, batched over the rows that still have one (their blocks are aligned)
@@ -187,7 +189,7 @@ def ragged_prefill(model, prompts: Sequence[Tensor], state: ModelState | None = 
         device_rows = rows.to(tokens.device)
         x = model.embed(tokens[device_rows, block * W : (block + 1) * W])
         hidden, state = model.forward_block(x, committed.select_rows(device_rows))
-        committed = _set_rows(committed, device_rows, _padded(model, state, len(rows)))
+        committed = _set_rows(committed, device_rows, full_length_state(model, state, len(rows)))
         for i, row in enumerate(rows.tolist()):
             if lengths[row] == (block + 1) * W:
                 last[row] = hidden[i, -1]
@@ -258,7 +260,7 @@ def ragged_step(model, tokens: Tensor, rs: RaggedDecodeState, *, compiled: bool 
     if full.numel():
         committed, views, block_caches = _rows_of(rs, full)
         done = model.commit_block(committed, views, block_caches)  # exactly as forward_block commits
-        done = _padded(model, done, full.shape[0])
+        done = full_length_state(model, done, full.shape[0])
         rs = RaggedDecodeState(_set_rows(rs.committed, full, done), rs.views, caches)
         _reopen_rows(model, rs, full, done)
     return logits, rs

@@ -237,6 +237,19 @@ def test_sample_filters():
         assert set(draws[row].tolist()) <= allowed and len(set(draws[row].tolist())) >= min(2, len(allowed))
 
 
+def test_sampling_draws_as_torch_multinomial_does_from_the_same_generator():
+    """sample's exponential-race draw is torch.multinomial's own algorithm: the same ids from the same seed, over
+    the whole vocabulary and among the top k, and so the same distribution."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(100):
+        assert torch.equal(sample(logits, 1.3, generator=ours),
+                           torch.multinomial((logits / 1.3).softmax(-1), 1, generator=theirs)[:, 0])
+        values, ids = logits.topk(5, dim=-1)
+        assert torch.equal(sample(logits, 0.7, top_k=5, generator=ours),
+                           ids.gather(-1, torch.multinomial((values / 0.7).softmax(-1), 1, generator=theirs))[:, 0])
+
+
 def test_eos_stops_and_pads():
     model = eval_model()
     prompt = random_tokens(2, 5)
