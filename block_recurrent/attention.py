@@ -16,10 +16,11 @@ from .positions import RotaryTables, rotate
 
 
 # "auto" takes the matmul path where it measured faster: on the CPU, for logits of at most this many elements,
-# under autograd in bfloat16 or under torch.compile. There torch's fused CPU kernel is slow backwards: 12.1 against 2.2 ms forward and
-# backward for 128 rows of 16-token blocks, 17.8 against 11.9 ms at (16 rows, 4 heads, 128 x 256); 195 against
-# 340 ms at (8, 8 heads, 512 x 1024), past the threshold. In float32 and without autograd the fused kernel is
-# as fast or faster (benchmarks/bench_attention.py)
+# under autograd in bfloat16 or under torch.compile. In bf16 training torch's fused CPU kernel is slow backwards:
+# 12.1 against 2.2 ms forward and backward for 128 rows of 16-token blocks, 17.8 against 11.9 ms at (16 rows,
+# 4 heads, 128 x 256); 195 against 340 ms at (8, 8 heads, 512 x 1024), past the threshold. In float32 and without
+# autograd the fused kernel is as fast or faster (benchmarks/bench_attention.py), except under torch.compile
+# (see attend)
 MATMUL_MAX_LOGITS = 1 << 23
 
 

@@ -220,10 +220,8 @@ class AttentionBlock(nn.Module):
         M, P, W = cache.memory_len, cache.filled, self.block_width
         N = values.shape[1]
         written = cache.written
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # autograd may keep views of the old tensors: never write into them; under torch.compile the
-            # functional form traces into one graph (the checks of in-place writing would break it)
-            mode = "concat"
+        if torch.is_grad_enabled():
+            mode = "concat"  # autograd may keep views of the old tensors: never write into them
         elif cache.keys is not None and _must_copy(cache.keys, cache):
             mode, written = "copy", [0]
         else:

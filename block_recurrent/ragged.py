@@ -188,8 +188,8 @@ def ragged_prefill(model, prompts: Sequence[Tensor], state: ModelState | None = 
             break
         device_rows = rows.to(tokens.device)
         x = model.embed(tokens[device_rows, block * W : (block + 1) * W])
-        hidden, state = model.forward_block(x, committed.select_rows(device_rows))
-        committed = _set_rows(committed, device_rows, full_length_state(model, state, len(rows)))
+        hidden, after = model.forward_block(x, committed.select_rows(device_rows))
+        committed = _set_rows(committed, device_rows, full_length_state(model, after, len(rows)))
         for i, row in enumerate(rows.tolist()):
             if lengths[row] == (block + 1) * W:
                 last[row] = hidden[i, -1]
