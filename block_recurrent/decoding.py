@@ -69,13 +69,16 @@ def check_model(model) -> None:
 
 
 @contextlib.contextmanager
-def eval_no_grad(model: nn.Module):
-    """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards."""
+def eval_no_grad(model: nn.Module, inference: bool = False):
+    """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards. ``inference``: under
+    ``torch.inference_mode``, which skips autograd's bookkeeping on every operator (5-12% faster block steps in
+    evaluation); for callers whose tensors never leave the context (a decode state would, and its buffers could
+    then not be written outside it)."""
     was_training = model.training
     if was_training:  # switching walks every module: skip it when already in eval mode
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode() if inference else torch.no_grad():
             yield
     finally:
         if was_training:

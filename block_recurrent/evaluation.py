@@ -129,7 +129,7 @@ def evaluate(
     if bucket_size is not None:
         bucket_sums = torch.zeros(math.ceil(predicted / bucket_size), dtype=torch.float64, device=tokens.device)
 
-    with eval_no_grad(model):
+    with eval_no_grad(model, inference=True):  # only numbers leave
         for begin in range(0, predicted, segment_len):
             end = min(begin + segment_len, predicted)
             losses, state = _score_segment(model, tokens[:, begin:end], tokens[:, begin + 1 : end + 1], state)
@@ -215,7 +215,7 @@ def evaluate_documents(
         bucket_base = torch.tensor([0] + counts[:-1], device=device).cumsum(0)  # each document's first bucket
         bucket_sums = torch.zeros(sum(counts), dtype=torch.float64, device=device)
     state, lanes_left = None, torch.tensor(loads, device=device)  # segments each lane still has
-    with eval_no_grad(model):
+    with eval_no_grad(model, inference=True):  # only numbers leave
         for step in range(steps):
             active = lanes_left > step
             if not bool(active.all()):  # lanes whose documents are done leave the batch
