@@ -237,9 +237,10 @@ _compiled_token_pass = None
 def compiled_token_pass():
     """:func:`token_pass` under ``torch.compile`` with static shapes, built on first use.
 
-    One compiled graph per model, batch size, dtype and grad/autocast mode (dynamo guards on them; the first call
-    of each compiles, tens of seconds on a small CPU, a few when inductor's on-disk cache has it). Positions are
-    data, so no position or block recompiles it. Past torch's limit of compiled variants of one function
+    One compiled graph per model configuration, batch size, dtype and grad/autocast mode, which dynamo guards on
+    (another model of the same configuration reuses the graph). The first call of each compiles: tens of seconds
+    on a small CPU, a few when inductor's on-disk cache has it. Positions are data, so no position or block
+    recompiles it. Past torch's limit of compiled variants of one function
     (``torch._dynamo.config.cache_size_limit``, 8) dynamo runs the pass eagerly, with a warning.
     """
     global _compiled_token_pass
