@@ -69,7 +69,8 @@ class BlockRecurrentConfig:
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
     # and the reference's init. With the reference's gate projection, 2.0 (keep 0.88) made beyond-window recall
     # learnable where the default was not (benchmarks/gate_init.py)
-    # "spread": per channel, half-lives geometric from 1 to 256 blocks (recurrent.spread_keep_bias)
+    # "spread": per channel, half-lives geometric from 1 to 256 blocks (recurrent.spread_keep_bias). With
+    # gate="lstm", a number replaces the forget gate's +1 offset (None: the paper's +1); "spread" is fixed-gate only
     gate_keep_init: float | str | None = None
     # False (meliad, our default): the state's output projection is the gate's W_z. True (the reference): the
     # gate projects that (already projected) update once more, z = W_z h + b_z. With the fixed gate, False
@@ -182,8 +183,9 @@ class BlockRecurrentConfig:
                     raise ValueError(f"gate_keep_init must be a number, 'spread' or None, got {self.gate_keep_init!r}")
             else:
                 check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
-            if self.gate != "fixed":
-                raise ValueError("gate_keep_init sets the fixed gate's bias; it does not apply to gate='lstm'")
+            if self.gate != "fixed" and isinstance(self.gate_keep_init, str):
+                raise ValueError("gate_keep_init='spread' sets the fixed gate's biases; with gate='lstm' give a number "
+                                 "(the forget gate's offset) or None")
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
         if self.attention_window not in ("block", "sliding"):

@@ -550,6 +550,19 @@ def test_gate_keep_init_sets_the_fixed_gates_bias():
     assert 0.0 < default.std() < 0.3 and not torch.all(default == default[0])
 
 
+def test_gate_keep_init_sets_the_lstm_forget_offset():
+    """With gate="lstm" the number replaces the forget gate's +1: f = sigmoid(W_f h + b_f + keep_init)."""
+    default = make_model(gate="lstm", gate_projection=True)
+    held = make_model(gate="lstm", gate_projection=True, gate_keep_init=3.0)  # the same seed: the same weights
+    gate = held.layers[1].attn.cell.gate
+    state, update = torch.randn(2, 3, TINY["dim"], dtype=torch.float64), torch.randn(2, 3, TINY["dim"], dtype=torch.float64)
+    candidate, input_gate, forget_gate = gate.to_gates(update).chunk(3, dim=-1)
+    expected = state * torch.sigmoid(forget_gate + 3.0) + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
+    torch.testing.assert_close(gate(state, update), expected, rtol=0, atol=0)
+    assert default.layers[1].attn.cell.gate.forget_offset == 1.0
+    assert not torch.equal(default.layers[1].attn.cell.gate(state, update), gate(state, update))
+
+
 def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
     from block_recurrent.recurrent import SPREAD_MAX_HALF_LIFE
 
