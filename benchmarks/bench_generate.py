@@ -4,12 +4,13 @@
 
 Both sides build the "small" configuration with random weights and continue a 16-token prompt, batch 1,
 sampling from the 26 most likely ids (the reference's filter_thres=0.9). Ours streams tokens from
-``block_recurrent.generation.stream``, eager and compiled (``compile=True``); the reference (block-recurrent-transformer-pytorch 0.4.4) runs in
-its own virtual environment (created on first use) through ``RecurrentTrainerWrapper.generate``, the only
-way it can go past max_seq_len, and its per-token latency is read off the end of each forward call.
-The reference re-runs its whole window for every token, so its runs are capped (``--reference-cap``);
-its per-token cost repeats with every window of max_seq_len tokens, so a capped run still gives its rate.
-Prints markdown tables.
+``block_recurrent.generation.stream``, eager and compiled (``compile=True``); the reference
+(block-recurrent-transformer-pytorch 0.4.4) runs in its own virtual environment (created on first use) through
+``RecurrentTrainerWrapper.generate``, the only way it can go past max_seq_len, and its per-token latency is read
+off the end of each forward call. The reference re-runs its whole window for every token, so its runs are capped
+(``--reference-cap``); its per-token cost repeats with every window of max_seq_len tokens, so a capped run still
+gives its rate. Each side's batch-1 figure is the fastest of ``--repeats`` alternating runs. Prints markdown
+tables.
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="batch-1 runs per side and length, alternating; each side's fastest is reported")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     import torch
 
