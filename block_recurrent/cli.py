@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=32, help="--prompts generated side by side (default: 32)")
     generate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     generate.add_argument("--compile", action="store_true",
-                          help="decode through torch.compile: 2-3x faster per token on the CPU after a first call "
+                          help="decode through torch.compile: 2-2.5x faster per token on the CPU after a first call "
                                "that compiles (tens of seconds; seconds once cached)")
     generate.add_argument("--device", default="auto")
 

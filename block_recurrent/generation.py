@@ -223,7 +223,7 @@ def generate(
         been fed to the model yet), i.e. ``(tokens, decode_state)``.
 
     compile: run each token's pass through ``torch.compile`` (:func:`~block_recurrent.ragged.compiled_token_pass`):
-        2.5-3.5x faster per token on the CPU at batch 1, after a first call that compiles (tens of seconds on a
+        2-2.5x faster per token on the CPU at batch 1, after a first call that compiles (tens of seconds on a
         small CPU, seconds once inductor's on-disk cache has it). Equal to eager decoding within rounding, not
         bit for bit; ``state`` may be a ModelState or None, and ``return_state`` does not apply.
 

@@ -20,7 +20,7 @@ Because every row's buffers keep one shape for the whole decode (memory at full 
 buffers, the positions a tensor), the per-token pass has static shapes: :func:`compiled_token_pass` runs it
 through ``torch.compile`` once per batch size, without recompiling per position or per block (commits run
 eagerly, once per block). On the CPU that fuses the few hundred small operators of a token into a few dozen
-kernels: 2.5-3.5x faster decoding at batch 1 (docs/generation.md), equal to the eager pass within rounding.
+kernels: 2-2.5x faster decoding at batch 1 (docs/generation.md), equal to the eager pass within rounding.
 """
 
 from __future__ import annotations
@@ -165,7 +165,9 @@ def _rows_of(rs: RaggedDecodeState, rows: Tensor) -> tuple[ModelState, tuple[Sta
     return rs.committed.select_rows(rows), views, caches
 
 
-def ragged_prefill(model, prompts: Sequence[Tensor], state: ModelState | None = None) -> tuple[Tensor, RaggedDecodeState]:
+def ragged_prefill(
+    model, prompts: Sequence[Tensor], state: ModelState | None = None
+) -> tuple[Tensor, RaggedDecodeState]:
     """Consume prompts of different lengths; return the logits (B, V) after each prompt's last token and the
     ragged decode state. ``state``: a checked model state every row continues from (its blocks start there, as
     with :func:`~block_recurrent.decoding.prefill`); None: fresh documents. Runs in the model's current mode and
@@ -250,7 +252,9 @@ def compiled_token_pass():
     return _compiled_token_pass
 
 
-def ragged_step(model, tokens: Tensor, rs: RaggedDecodeState, *, compiled: bool = False) -> tuple[Tensor, RaggedDecodeState]:
+def ragged_step(
+    model, tokens: Tensor, rs: RaggedDecodeState, *, compiled: bool = False
+) -> tuple[Tensor, RaggedDecodeState]:
     """Feed one token (B,) per row at each row's own position: the next-token logits (B, V) and the state.
     Rows whose block fills commit it (memory pushed, states written) and start their next block.
     ``compiled``: run the per-token pass through :func:`compiled_token_pass` (equal to the eager pass within

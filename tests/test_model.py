@@ -555,7 +555,7 @@ def test_gate_keep_init_sets_the_lstm_forget_offset():
     default = make_model(gate="lstm", gate_projection=True)
     held = make_model(gate="lstm", gate_projection=True, gate_keep_init=3.0)  # the same seed: the same weights
     gate = held.layers[1].attn.cell.gate
-    state, update = torch.randn(2, 3, TINY["dim"], dtype=torch.float64), torch.randn(2, 3, TINY["dim"], dtype=torch.float64)
+    state, update = (torch.randn(2, 3, TINY["dim"], dtype=torch.float64) for _ in range(2))
     candidate, input_gate, forget_gate = gate.to_gates(update).chunk(3, dim=-1)
     expected = state * torch.sigmoid(forget_gate + 3.0) + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
     torch.testing.assert_close(gate(state, update), expected, rtol=0, atol=0)
