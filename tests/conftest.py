@@ -1,5 +1,6 @@
 """Shared test helpers: tiny models built deterministically, in float64 where rounding could hide a bug."""
 
+import shutil
 import signal
 
 import pytest
@@ -10,6 +11,12 @@ from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
 TINY = dict(
     num_tokens=32, dim=32, depth=3, dim_head=8, heads=2, max_seq_len=16, block_width=4,
     num_state_vectors=3, recurrent_layers=(2,),
+)
+
+
+# torch.compile on the CPU builds C++ kernels: without a compiler (inductor looks for g++) those tests cannot run
+needs_cpp_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler (g++)"
 )
 
 

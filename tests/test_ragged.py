@@ -6,7 +6,7 @@ import torch
 from block_recurrent.generation import generate, stream
 from block_recurrent.ragged import ragged_prefill, ragged_step
 
-from conftest import TINY, make_model, random_tokens
+from conftest import TINY, make_model, needs_cpp_compiler, random_tokens
 from test_generation import CONFIGS
 
 W, N = TINY["block_width"], TINY["max_seq_len"]  # 4, 16
@@ -90,6 +90,7 @@ def test_ragged_input_checks():
 # compiled decoding: the same token pass under torch.compile, on the ragged decoder's fixed-shape buffers
 
 
+@needs_cpp_compiler
 def test_compiled_token_pass_equals_eager_and_compiles_once_for_every_position_and_block():
     """Teacher-forced through two block ends, each row at its own position: the compiled pass's logits equal
     the eager pass's within rounding, and after the first call no position, commit or new block recompiles."""
@@ -113,6 +114,7 @@ def test_compiled_token_pass_equals_eager_and_compiles_once_for_every_position_a
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@needs_cpp_compiler
 def test_compiled_generation_continues_a_model_state_as_eager_generation_does():
     model = make_model()
     text = random_tokens(2, 2 * W + 1)
