@@ -44,9 +44,11 @@ def sample(
     if temperature == 0:
         return logits.argmax(dim=-1)
     if top_k is not None and top_k < logits.shape[-1] and (top_p is None or top_p >= 1.0):
-        # draw among the k largest directly: half the operators of masking the vocabulary (decoding's hot loop)
+        # draw among the k largest directly, half the operators of masking the vocabulary (decoding's hot loop);
+        # with the noise of the whole vocabulary gathered at the k ids, it is the same draw as masking
         values, ids = logits.topk(top_k, dim=-1)  # (B, k)
-        return ids.gather(-1, _draw((values / temperature).softmax(dim=-1), generator))[:, 0]
+        noise = torch.empty_like(logits).exponential_(generator=generator).gather(-1, ids)
+        return ids.gather(-1, _race((values / temperature).softmax(dim=-1), noise))[:, 0]
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
@@ -57,9 +59,14 @@ def sample(
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row (B, 1) with probabilities ``probs`` (B, n): the row's argmax of p / E for exponential
-    noise E, the draw ``torch.multinomial(probs, 1)`` makes from the same generator, without its checks."""
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
+    """One index per row (B, 1) with probabilities ``probs`` (B, n): the draw ``torch.multinomial(probs, 1)``
+    makes from the same generator (its own algorithm, without its checks)."""
+    return _race(probs, torch.empty_like(probs).exponential_(generator=generator))
+
+
+def _race(probs: Tensor, noise: Tensor) -> Tensor:
+    """The row's argmax of p / E (B, 1) for exponential noise E: index i wins with probability p_i."""
+    return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 def _nucleus(logits: Tensor, top_p: float) -> Tensor:

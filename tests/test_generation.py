@@ -239,15 +239,17 @@ def test_sample_filters():
 
 def test_sampling_draws_as_torch_multinomial_does_from_the_same_generator():
     """sample's exponential-race draw is torch.multinomial's own algorithm: the same ids from the same seed, over
-    the whole vocabulary and among the top k, and so the same distribution."""
+    the whole vocabulary and, among the top k, the same as multinomial over the vocabulary with the rest masked
+    (how top-k sampling drew before it took the shortcut), and so the same distribution."""
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
     ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(100):
         assert torch.equal(sample(logits, 1.3, generator=ours),
                            torch.multinomial((logits / 1.3).softmax(-1), 1, generator=theirs)[:, 0])
-        values, ids = logits.topk(5, dim=-1)
+        scaled = logits / 0.7
+        masked = scaled.masked_fill(scaled < scaled.topk(5, dim=-1).values[:, -1:], float("-inf"))
         assert torch.equal(sample(logits, 0.7, top_k=5, generator=ours),
-                           ids.gather(-1, torch.multinomial((values / 0.7).softmax(-1), 1, generator=theirs))[:, 0])
+                           torch.multinomial(masked.softmax(-1), 1, generator=theirs)[:, 0])
 
 
 def test_eos_stops_and_pads():
