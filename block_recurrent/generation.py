@@ -168,8 +168,6 @@ def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token
     if compile:
         if isinstance(state, DecodeState):
             raise ValueError("compile=True continues a ModelState or starts fresh: state must not be a DecodeState")
-        if state is not None and not isinstance(state, ModelState):
-            raise TypeError(f"state must be a ModelState, a DecodeState or None, got {type(state).__name__}")
         return prompt, checked_state(model.config, state, prompt.shape[0])
     return prompt, as_decode_state(model, state, prompt.shape[0])  # checked now, not at the first token
 

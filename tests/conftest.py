@@ -15,9 +15,8 @@ TINY = dict(
 
 
 # torch.compile on the CPU builds C++ kernels: without a compiler (inductor looks for g++) those tests cannot run
-needs_cpp_compiler = pytest.mark.skipif(
-    shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler (g++)"
-)
+HAS_CPP_COMPILER = shutil.which("g++") is not None
+needs_cpp_compiler = pytest.mark.skipif(not HAS_CPP_COMPILER, reason="torch.compile on the CPU needs a C++ compiler (g++)")
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides) -> BlockRecurrentTransformer:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
 from block_recurrent.cli import main
-from conftest import interruptible
+from conftest import HAS_CPP_COMPILER, interruptible
 
 
 @pytest.fixture
@@ -57,8 +56,8 @@ def test_train_resume_eval_generate(tmp_path, corpus, capsys):
                "--temperature", 0) == 0
     text = capsys.readouterr().out
     assert text.startswith("the quick") and len(text.encode()) >= len("the quick")
-    if shutil.which("g++") is None:
-        return  # torch.compile on the CPU needs a C++ compiler (conftest.needs_cpp_compiler)
+    if not HAS_CPP_COMPILER:
+        return  # torch.compile on the CPU needs a C++ compiler
     # greedy decoding through torch.compile continues the prompt the same way
     assert brt("generate", "--checkpoint", latest_checkpoint(run), "--prompt", "the quick", "--max-new-tokens", 12,
                "--temperature", 0, "--compile") == 0
