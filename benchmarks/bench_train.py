@@ -67,7 +67,7 @@ def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool, 
 
         model = BlockRecurrentTransformer(**kwargs, gate_projection=True)  # the reference's architecture
     wrapper = RecurrentTrainerWrapper(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both sides: as brt train
     seq_len = kwargs["max_seq_len"]
     data = torch.randint(0, kwargs["num_tokens"], (spec["batch"], segments * seq_len + 1))
 

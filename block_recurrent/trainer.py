@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from .checkpoint import (
     WEIGHTS_FILE, CheckpointError, TrainingCheckpoint, check_same_config, latest_checkpoint, load_state,
@@ -54,6 +55,15 @@ from .train_config import TrainConfig, lr_at
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "resume_configs", "train"]
 
 LN2 = math.log(2)
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether AdamW's fused kernel runs on ``device``: one kernel for every parameter instead of a dozen ops per
+    parameter group (the `mini` model's step 2.0 -> 0.5 ms on two CPU cores, `small`'s 9 -> 1.6 ms). CUDA has it,
+    the CPU from torch 2.4."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4"
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,7 +158,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(config.beta1, config.beta2),
+            lr=config.lr, betas=(config.beta1, config.beta2), fused=fused_adamw_supported(self.device),
         )
 
         # 3. progress: steps done, and per micro-batch the state its rows carry into the next step
