@@ -82,6 +82,11 @@ CANDIDATES = {
     "hour": candidate(9000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
     # the default with segments of two blocks (64 rows of 32 bytes): the state's write path trained
     "mini-2blocks": candidate(1500, segment=32, block=16, states=16, rows=64),
+    # more steps of the default, in the time the command had left under five minutes (3 min 45 s for 1,500)
+    "mini-1800": candidate(1800, segment=16, block=16, rows=128),
+    "mini-2000": candidate(2000, segment=16, block=16, rows=128),
+    # two blocks per segment (the write trained) with the LSTM gate, its forget offset at +3 (recall: docs/variants.md)
+    "mini-2blocks-lstm3": candidate(1500, segment=32, block=16, states=16, rows=64, gate="lstm", gate_keep_init=3.0),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),
@@ -96,7 +101,7 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     from block_recurrent import BlockRecurrentConfig
     from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
     from block_recurrent.distributed import resolve_eval_bf16
-    from block_recurrent.evaluation import evaluate_documents
+    from block_recurrent.evaluation import evaluate_documents, position_curve
     from block_recurrent.checkpoint import from_pretrained
     from block_recurrent.trainer import TrainConfig, train
 
@@ -120,15 +125,8 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         results = evaluate_documents(model, documents, bucket_size=POSITION_BUCKET)
     loss_sum, tokens = sum(r.loss_sum for r in results), sum(r.tokens for r in results)
-    # bits per byte by position in the file: every file's buckets pooled, up to POSITION_LIMIT
-    positions: dict[int, list[float]] = {}
-    for result in results:
-        for start, loss, count in result.bucket_losses:
-            if start < POSITION_LIMIT:
-                pooled = positions.setdefault(start, [0.0, 0])
-                pooled[0] += loss * count
-                pooled[1] += count
-    curve = [(start, total / count / math.log(2), count) for start, (total, count) in sorted(positions.items())]
+    # bits per byte by position in the file, every file pooled, up to POSITION_LIMIT
+    curve = [point for point in position_curve(results) if point[0] < POSITION_LIMIT]
     # the steps taken (a run stopped by a signal saves and ends early), not the ones planned
     return {"name": name, "seed": seed, "steps": last["step"], "threads": threads, "train_s": round(trained, 1),
             "eval_s": round(time.perf_counter() - started, 1), "eval_bf16": bf16, "train_bpb": last.get("bpb"),

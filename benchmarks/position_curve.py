@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from block_recurrent.evaluation import curve_range  # noqa: E402
+
 RANGES = [(0, 1024), (1024, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
 
 
@@ -28,13 +31,6 @@ def load(path: Path, names: list[str]) -> dict[tuple[str, int], dict]:
         if result["name"] in names and "positions" in result:
             runs[result["name"], result["seed"]] = result  # a later run of the same candidate and seed wins
     return runs
-
-
-def in_range(curve: list, begin: int, end: int) -> tuple[float, int]:
-    """(bits per byte, bytes) pooled over the curve's buckets that start in [begin, end)."""
-    bits = sum(bpb * count for start, bpb, count in curve if begin <= start < end)
-    count = sum(count for start, _, count in curve if begin <= start < end)
-    return bits / max(count, 1), count
 
 
 def label(begin: int, end: int) -> str:
@@ -49,9 +45,9 @@ def tables(runs: dict[tuple[str, int], dict], names: list[str]) -> str:
     lines += ["", "| run | seed | " + " | ".join(label(b, e) for b, e in RANGES) + " |",
               "|---|---:|" + "---:|" * len(RANGES)]
     for (name, seed), r in sorted(runs.items(), key=lambda item: (names.index(item[0][0]), item[0][1])):
-        cells = [f"{in_range(r['positions'], b, e)[0]:.3f}" for b, e in RANGES]
+        cells = [f"{curve_range(r['positions'], b, e)[0]:.3f}" for b, e in RANGES]
         lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
-    bytes_row = [f"{in_range(next(iter(runs.values()))['positions'], b, e)[1]:,}" for b, e in RANGES]
+    bytes_row = [f"{curve_range(next(iter(runs.values()))['positions'], b, e)[1]:,}" for b, e in RANGES]
     lines.append("| bytes scored | | " + " | ".join(bytes_row) + " |")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_recurrent.checkpoint import from_pretrained  # noqa: E402
 from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents  # noqa: E402
 from block_recurrent.distributed import native_bf16  # noqa: E402
-from block_recurrent.evaluation import evaluate_documents  # noqa: E402
+from block_recurrent.evaluation import curve_range, evaluate_documents, position_curve  # noqa: E402
 from block_recurrent.state import ModelState  # noqa: E402
 
 BUCKET = 1024
@@ -39,15 +39,8 @@ def score(model, docs, autocast) -> tuple[float, list[tuple[float, int]]]:
     with autocast:
         results = evaluate_documents(model, docs, bucket_size=BUCKET)
     total = sum(r.loss_sum for r in results) / sum(r.tokens for r in results) / math.log(2)
-    sums = [[0.0, 0] for _ in RANGES]
-    for r in results:
-        for start, loss, count in r.bucket_losses:
-            index = start // BUCKET
-            for (low, high), acc in zip(RANGES, sums):
-                if index >= low and (high is None or index < high):
-                    acc[0] += loss * count
-                    acc[1] += count
-    return total, [(s / n / math.log(2) if n else float("nan"), n) for s, n in sums]
+    curve = position_curve(results)
+    return total, [curve_range(curve, low * BUCKET, None if high is None else high * BUCKET) for low, high in RANGES]
 
 
 def main() -> None:

@@ -242,6 +242,29 @@ def evaluate_documents(
     return results
 
 
+def position_curve(results: Sequence[EvalResult], bytes_per_token: float = 1.0) -> list[tuple[int, float, int]]:
+    """Bits per byte by position in the document, every document pooled: (bucket start, bits per byte, predictions
+    pooled) per bucket start, from results scored with ``bucket_size``."""
+    pooled: dict[int, list[float]] = {}
+    for result in results:
+        if result.bucket_losses is None:
+            raise ValueError("position_curve needs results scored with bucket_size")
+        for start, loss, count in result.bucket_losses:
+            sums = pooled.setdefault(start, [0.0, 0])
+            sums[0] += loss * count
+            sums[1] += count
+    return [(start, total / count / math.log(2) / bytes_per_token, count)
+            for start, (total, count) in sorted(pooled.items())]
+
+
+def curve_range(curve: Sequence[tuple[int, float, int]], begin: int, end: int | None = None) -> tuple[float, int]:
+    """(bits per byte, predictions) pooled over a :func:`position_curve`'s buckets that start in [begin, end);
+    NaN bits where there is none."""
+    inside = [(bits, count) for start, bits, count in curve if begin <= start and (end is None or start < end)]
+    count = sum(count for _, count in inside)
+    return (sum(bits * count for bits, count in inside) / count if count else float("nan")), count
+
+
 def evaluate_corpus(
     model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
     distributed: "Distributed | None" = None, batch_size: int = 16, spread: bool = False,

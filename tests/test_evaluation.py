@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from block_recurrent import RecurrentTrainerWrapper
-from block_recurrent.evaluation import EvalResult, evaluate, evaluate_documents
+from block_recurrent.evaluation import EvalResult, curve_range, evaluate, evaluate_documents, position_curve
 
 from conftest import TINY, make_model, random_tokens
 
@@ -228,3 +228,34 @@ def test_documents_input_checks():
         evaluate_documents(model, [random_tokens(1, 1)[0]])
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_documents(model, [random_tokens(1, 5)[0]], batch_size=0)
+
+
+def test_position_curve_pools_documents_by_position():
+    """The pooled curve is the specification's per-position losses of every document, bucketed by position and
+    averaged over documents; a range over all of it is the whole score."""
+    model = eval_model()
+    docs = [random_tokens(1, length)[0] for length in (3 * N + 1, N + 5, 2 * N)]
+    bucket = 8
+    results = evaluate_documents(model, docs, batch_size=2, bucket_size=bucket)
+    curve = position_curve(results, bytes_per_token=2.0)
+
+    pooled = {}
+    for doc in docs:
+        losses = naive_losses(model, doc[None])[0]
+        for position, loss in enumerate(losses.tolist()):
+            start = position // bucket * bucket
+            pooled.setdefault(start, []).append(loss)
+    assert [start for start, _, _ in curve] == sorted(pooled)
+    for start, bits, count in curve:
+        assert count == len(pooled[start])
+        assert bits == pytest.approx(sum(pooled[start]) / count / math.log(2) / 2.0, rel=1e-9)
+
+    whole = sum(r.loss_sum for r in results) / sum(r.tokens for r in results) / math.log(2) / 2.0
+    bits, count = curve_range(curve, 0)
+    assert (bits, count) == (pytest.approx(whole, rel=1e-9), sum(r.tokens for r in results))
+    bits, count = curve_range(curve, bucket, 3 * bucket)  # buckets starting at 8 and 16
+    assert count == len(pooled[8]) + len(pooled[16])
+    assert bits == pytest.approx((sum(pooled[8]) + sum(pooled[16])) / count / math.log(2) / 2.0, rel=1e-9)
+    assert math.isnan(curve_range(curve, 10_000)[0])
+    with pytest.raises(ValueError, match="bucket_size"):
+        position_curve(evaluate_documents(model, docs))
