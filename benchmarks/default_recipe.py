@@ -79,6 +79,8 @@ CANDIDATES = {
     "rec20-2blocks": candidate(3800, dim=192, dim_head=48, segment=64, block=32, states=16, rows=64),
     "xl20-2blocks": candidate(3800, dim=192, dim_head=48, segment=64, block=32, states=16, rows=64,
                               recurrent_layers=()),
+    "slide20-2blocks": candidate(3800, dim=192, depth=5, dim_head=48, segment=64, block=32, states=16, rows=64,
+                                 recurrent_layers=(), attention_window="sliding"),
     "hour": candidate(9000, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128),
     # the default with segments of two blocks (64 rows of 32 bytes): the state's write path trained
     "mini-2blocks": candidate(1500, segment=32, block=16, states=16, rows=64),
