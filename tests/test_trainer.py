@@ -306,3 +306,23 @@ def test_a_backward_pass_of_one_block_leaves_the_state_write_untrained_and_says_
         warnings.simplefilter("error")
         Trainer(one_block, settings(tmp_path / "b", segments=2, backward_every=2)).close()
         Trainer(tiny(), settings(tmp_path / "c")).close()  # segments of 64 tokens, two blocks
+
+
+def test_fused_adamw_steps_as_the_per_parameter_optimiser(tmp_path, monkeypatch):
+    """brt train takes AdamW's fused kernel where torch has it; its steps equal the plain implementation's (the
+    same param groups, weight decay on matrices only) to rounding."""
+    import block_recurrent.trainer as trainer_module
+
+    fused = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "fused"), weight_decay=0.1))
+    assert fused.optimizer.defaults["fused"] is trainer_module.fused_adamw_supported(torch.device("cpu"))
+    assert trainer_module.fused_adamw_supported(torch.device("cpu")) == (
+        torch.torch_version.TorchVersion(torch.__version__) >= "2.4")
+    assert not trainer_module.fused_adamw_supported(torch.device("meta"))
+    monkeypatch.setattr(trainer_module, "fused_adamw_supported", lambda device: False)
+    plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain"), weight_decay=0.1))
+    assert not plain.optimizer.defaults["fused"]
+    for _ in range(3):
+        a, b = fused.train_step(), plain.train_step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for p, q in zip(fused.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
