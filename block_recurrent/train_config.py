@@ -36,7 +36,7 @@ class TrainConfig:
 
     # optimisation
     # 1,800 steps of the default: 1.882 bits per byte held out against 1.905 at 1,500 (seed 0), in about
-    # 4 min 15 s for the whole command on two cores (docs/training.md)
+    # 4 min 24 s for the whole command on two cores (docs/training.md)
     max_steps: int = 1800
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
