@@ -437,7 +437,13 @@ def train(model_config: BlockRecurrentConfig, config: TrainConfig, *,
     """
     trainer = Trainer(model_config, config, resume=resume)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        if trainer.dist.active:
+            # every rank leaves together: a rank that tore its gloo connections down while rank 0 was still
+            # writing the last checkpoint was seen to abort (SIGABRT, 1 torchrun test run in 12). Only on success:
+            # a rank that failed must not wait here for ranks that are still training
+            dist.barrier()
+        return result
     finally:
         trainer.close()
         if trainer.dist.active and dist.is_initialized():
