@@ -122,8 +122,7 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
     documents = [torch.from_numpy(held_out.document(i).astype("int64")) for i in range(len(held_out))]
     started = time.perf_counter()
-    # brt eval's precision (float32 on the CPU for blocks under 64)
-    bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width)
+    bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width, model.parallel_blocks)  # brt eval's
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         results = evaluate_documents(model, documents, bucket_size=POSITION_BUCKET)
     loss_sum, tokens = sum(r.loss_sum for r in results), sum(r.tokens for r in results)

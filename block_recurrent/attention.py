@@ -216,7 +216,7 @@ class FeedForward(nn.Module):
         projected = normed @ (self.proj_in.weight.t() if proj_in_t is None else proj_in_t)
         if self.activation == "geglu":
             hidden, gate = projected.chunk(2, dim=-1)
-            hidden = F.gelu(gate) * hidden
+            hidden = F.gelu(gate.contiguous()) * hidden  # GELU of a strided half ran 1.5-2x slower than copy + GELU
         else:
             hidden = F.relu(projected)
         return F.linear(self.dropout(hidden), self.proj_out.weight)

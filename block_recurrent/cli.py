@@ -322,7 +322,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     check_int("--batch-size", args.batch_size, 1)
-    bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width)
+    bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.parallel_blocks)
     with _autocast(bf16, model.device):  # raises when nothing would be scored
         result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "

@@ -65,9 +65,27 @@ def _check_tokens(model, tokens) -> Tensor:
     return tokens
 
 
-def _check_options(model, segment_len, bytes_per_token, bucket_size) -> int:
+# Tokens per forward call when the caller gives no segment length and the model runs a segment's blocks side by
+# side (``parallel_blocks``): each call then runs every layer once for all its blocks, so longer segments mean
+# fewer calls. The whole held-out split with brt train's default model (blocks of 16): 35 s at 1,024 tokens
+# against 58-77 s one block per call (bf16, benchmarks/bench_eval.py). Capped by the longest document, so short
+# documents are not padded to a long segment
+EVAL_SEGMENT_TOKENS = 1024
+
+
+def default_segment_len(model: BlockRecurrentTransformer, longest: int) -> int:
+    """Evaluation's tokens per forward call for documents of at most ``longest`` predicted tokens: max_seq_len, or
+    with ``parallel_blocks`` up to EVAL_SEGMENT_TOKENS (whole blocks, at least max_seq_len)."""
     config = model.config
-    segment_len = config.max_seq_len if segment_len is None else segment_len
+    if not model.parallel_blocks:
+        return config.max_seq_len
+    W = config.block_width
+    return max(config.max_seq_len, min(EVAL_SEGMENT_TOKENS // W, math.ceil(longest / W)) * W)
+
+
+def _check_options(model, segment_len, bytes_per_token, bucket_size, longest: int) -> int:
+    config = model.config
+    segment_len = default_segment_len(model, longest) if segment_len is None else segment_len
     check_int("segment_len", segment_len, 1)
     if segment_len % config.block_width:
         # a segment that ended inside a block would commit that block early and change what is scored
@@ -104,8 +122,9 @@ def evaluate(
     tokens: (T,) one document or (B, T) a batch of documents of equal length, T >= 2; the T - 1 tokens
         after the first are predicted. A list of 1-D documents of different lengths is scored side by side
         by :func:`evaluate_documents`, which returns one result per document.
-    segment_len: tokens per forward call (default max_seq_len; a multiple of block_width). The result does
-        not depend on it beyond rounding; only memory does (one segment's logits, (B, segment_len, V)).
+    segment_len: tokens per forward call (a multiple of block_width; default :func:`default_segment_len`, up to
+        1,024). The result does not depend on it beyond rounding; speed does, and memory (one segment's logits,
+        (B, segment_len, V)).
     state: where the documents continue from (None: a fresh start).
     bytes_per_token: average bytes of text per token (1 for byte-level models), for bits per byte.
     bucket_size: also report the mean loss per bucket of this many prediction positions.
@@ -119,7 +138,7 @@ def evaluate(
         return evaluate_documents(model, list(tokens), segment_len=segment_len, bytes_per_token=bytes_per_token,
                                   bucket_size=bucket_size)
     tokens = _check_tokens(model, tokens)
-    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size)
+    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size, tokens.shape[1] - 1)
     B, T = tokens.shape
     predicted = T - 1
     state = checked_state(model.config, state, B)
@@ -177,7 +196,7 @@ def evaluate_documents(
     if any(doc is None for doc in docs):
         raise ValueError("documents must be 1-D token tensors (one document each)")
     check_int("batch_size", batch_size, 1)
-    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size)
+    segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size, max(len(doc) for doc in docs) - 1)
     device, ignore = docs[0].device, model.config.ignore_index
 
     # 1. deal the documents to lanes; a document takes whole segments, predictions at inputs 0 .. T - 2
@@ -267,7 +286,7 @@ def curve_range(curve: Sequence[tuple[int, float, int]], begin: int, end: int | 
 
 def evaluate_corpus(
     model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
-    distributed: "Distributed | None" = None, batch_size: int = 16, spread: bool = False,
+    distributed: "Distributed | None" = None, batch_size: int = 16, spread: bool = False, segment_len: int | None = None,
 ) -> dict[str, float]:
     """Loss and bits per byte over a corpus's documents, each scored from a fresh state, ``batch_size`` side by
     side (:func:`evaluate_documents`).
@@ -293,7 +312,8 @@ def evaluate_corpus(
     mine = [torch.from_numpy(doc.astype("int64")).to(model.device) for doc in docs[rank::world]]
     totals = torch.zeros(2, dtype=torch.float64)
     if mine:
-        for result in evaluate_documents(model, mine, batch_size=batch_size, bytes_per_token=corpus.bytes_per_token):
+        for result in evaluate_documents(model, mine, batch_size=batch_size, segment_len=segment_len,
+                                         bytes_per_token=corpus.bytes_per_token):
             totals += torch.tensor([result.loss_sum, result.tokens], dtype=torch.float64)
     if distributed is not None:
         totals = distributed.all_reduce(totals)

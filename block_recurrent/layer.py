@@ -148,20 +148,36 @@ class AttentionBlock(nn.Module):
         if valid is None and not self.sliding_window:
             mask = None  # the plain causal case: built per call, only where a call has several queries
         read_keys = tuple(read.prepare_keys(views[i]) for read, i in zip(self.state_reads, self.reads))
-        in_proj = torch.cat([self.to_q.weight, self.to_kv.weight, *(r.to_queries.weight for r in self.state_reads)])
-        in_proj, ff_in = in_proj.t(), ff.proj_in.weight.t()  # (D, outputs)
+        in_proj, ff_in = self.input_projection(), ff.proj_in.weight.t()  # (D, outputs)
         if token_by_token and not torch.is_grad_enabled():
             # copied once per block for its block_width decoding calls; evaluation would copy once per call
             # (13% of its time with blocks of 16)
             in_proj, ff_in = in_proj.contiguous(), ff_in.contiguous()
         return LayerCache(keys, values, None, M, 0, [0], mask, bias, empty, read_keys, in_proj, ff_in)
 
+    def input_projection(self) -> Tensor:
+        """The input projections side by side, transposed: (D, H dh + 2 kv_dim + reads * H dh), a view."""
+        weights = [self.to_q.weight, self.to_kv.weight, *(r.to_queries.weight for r in self.state_reads)]
+        return torch.cat(weights).t()
+
+    def project(self, x: Tensor, in_proj: Tensor) -> Tensor:
+        """Pre-norm, then queries, raw keys, values and state-read queries of x (B, N, D) in one product."""
+        normed = F.layer_norm(x, x.shape[-1:], self.norm.weight, None, self.norm.eps)
+        return normed @ in_proj  # (B, N, Q + 2 C + reads * Q)
+
+    def split_keys_values(self, projected: Tensor) -> tuple[Tensor, Tensor]:
+        """The raw keys and values (B, N, kv_dim) each of a :meth:`project` output."""
+        Q, C = self.heads * self.dim_head, self.kv_dim
+        return projected[..., Q : Q + C], projected[..., Q + C : Q + 2 * C]
+
     def forward(
-        self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None
+        self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None,
+        projected: Tensor | None = None,
     ) -> tuple[Tensor, LayerCache]:
         """x: (B, N, D), the block's next N tokens (after the cache's P); tables: the rotary tables of their
-        queries and keys (None without rotary positions). Returns (branch output (B, N, D) to add to the
-        residual, the cache with these tokens appended)."""
+        queries and keys (None without rotary positions); ``projected``: :meth:`project` of x when the caller
+        already has it. Returns (branch output (B, N, D) to add to the residual, the cache with these tokens
+        appended)."""
         B, N, _ = x.shape
         H, dh, C = self.heads, self.dim_head, self.kv_dim
         Q = H * dh
@@ -173,10 +189,10 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"{N} tokens do not fit in the block: {P} of block_width={self.block_width} are fed")
 
         # 1. one product for queries, keys, values and the state reads' queries
-        normed = F.layer_norm(x, x.shape[-1:], self.norm.weight, None, self.norm.eps)
-        projected = normed @ cache.in_proj  # (B, N, Q + 2 C + reads * Q)
+        if projected is None:
+            projected = self.project(x, cache.in_proj)
         q = projected[..., :Q].view(B, N, H, dh).transpose(1, 2)  # (B, H, N, dh)
-        key, value = projected[..., Q : Q + C], projected[..., Q + C : Q + 2 * C]  # (B, N, C) each, raw
+        key, value = self.split_keys_values(projected)  # (B, N, C) each, raw
         q_tables, k_tables = tables if self.use_rotary else (None, None)
         q, scale = self.attn.prepare_queries(q, q_tables)
 
@@ -296,9 +312,10 @@ class TransformerLayer(nn.Module):
         return self.attn.start_block(memory, views, rotary, self.ff, token_by_token)
 
     def forward(
-        self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None
+        self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None,
+        projected: Tensor | None = None,
     ) -> tuple[Tensor, LayerCache]:
         """x: (B, N, D) -> (B, N, D), and the cache with the N tokens appended."""
-        branch, cache = self.attn(x, cache, views, tables)
+        branch, cache = self.attn(x, cache, views, tables, projected)
         x = x + branch
         return x + self.ff(x, cache.ff_in), cache

@@ -51,8 +51,18 @@ class BlockRecurrentTransformer(nn.Module):
             config.dim_head, config.max_memory_len, config.block_width, config.rotary_theta, config.xpos_scale_base
         )
         self.layers = nn.ModuleList([TransformerLayer(config, layer) for layer in range(1, config.depth + 1)])
+        self.parallel_blocks = self.runs_blocks_side_by_side(config)
         self.norm_out = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+
+    @staticmethod
+    def runs_blocks_side_by_side(config: BlockRecurrentConfig) -> bool:
+        """Whether whole blocks can run side by side (:meth:`forward_blocks`): each layer's memory is its own
+        previous block (FIFO, not compressed) and no layer reads a state written above it (feedback would chain
+        every layer block after block)."""
+        return not config.use_compressed_mem and all(
+            config.recurrent_layers[i] <= layer for layer in range(1, config.depth + 1) for i in config.reads_of_layer(layer)
+        )
 
     # reference-compatible attributes
     @property
@@ -159,6 +169,40 @@ class BlockRecurrentTransformer(nn.Module):
         hidden, caches = self.forward_tokens(x, caches, views)
         return hidden, self.commit_block(state, views, caches)
 
+    def forward_blocks(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Run n whole blocks of embedded tokens x (B, n * block_width, D) and commit them: the same as n calls of
+        :meth:`forward_block`, with the n blocks side by side in one batch of B * n rows.
+
+        A layer's memory for block i is its own keys/values of block i - 1, known as soon as the layer's input
+        is, so every layer runs once for all n blocks; only the recurrent states' writes go block after block
+        (a few small products each). Needs ``parallel_blocks`` (FIFO memories, no state read below its writer).
+        """
+        if not self.parallel_blocks:
+            raise ValueError("this config cannot run blocks side by side (compressed memory or a state read below "
+                             "the layer that writes it); use forward_block")
+        B, T, D = x.shape
+        W = self.config.block_width
+        if T == 0 or T % W:
+            raise ValueError(f"forward_blocks takes whole blocks: x has {T} tokens, block_width={W}")
+        n = T // W
+        x = x.reshape(B * n, W, D)
+        tables = None
+        if self.config.position_encoding == "rotary_xpos":
+            tables = self.rotary.queries(0, W), self.rotary.keys(0, W)
+        views: list[StateView | None] = [None] * len(self.cells)
+        memories, states = [], list(state.states)
+        for number, (layer, memory) in enumerate(zip(self.layers, state.memories), start=1):
+            attn = layer.attn
+            projected = attn.project(x, attn.input_projection())
+            keys, values = (t.reshape(B, n, W, -1) for t in attn.split_keys_values(projected))
+            if attn.is_recurrent:
+                i = self.config.recurrent_layers.index(number)
+                views[i], states[i] = _write_blocks(attn.cell, states[i], keys, values)
+            cache = layer.start_block(_previous_blocks(memory, keys, values), views, self.rotary)
+            x, _ = layer(x, cache, views, tables, projected)
+            memories.append(attn.memory.update(memory, keys[:, -1], values[:, -1]))
+        return x.reshape(B, T, D), ModelState(tuple(memories), tuple(states))
+
     def embed(self, tokens: Tensor) -> Tensor:
         return self.token_emb(tokens)
 
@@ -183,8 +227,13 @@ class BlockRecurrentTransformer(nn.Module):
         if reset is not None:
             state = state.reset_rows(reset.to(tokens.device), self.initial_states())
         x = self.embed(tokens)  # (B, T, D)
-        hidden = []
-        for block in x.split(self.config.block_width, dim=1):
+        hidden, W = [], self.config.block_width
+        whole = x.shape[1] // W * W
+        if self.parallel_blocks and whole >= 2 * W:
+            block, state = self.forward_blocks(x[:, :whole], state)
+            hidden.append(block)
+            x = x[:, whole:]
+        for block in x.split(W, dim=1) if x.shape[1] else ():
             block, state = self.forward_block(block, state)
             hidden.append(block)
         return self.logits(torch.cat(hidden, dim=1)), state
@@ -274,3 +323,37 @@ class BlockRecurrentTransformer(nn.Module):
         return generate_reference(
             self, prime, length, xl_memories, states, temperature, filter_thres, return_memories_and_states
         )
+
+
+def _previous_blocks(memory: XLMemory | None, keys: Tensor, values: Tensor) -> XLMemory:
+    """The memory of each of n blocks side by side, (B * n, W, kv_dim): the carried ``memory`` (at most W slots of
+    the previous block, front-padded with invalid slots) for block 0, block i - 1's keys/values (B, n, W, kv_dim)
+    for block i."""
+    B, n, W, C = keys.shape
+    M = 0 if memory is None else memory.length
+    first_keys, first_values = keys.new_zeros(B, 1, W - M, C), values.new_zeros(B, 1, W - M, C)
+    if memory is not None:
+        first_keys = torch.cat((first_keys, memory.keys.to(keys.dtype)[:, None]), dim=2)
+        first_values = torch.cat((first_values, memory.values.to(values.dtype)[:, None]), dim=2)
+    valid = None
+    if M < W or memory.valid is not None:  # some slot of block 0's memory is empty or from another document
+        first_valid = torch.zeros(B, W, dtype=torch.bool, device=keys.device)
+        first_valid[:, W - M :] = True if memory is None or memory.valid is None else memory.valid
+        valid = F.pad(first_valid, (0, (n - 1) * W), value=True).view(B * n, W)
+    keys = torch.cat((first_keys, keys[:, :-1]), dim=1).view(B * n, W, C)
+    values = torch.cat((first_values, values[:, :-1]), dim=1).view(B * n, W, C)
+    return XLMemory(keys, values, valid)
+
+
+def _write_blocks(
+    cell: RecurrentStateCell, state: Tensor | None, keys: Tensor, values: Tensor
+) -> tuple[StateView, Tensor]:
+    """A state's views for n blocks side by side, stacked to (B * n, ...), and the state after the last block,
+    from the writing layer's raw keys/values (B, n, W, kv_dim): the state is rewritten block after block."""
+    B, n = keys.shape[:2]
+    views = []
+    for i in range(n):
+        view = cell.view(state, B)
+        state = cell.write(view, keys[:, i], values[:, i])
+        views.append(view)
+    return StateView(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*views))), state

@@ -85,7 +85,8 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.bf16 = resolve_bf16(config.bf16, self.device)  # None: on where bf16 is native
         # validation follows an explicit setting; auto also weighs the block width (scoring has no backward pass)
-        self.eval_bf16 = resolve_eval_bf16(config.bf16, self.device, model_config.block_width)
+        self.eval_bf16 = resolve_eval_bf16(config.bf16, self.device, model_config.block_width,
+                                           BlockRecurrentTransformer.runs_blocks_side_by_side(model_config))
         if config.compile and self.device.type != "cuda":
             raise ValueError("compile is for CUDA devices; this run is on the CPU (leave it off)")
         self.model_config, self.config = model_config, config

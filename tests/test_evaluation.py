@@ -148,7 +148,8 @@ def test_memory_does_not_grow_with_the_number_of_segments():
     model = eval_model(num_tokens=256, block_width=N)  # one block per segment keeps the metered run short
     short, long = random_tokens(2, 2 * N + 1, 256), random_tokens(2, 16 * N + 1, 256)
     logits_per_segment = 2 * N * 256 * 8  # (B, N, V) float64
-    growth = peak_bytes(model, long, evaluate) - peak_bytes(model, short, evaluate)
+    one_block = lambda model, tokens: evaluate(model, tokens, segment_len=N)  # the default takes up to 1,024 tokens
+    growth = peak_bytes(model, long, one_block) - peak_bytes(model, short, one_block)
     assert growth < logits_per_segment / 2
     # the meter sees the difference: keeping every logit grows by at least the 14 extra segments' logits
     naive_growth = peak_bytes(model, long, keep_all_logits) - peak_bytes(model, short, keep_all_logits)
