@@ -4,8 +4,9 @@ and against the reference's forward pass, in one run.
     python benchmarks/bench_eval.py                       # brt train's default model, random weights
     python benchmarks/bench_eval.py --checkpoint runs/brt  # a trained model (the scores then mean something)
 
-Rows: documents one at a time (how `brt eval` scored before), documents side by side (``evaluate_corpus``'s
-lanes, ``--batch-size``), the same under bf16 autocast; tokens/s of a training step of the same model (forward +
+Rows: one document at a time, documents side by side (``evaluate_corpus``'s lanes, ``--batch-size``) one block
+per call (the default before blocks ran side by side) and in evaluation's default segments (a segment's blocks
+side by side, ``model.forward_blocks``), float32 and bf16 autocast; tokens/s of a training step of the same model (forward +
 backward + AdamW, as many rows of max_seq_len as ``brt train`` takes, float32 and bf16); and the reference package (0.4.4, from .venv-ref, as
 bench_train.py creates it) scoring a sample of the same text by its wrapper's forward without gradients, segment
 after segment (it has no streaming evaluation of its own). Speed does not depend on the weights.
@@ -88,7 +89,7 @@ def main() -> None:
     from block_recurrent.checkpoint import from_pretrained
     from block_recurrent.cli import DEFAULT_PRESET
     from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
-    from block_recurrent.evaluation import evaluate_corpus
+    from block_recurrent.evaluation import default_segment_len, evaluate_corpus
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -99,10 +100,12 @@ def main() -> None:
     held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
     rows = []
 
-    def timed(name: str, batch_size: int, bf16: bool, max_tokens: int | None = None) -> None:
+    def timed(name: str, batch_size: int, bf16: bool, max_tokens: int | None = None, one_block: bool = False) -> None:
+        segment_len = model.config.max_seq_len if one_block else None  # None: evaluation's default
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             start = time.perf_counter()
-            scores = evaluate_corpus(model, held_out, max_tokens=max_tokens, batch_size=batch_size)
+            scores = evaluate_corpus(model, held_out, max_tokens=max_tokens, batch_size=batch_size,
+                                     segment_len=segment_len)
             seconds = time.perf_counter() - start
         rate = scores["tokens"] / seconds
         whole = held_out.token_count / rate
@@ -110,9 +113,13 @@ def main() -> None:
         print(f"  {name}: {rate:.0f} tok/s", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    timed("one document at a time, float32", 1, False, args.one_at_a_time_tokens)
-    timed(f"{args.batch_size} side by side, float32", args.batch_size, False)
-    timed(f"{args.batch_size} side by side, bf16 autocast", args.batch_size, True)
+    W, segment = model.config.block_width, default_segment_len(model, 10**9)
+    timed(f"one document at a time, segments of {segment}, bf16", 1, True, args.one_at_a_time_tokens)
+    timed(f"{args.batch_size} documents side by side, max_seq_len ({model.config.max_seq_len}) per call, float32 "
+          "(the default before blocks ran side by side)", args.batch_size, False, one_block=True)
+    side = f"{args.batch_size} documents side by side, segments of {segment} ({segment // W} blocks side by side)"
+    timed(f"{side}, float32", args.batch_size, False)
+    timed(f"{side}, bf16 autocast (`brt eval`'s default here)", args.batch_size, True)
     from block_recurrent.train_config import TrainConfig
 
     train_rows = TrainConfig().batch_size

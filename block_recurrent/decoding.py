@@ -32,6 +32,10 @@ from .recurrent import StateView
 from .state import ModelState, checked_state
 
 
+# prefill runs a prompt's whole blocks side by side in pieces of at most this many tokens (bounding its memory)
+PREFILL_SIDE_BY_SIDE_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class DecodeState:
     """Where incremental decoding stands; returned anew by every call, never changed in a way its holder sees.
@@ -157,18 +161,26 @@ def as_batch(tokens: Tensor, num_tokens: int, name: str) -> Tensor:
 def prefill(model, tokens: Tensor, state: ModelState | DecodeState | None = None) -> tuple[Tensor, DecodeState]:
     """Consume a prompt (B, T) of any length; return the logits (B, V) after its last token and the decode state.
 
-    Work goes block by block (the first piece only completes a block a DecodeState left half full), so
-    memory stays that of one block whatever T is. ``state``: where the prompt continues from (None: a fresh
-    document; a ModelState starts a new block; a DecodeState continues its block). Runs the model in its
-    current mode and grad setting: :func:`~block_recurrent.generation.generate` wraps it in eval + no_grad.
+    Work goes in pieces that end on block boundaries (the first only completes a block a DecodeState left half
+    full); runs of whole blocks go side by side (``model.forward_blocks``, up to PREFILL_SIDE_BY_SIDE_TOKENS at a
+    time) where the config allows, so memory stays that of one such piece whatever T is. ``state``: where the
+    prompt continues from (None: a fresh document; a ModelState starts a new block; a DecodeState continues its
+    block). Runs the model in its current mode and grad setting: :func:`~block_recurrent.generation.generate`
+    wraps it in eval + no_grad.
     """
     check_model(model)
     tokens = as_batch(tokens, model.config.num_tokens, "tokens")
     B, T = tokens.shape
+    W = model.config.block_width
     ds = as_decode_state(model, state, B)
     hidden, begin = None, 0
-    while begin < T:  # pieces that end on block boundaries: the rest of the current block, then whole blocks
-        end = min(T, begin + model.config.block_width - ds.position)
+    while begin < T:
+        whole = min(T - begin, PREFILL_SIDE_BY_SIDE_TOKENS) // W * W
+        if ds.position == 0 and model.parallel_blocks and whole >= 2 * W:
+            hidden, committed = model.forward_blocks(model.embed(tokens[:, begin : begin + whole]), ds.committed)
+            ds, begin = _open_block(model, committed, B), begin + whole
+            continue
+        end = min(T, begin + W - ds.position)
         hidden, ds = feed(model, tokens[:, begin:end], ds)
         begin = end
     return model.logits(hidden[:, -1]), ds  # only the last position's logits are needed
