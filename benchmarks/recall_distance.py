@@ -37,10 +37,9 @@ def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     task = RecallTask(block_width=8, distance=distance, num_values=32)
-    model = BlockRecurrentTransformer(
-        num_tokens=task.vocab_size, dim=64, depth=3, heads=4, dim_head=16, block_width=8,
-        max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,), **overrides,
-    )
+    shape = dict(num_tokens=task.vocab_size, dim=64, depth=3, heads=4, dim_head=16, block_width=8,
+                 max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,))
+    model = BlockRecurrentTransformer(**{**shape, **overrides})  # --set may also change the shape
     began = time.perf_counter()
     accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, gate_lr_scale=gate_lr_scale)
     return accuracy, time.perf_counter() - began
