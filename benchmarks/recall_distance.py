@@ -33,7 +33,7 @@ from recall_training import train_recall  # noqa: E402
 
 def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
     """(accuracy, seconds) of one run: (distance, seed, steps, config overrides, gate lr scale)."""
-    distance, seed, steps, overrides, gate_lr_scale = unit
+    distance, seed, steps, overrides, gate_lr_scale, cell_lr_scale = unit
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     task = RecallTask(block_width=8, distance=distance, num_values=32)
@@ -41,7 +41,8 @@ def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
                  max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,))
     model = BlockRecurrentTransformer(**{**shape, **overrides})  # --set may also change the shape
     began = time.perf_counter()
-    accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, gate_lr_scale=gate_lr_scale)
+    accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, gate_lr_scale=gate_lr_scale,
+                               cell_lr_scale=cell_lr_scale)
     return accuracy, time.perf_counter() - began
 
 
@@ -54,6 +55,8 @@ def main() -> None:
                         help="a config field, as compare_variants.py takes it, e.g. gate_keep_init=2.0 (repeatable)")
     parser.add_argument("--gate-lr-scale", type=float, default=1.0,
                         help="the fixed gates' keep biases learn at this multiple of the learning rate")
+    parser.add_argument("--cell-lr-scale", type=float, default=1.0,
+                        help="the rest of the state cells' parameters learn at this multiple of the learning rate")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     args = parser.parse_args()
     overrides = {}
@@ -61,14 +64,16 @@ def main() -> None:
         field_name, _, value = item.partition("=")
         overrides[field_name] = json.loads(value)
     # the longest rows first, so the two workers finish together
-    units = [(d, s, args.steps, overrides, args.gate_lr_scale) for d in sorted(args.distances, reverse=True) for s in range(args.seeds)]
+    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale) for d in sorted(args.distances, reverse=True) for s in range(args.seeds)]
     began = time.time()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         results = pool.map(recall_accuracy, units, chunksize=1)
-    by_unit = dict(zip([(d, s) for d, s, _, _, _ in units], results))
+    by_unit = dict(zip([(d, s) for d, s, *_ in units], results))
     setting = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "library defaults"
     if args.gate_lr_scale != 1.0:
         setting += f", keep biases at {args.gate_lr_scale:g}x the learning rate"
+    if args.cell_lr_scale != 1.0:
+        setting += f", state cells at {args.cell_lr_scale:g}x the learning rate"
     print(f"recall of 1 of 32 values (chance 0.031), {args.steps} steps, {setting}\n")
     print(f"| distance (blocks) | accuracy per seed 0-{args.seeds - 1} | seeds >= 0.9 | seconds per run |")
     print("|---:|---|---:|---:|")

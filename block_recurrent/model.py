@@ -184,6 +184,8 @@ class BlockRecurrentTransformer(nn.Module):
         W = self.config.block_width
         if T == 0 or T % W:
             raise ValueError(f"forward_blocks takes whole blocks: x has {T} tokens, block_width={W}")
+        if any(m is not None and m.length > W for m in state.memories):
+            raise ValueError(f"forward_blocks takes memories of at most block_width={W} slots; use forward_block")
         n = T // W
         x = x.reshape(B * n, W, D)
         tables = None
@@ -229,7 +231,7 @@ class BlockRecurrentTransformer(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         hidden, W = [], self.config.block_width
         whole = x.shape[1] // W * W
-        if self.parallel_blocks and whole >= 2 * W:
+        if self.parallel_blocks and whole >= 2 * W:  # (a checked state's memories hold at most a block)
             block, state = self.forward_blocks(x[:, :whole], state)
             hidden.append(block)
             x = x[:, whole:]

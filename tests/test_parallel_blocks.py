@@ -107,3 +107,14 @@ def test_evaluation_takes_bf16_on_the_cpu_when_blocks_run_side_by_side():
     assert resolve_eval_bf16(None, cpu, 16, parallel_blocks=True) is native_bf16(cpu)
     assert resolve_eval_bf16(None, cpu, 16, parallel_blocks=False) is False
     assert resolve_eval_bf16(False, cpu, 16, parallel_blocks=True) is False
+
+
+def test_forward_blocks_rejects_a_memory_longer_than_a_block():
+    from block_recurrent.state import ModelState, XLMemory
+
+    model = make_model()
+    C = model.config.kv_dim
+    memory = XLMemory(torch.zeros(2, 2 * W, C, dtype=torch.float64), torch.zeros(2, 2 * W, C, dtype=torch.float64))
+    state = ModelState((memory,) * model.config.depth, (None,))
+    with pytest.raises(ValueError, match="at most block_width"):
+        model.forward_blocks(model.embed(random_tokens(2, 2 * W)), state)
