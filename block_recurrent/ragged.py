@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_tokens
+from .decoding import PREFILL_SIDE_BY_SIDE_TOKENS
 from .layer import LayerCache
 from .recurrent import StateView
 from .state import ModelState, XLMemory
@@ -182,20 +183,24 @@ def ragged_prefill(
     committed = full_length_state(model, ModelState.empty(config) if state is None else state, B)
     last: list[Tensor | None] = [None] * B  # each row's hidden state after its last prompt token
 
-    # 1. whole blocks, batched over the rows that still have one (their blocks are aligned)
+    # 1. whole blocks, batched over the rows that still have one (their blocks are aligned); runs of blocks that
+    # every such row has go side by side where the config allows (as prefill does)
     block = 0
     while True:
-        rows = (lengths >= (block + 1) * W).nonzero()[:, 0]
+        left = lengths // W - block  # whole blocks each row has still to run
+        rows = (left > 0).nonzero()[:, 0]
         if rows.numel() == 0:
             break
+        n = min(int(left[rows].min()), max(1, PREFILL_SIDE_BY_SIDE_TOKENS // W)) if model.parallel_blocks else 1
         device_rows = rows.to(tokens.device)
-        x = model.embed(tokens[device_rows, block * W : (block + 1) * W])
-        hidden, after = model.forward_block(x, committed.select_rows(device_rows))
+        x = model.embed(tokens[device_rows, block * W : (block + n) * W])
+        run = model.forward_blocks if n > 1 else model.forward_block
+        hidden, after = run(x, committed.select_rows(device_rows))
         committed = _set_rows(committed, device_rows, full_length_state(model, after, len(rows)))
         for i, row in enumerate(rows.tolist()):
-            if lengths[row] == (block + 1) * W:
+            if lengths[row] == (block + n) * W:
                 last[row] = hidden[i, -1]
-        block += 1
+        block += n
 
     # 2. every row's current block, then each row's tail (its last, partial block), rows of equal tails together
     views, caches = _open(model, committed, B)
