@@ -50,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distances", type=int, nargs="+", default=[4, 6, 8, 12, 16])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="a config field, as compare_variants.py takes it, e.g. gate_keep_init=2.0 (repeatable)")
@@ -64,7 +65,8 @@ def main() -> None:
         field_name, _, value = item.partition("=")
         overrides[field_name] = json.loads(value)
     # the longest rows first, so the two workers finish together
-    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale) for d in sorted(args.distances, reverse=True) for s in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale) for d in sorted(args.distances, reverse=True) for s in seeds]
     began = time.time()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         results = pool.map(recall_accuracy, units, chunksize=1)
@@ -75,10 +77,10 @@ def main() -> None:
     if args.cell_lr_scale != 1.0:
         setting += f", state cells at {args.cell_lr_scale:g}x the learning rate"
     print(f"recall of 1 of 32 values (chance 0.031), {args.steps} steps, {setting}\n")
-    print(f"| distance (blocks) | accuracy per seed 0-{args.seeds - 1} | seeds >= 0.9 | seconds per run |")
+    print(f"| distance (blocks) | accuracy per seed {seeds[0]}-{seeds[-1]} | seeds >= 0.9 | seconds per run |")
     print("|---:|---|---:|---:|")
     for d in sorted(args.distances):
-        row = [by_unit[(d, s)] for s in range(args.seeds)]
+        row = [by_unit[(d, s)] for s in seeds]
         accs = ", ".join(f"{a:.3f}" for a, _ in row)
         print(f"| {d} | {accs} | {sum(a >= 0.9 for a, _ in row)} of {len(row)} | {sum(t for _, t in row) / len(row):.0f} |")
     print(f"\nwall time: {time.time() - began:.0f} s")
