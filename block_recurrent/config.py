@@ -219,6 +219,15 @@ class BlockRecurrentConfig:
         return int(self.dim * self.ff_mult * 2 / 3)  # GEGLU's two input halves keep the parameter count
 
     @property
+    def blocks_side_by_side(self) -> bool:
+        """Whether whole blocks can run side by side (``BlockRecurrentTransformer.forward_blocks``): each layer's
+        memory is its own previous block (FIFO, not compressed) and no layer reads a state written above it
+        (feedback would chain every layer block after block)."""
+        return not self.use_compressed_mem and all(
+            self.recurrent_layers[i] <= layer for layer in range(1, self.depth + 1) for i in self.reads_of_layer(layer)
+        )
+
+    @property
     def kv_dim(self) -> int:
         """Width of a layer's raw keys (and values) per position, as memories and states keep them."""
         return self.kv_heads * self.dim_head

@@ -51,18 +51,9 @@ class BlockRecurrentTransformer(nn.Module):
             config.dim_head, config.max_memory_len, config.block_width, config.rotary_theta, config.xpos_scale_base
         )
         self.layers = nn.ModuleList([TransformerLayer(config, layer) for layer in range(1, config.depth + 1)])
-        self.parallel_blocks = self.runs_blocks_side_by_side(config)
+        self.parallel_blocks = config.blocks_side_by_side  # forward_blocks allowed; False forces block by block
         self.norm_out = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
-
-    @staticmethod
-    def runs_blocks_side_by_side(config: BlockRecurrentConfig) -> bool:
-        """Whether whole blocks can run side by side (:meth:`forward_blocks`): each layer's memory is its own
-        previous block (FIFO, not compressed) and no layer reads a state written above it (feedback would chain
-        every layer block after block)."""
-        return not config.use_compressed_mem and all(
-            config.recurrent_layers[i] <= layer for layer in range(1, config.depth + 1) for i in config.reads_of_layer(layer)
-        )
 
     # reference-compatible attributes
     @property

@@ -86,7 +86,7 @@ class Trainer:
         self.bf16 = resolve_bf16(config.bf16, self.device)  # None: on where bf16 is native
         # validation follows an explicit setting; auto also weighs the block width (scoring has no backward pass)
         self.eval_bf16 = resolve_eval_bf16(config.bf16, self.device, model_config.block_width,
-                                           BlockRecurrentTransformer.runs_blocks_side_by_side(model_config))
+                                           model_config.blocks_side_by_side)
         if config.compile and self.device.type != "cuda":
             raise ValueError("compile is for CUDA devices; this run is on the CPU (leave it off)")
         self.model_config, self.config = model_config, config
