@@ -31,16 +31,20 @@ BYTE_MODEL = dict(num_tokens=256, heads=4, all_layers_qk_rmsnorm=True)
 
 def candidate(steps: int, *, dim: int = 128, depth: int = 4, dim_head: int = 32, recurrent_layers=(2,),
               segment: int = 128, block: int = 64, states: int | None = None, temperature: float | None = 4.0,
-              rows: int = 16, lr: float = 3e-3, **model_fields) -> dict:
+              rows: int = 16, lr: float = 3e-3, replay_write: bool = False, state_lr_scale: float = 1.0,
+              **model_fields) -> dict:
     """A recipe: the model (blocks of ``block``, segments of ``segment`` tokens, ``states`` state vectors,
     default one per block token; ``temperature`` None keeps the config's default of 1; any other
-    ``BlockRecurrentConfig`` field as a keyword) and ``rows`` x ``segment`` tokens per step for ``steps`` steps."""
+    ``BlockRecurrentConfig`` field as a keyword) and ``rows`` x ``segment`` tokens per step for ``steps`` steps.
+    ``replay_write``, ``state_lr_scale``: the trainer's settings, as the candidates measured before they existed
+    ran (no replay, every parameter at lr)."""
     model = dict(dim=dim, depth=depth, dim_head=dim_head, max_seq_len=segment, block_width=block,
                  num_state_vectors=block if states is None else states, recurrent_layers=recurrent_layers,
                  **model_fields)
     if temperature is not None:
         model["qk_rmsnorm_scale"] = temperature
-    return dict(model=model, train=dict(batch_size=rows, lr=lr), steps=steps)
+    train = dict(batch_size=rows, lr=lr, replay_write=replay_write, state_lr_scale=state_lr_scale)
+    return dict(model=model, train=train, steps=steps)
 
 
 CANDIDATES = {
@@ -89,6 +93,14 @@ CANDIDATES = {
     "mini-2000": candidate(2000, segment=16, block=16, rows=128),
     # two blocks per segment (the write trained) with the LSTM gate, its forget offset at +3 (recall: docs/variants.md)
     "mini-2blocks-lstm3": candidate(1500, segment=32, block=16, states=16, rows=64, gate="lstm", gate_keep_init=3.0),
+    # segments of one block with the state's write replayed in the next step, so that it trains
+    "mini-1800-replay": candidate(1800, segment=16, block=16, rows=128, replay_write=True),
+    # ...with the state cells at 0.1x the learning rate (with the LSTM gate at +3, the setting that learns recall 8
+    # blocks back; docs/variants.md), and the same with the default's fixed gate
+    "mini-1800-replay-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True, state_lr_scale=0.1),
+    "mini-1800-replay-lstm3-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True,
+                                               state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
+    "rec20-replay": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, replay_write=True),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),

@@ -44,6 +44,7 @@ TRAIN_HELP = {
     "grad_accum": "micro-batches per optimiser step",
     "max_steps": "optimiser steps",
     "lr": "peak learning rate",
+    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr",
     "min_lr_ratio": "final learning rate as a share of --lr (cosine decay)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "AdamW weight decay (matrices only)",
@@ -52,6 +53,8 @@ TRAIN_HELP = {
     "grad_clip": "clip the gradient norm to this (0: off)",
     "xl_memories_dropout": "chance per segment to start it with an empty memory",
     "state_dropout": "chance per segment to start it with the initial state",
+    "replay_write": "with one block per backward pass, redo each block's state write in the next pass so that the "
+                    "write trains (default: on exactly then)",
     "seed": "seed of the weights, the data order and dropout",
     "device": "auto, cpu, cuda, cuda:N",
     "bf16": "bfloat16 autocast; state, gates and loss stay float32 (default: on where bf16 is native: CUDA, CPUs "

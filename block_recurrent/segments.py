@@ -22,6 +22,9 @@ class SegmentResult:
     loss: Tensor  # detached token-weighted mean loss over the whole sequence
     tokens: int  # number of labels that counted (not ignore_index)
     state: ModelState  # detached state after the last segment, to continue the documents next step
+    # with ``replay_write``: per recurrent layer, the (detached) state that the last block's write started from
+    # (None: the learned initial state); pass it as the next call's ``written_from``
+    written_from: tuple[Tensor | None, ...] | None = None
 
 
 class RecurrentTrainerWrapper(nn.Module):
@@ -78,18 +81,55 @@ class RecurrentTrainerWrapper(nn.Module):
             states = (None,) * len(states)
         return ModelState(memories, states)
 
-    def _prepare(self, x, labels, state, reset):
+    def _prepare(self, x, labels, state, reset, written_from=None):
         segments = self._split(x, labels)
         B = x.shape[0]
         state = checked_state(self.transformer.config, state, B)
+        if written_from is not None:
+            state = self._replayed_write(state, written_from)
         if reset is not None:
             check_reset(reset, B)
             state = state.reset_rows(reset.to(x.device), self.transformer.initial_states())
         return segments, state
 
     def _segment_loss_sum(self, inputs: Tensor, labels: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        logits, state = self.transformer._run(inputs, self._dropout(state), None)
+        logits, state = self.transformer._run(inputs, state, None)
         return self.transformer.loss(logits, labels, reduction="sum"), state
+
+    # the write replayed: with one block per backward pass, the state written at a block's end is first read in
+    # the next pass, after the carry is detached, so no loss reaches the write's parameters. Redoing the last
+    # write at the start of the next pass, from its detached inputs (the state it started from and the block's
+    # keys/values, which the writing layer's memory still holds), gives the same state with a graph to the
+    # write's parameters: they learn from the next block's loss, one block deep, at the cost of one write.
+
+    def _check_replay(self, backward_every: int) -> None:
+        W = self.transformer.config.block_width
+        if self.seq_len != W or backward_every != 1:
+            raise ValueError(
+                f"replay_write is for backward passes of one block (max_seq_len = block_width = {W} and "
+                f"backward_every = 1), got max_seq_len={self.seq_len}, backward_every={backward_every}; with two "
+                "blocks or more per pass the write trains without it"
+            )
+
+
+    def _replayed_write(self, state: ModelState, written_from: tuple[Tensor | None, ...]) -> ModelState:
+        """``state`` with each recurrent state written again from ``written_from`` (the states its last block
+        started from) and that block's keys/values (the end of the writing layer's memory): the same values, with
+        a graph to the write's parameters."""
+        config, W = self.transformer.config, self.transformer.config.block_width
+        if not isinstance(written_from, tuple) or len(written_from) != len(config.recurrent_layers):
+            raise ValueError(f"written_from must be a tuple of {len(config.recurrent_layers)} states (one per "
+                             "recurrent layer), as SegmentResult.written_from gives it")
+        B = state.batch_size
+        written_from = checked_state(config, ModelState((None,) * config.depth, written_from), B).states
+        states = []
+        for cell, layer, start in zip(self.transformer.cells, config.recurrent_layers, written_from):
+            memory = state.memories[layer - 1]
+            if memory is None or memory.length < W:
+                raise ValueError(f"written_from is given, but layer {layer}'s memory does not hold the last block "
+                                 "it was written from; pass the state that came with it")
+            states.append(cell.write(cell.view(start, B), memory.keys[:, -W:], memory.values[:, -W:]))
+        return ModelState(state.memories, tuple(states))
 
     # the reference's forward: one graph over all segments (memory grows with their number)
 
@@ -109,7 +149,7 @@ class RecurrentTrainerWrapper(nn.Module):
         segments, state = self._prepare(x, labels, state, reset)
         total_loss, total_tokens = 0.0, 0
         for inputs, segment_labels in segments:
-            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
+            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, self._dropout(state))
             state = state.detach()
             total_loss = total_loss + loss_sum
             total_tokens += int((segment_labels != self.transformer.config.ignore_index).sum())
@@ -129,22 +169,36 @@ class RecurrentTrainerWrapper(nn.Module):
         reset: Tensor | None = None,
         backward_every: int = 1,
         loss_scale: float = 1.0,
+        replay_write: bool = False,
+        written_from: tuple[Tensor | None, ...] | None = None,
     ) -> SegmentResult:
         """Run the segments in order, calling ``backward`` every ``backward_every`` segments.
 
         Gradients accumulate in ``.grad`` as for ``(loss * loss_scale).backward()`` on the token-weighted
         mean loss, except that they flow across at most ``backward_every`` segments (the state is detached
         in between). With ``backward_every=1`` they equal those of :meth:`forward`'s loss exactly.
+
+        ``replay_write`` (backward passes of one block only): each pass starts by redoing the previous block's
+        state write with the graph attached, so that the write's parameters learn (see :meth:`_replayed_write`);
+        losses and states are unchanged. ``written_from``: the previous call's ``SegmentResult.written_from``,
+        for the first block of this call (None when the rows carry nothing: a fresh start).
         """
         if isinstance(backward_every, bool) or not isinstance(backward_every, int) or backward_every < 1:
             raise ValueError(f"backward_every must be an int >= 1, got {backward_every!r}")
-        segments, state = self._prepare(x, labels, state, reset)
+        if replay_write:
+            self._check_replay(backward_every)
+        elif written_from is not None:
+            raise ValueError("written_from is given without replay_write=True")
+        segments, state = self._prepare(x, labels, state, reset, written_from)
         ignore = self.transformer.config.ignore_index
         total_tokens = sum(int((seg_labels != ignore).sum()) for _, seg_labels in segments)
         weight = loss_scale / max(total_tokens, 1)
 
-        total_loss, pending = None, None
+        total_loss, pending, entering = None, None, None
         for index, (inputs, segment_labels) in enumerate(segments):
+            state = self._dropout(state)
+            if replay_write:
+                entering = state.detach().states
             loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
             total_loss = loss_sum.detach() if total_loss is None else total_loss + loss_sum.detach()
             pending = loss_sum if pending is None else pending + loss_sum
@@ -153,7 +207,9 @@ class RecurrentTrainerWrapper(nn.Module):
                     (pending * weight).backward()
                 pending = None
                 state = state.detach()
-        return SegmentResult(total_loss / max(total_tokens, 1), total_tokens, state.detach())
+                if replay_write and index + 1 < len(segments):
+                    state = self._replayed_write(state, entering)
+        return SegmentResult(total_loss / max(total_tokens, 1), total_tokens, state.detach(), entering)
 
     @torch.no_grad()
     def generate(self, prime: Tensor, length: int, **kwargs):

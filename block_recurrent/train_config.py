@@ -40,6 +40,9 @@ class TrainConfig:
     # close to five minutes (docs/training.md)
     max_steps: int = 1800
     lr: float = 3e-3
+    # the recurrent state cells' parameters (initial state, IDs, the write's attention, update and gate) learn at
+    # this multiple of lr
+    state_lr_scale: float = 1.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -48,6 +51,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     xl_memories_dropout: float = 0.0
     state_dropout: float = 0.0
+    # with one block per backward pass, redo each block's state write at the start of the next pass with the graph
+    # attached, so that the write learns (see RecurrentTrainerWrapper.forward_backward); None (auto): on exactly then
+    replay_write: bool | None = None
 
     # runtime
     seed: int = 0
@@ -89,6 +95,7 @@ class TrainConfig:
         # a validation scores next-token predictions: it needs two tokens at least, or nothing is scored
         check_int("eval_tokens", self.eval_tokens, 2)
         check_float("lr", self.lr, 0.0)
+        check_float("state_lr_scale", self.state_lr_scale, 0.0)
         check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_float("weight_decay", self.weight_decay, 0.0)
         check_float("beta1", self.beta1, 0.0, 1.0)
@@ -96,8 +103,9 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, 0.0)
         check_float("xl_memories_dropout", self.xl_memories_dropout, 0.0, 1.0)
         check_float("state_dropout", self.state_dropout, 0.0, 1.0)
-        if self.bf16 is not None:
-            check_bool("bf16", self.bf16)
+        for name in ("bf16", "replay_write"):
+            if getattr(self, name) is not None:
+                check_bool(name, getattr(self, name))
         for name in ("compile", "progress", "allow_data_change", "final_eval"):
             check_bool(name, getattr(self, name))
 
@@ -108,6 +116,8 @@ class TrainConfig:
                  "allow_data_change")
     # paths, compared by the folder or file they name (resolved), not by how they are written
     PATHS = ("data", "val_data", "tokenizer")
+    # what a run saved before a setting existed did, for the settings whose default has changed since
+    LEGACY = {"replay_write": False, "state_lr_scale": 1.0}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

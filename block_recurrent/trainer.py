@@ -52,7 +52,7 @@ from .state import ModelState, XLMemory
 from .storage import lock_run_folder, prepare_folder, remove_leftovers
 from .train_config import TrainConfig, lr_at
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "resume_configs", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "parameter_groups", "resume_configs", "train"]
 
 LN2 = math.log(2)
 
@@ -64,6 +64,18 @@ def fused_adamw_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4"
+
+
+def parameter_groups(model: BlockRecurrentTransformer, weight_decay: float, state_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices only; the recurrent state cells' parameters with
+    ``lr_scale`` = ``state_lr_scale`` (the trainer sets each group's lr to lr * lr_scale), the rest at 1. With a
+    scale of 1 there are two groups, as before the setting existed, so older checkpoints' optimisers still fit."""
+    in_cells = {id(p) for cell in model.cells for p in cell.parameters()}
+    groups: dict[tuple[bool, float], list] = {}
+    for p in model.parameters():
+        groups.setdefault((p.ndim >= 2, state_lr_scale if id(p) in in_cells else 1.0), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in groups.items()]
 
 
 class TrainingDiverged(RuntimeError):
@@ -138,14 +150,23 @@ class Trainer:
         )
         self.step_length = config.segments * model_config.max_seq_len  # tokens per row per step
 
+        # one block per backward pass: the state written at a block's end is read only after the carry is detached,
+        # so the write trains only if it is replayed in the next pass (RecurrentTrainerWrapper.forward_backward)
+        one_block = model_config.max_seq_len == model_config.block_width and config.backward_every == 1
+        self.replay_write = bool(model_config.recurrent_layers) and (
+            one_block if config.replay_write is None else config.replay_write)
+        if self.replay_write and not one_block:
+            raise ValueError(
+                f"replay_write is for backward passes of one block (max_seq_len = block_width, backward_every = 1); "
+                f"this run passes {model_config.max_seq_len * config.backward_every} tokens of blocks of "
+                f"{model_config.block_width}, where the write trains without it (leave replay_write unset)")
         window = model_config.max_seq_len * config.backward_every  # tokens per backward pass, per row
-        if model_config.recurrent_layers and window <= model_config.block_width:
-            # the state written at the end of the window is read only after the carry is detached
+        if model_config.recurrent_layers and window <= model_config.block_width and not self.replay_write:
             warnings.warn(
                 f"every backward pass covers one block (max_seq_len * backward_every = {window} <= block_width = "
-                f"{model_config.block_width}), so the recurrent state's write path (its attention, update projection "
-                "and gate) gets no gradient and keeps its initial weights; give each backward pass two blocks or "
-                "more (max_seq_len >= 2 * block_width, or segments = backward_every = 2)", stacklevel=2)
+                f"{model_config.block_width}) and replay_write is off, so the recurrent state's write path (its "
+                "attention, update projection and gate) gets no gradient and keeps its initial weights; turn "
+                "replay_write on, or give each backward pass two blocks or more", stacklevel=2)
 
         # 2. model and optimiser; every rank seeds alike, so every rank starts from the same weights
         torch.manual_seed(config.seed)
@@ -155,16 +176,16 @@ class Trainer:
             for layer in self.model.layers:
                 layer.attn.compile()
                 layer.ff.compile()
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            parameter_groups(self.model, config.weight_decay, config.state_lr_scale),
             lr=config.lr, betas=(config.beta1, config.beta2), fused=fused_adamw_supported(self.device),
         )
 
         # 3. progress: steps done, and per micro-batch the state its rows carry into the next step
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.carry: list[ModelState | None] = [None] * config.grad_accum
+        # with replay_write, per micro-batch: the states the last block's write started from (SegmentResult)
+        self.written_from: list[tuple[Tensor | None, ...] | None] = [None] * config.grad_accum
         if resume is not False:
             self.restore(newest_intact_checkpoint(self.out_dir) if resume is True else resume)
         elif latest_checkpoint(self.out_dir) is not None:
@@ -182,7 +203,7 @@ class Trainer:
         config, ignore = self.config, self.model_config.ignore_index
         lr = lr_at(config, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = self.batcher.next_batch(self.step_length)
         micro = [batch.rows(m * config.batch_size, (m + 1) * config.batch_size) for m in range(config.grad_accum)]
 
@@ -192,14 +213,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for m, b in enumerate(micro):
-            state = self.carry[m] if config.mode == "stream" else None
+            stream = config.mode == "stream"
             with self._autocast():
                 result = self.wrapper.forward_backward(
-                    b.inputs.to(self.device), labels=b.labels.to(self.device), state=state,
+                    b.inputs.to(self.device), labels=b.labels.to(self.device), state=self.carry[m] if stream else None,
                     reset=b.reset.to(self.device), backward_every=config.backward_every,
                     loss_scale=self.dist.world_size * counts[m] / max(total, 1),
+                    replay_write=self.replay_write, written_from=self.written_from[m] if stream else None,
                 )
-            self.carry[m] = result.state
+            self.carry[m], self.written_from[m] = result.state, result.written_from
             loss_sum += float(result.loss) * result.tokens
         self._all_reduce_gradients()
         loss = float(self.dist.all_reduce(torch.tensor([loss_sum], dtype=torch.float64)).item()) / max(total, 1)
@@ -264,6 +286,15 @@ class Trainer:
         if self.config.mode != "stream" or any(state is None for state in self.carry):
             return {}
         per_micro = [state.to_tensors("carry") for state in self.carry]
+        if self.replay_write:
+            for tensors, state, written in zip(per_micro, self.carry, self.written_from):
+                B = state.batch_size
+                for i, (cell, start) in enumerate(zip(self.model.cells, written)):
+                    # the learned initial state (None) is spelled out, so that every micro-batch has the same
+                    # tensors, and flagged, so that the resumed replay starts from the parameter again
+                    initial = start is None
+                    tensors[f"written_from.{i}"] = cell.initial_state.detach()[None].expand(B, -1, -1) if initial else start
+                    tensors[f"written_from.{i}.initial"] = torch.full((B,), initial, device=self.device)
         tensors = {key: torch.cat([t[key] for t in per_micro]) for key in per_micro[0]}  # (rows of this rank, ...)
         # every rank holds the same keys and shapes; gathered: (all rows, ...)
         return {key: self.dist.all_gather(tensor) for key, tensor in sorted(tensors.items())}
@@ -308,6 +339,7 @@ class Trainer:
         settings = saved.trainer.get("train_config")
         if not isinstance(settings, dict):
             raise CheckpointError(f"{saved.path}: trainer.json is damaged (no train_config)")
+        settings = {**TrainConfig.LEGACY, **settings}
         mine = self.config.to_dict()
         fixed = [k for k in sorted(mine) if k not in TrainConfig.RESUMABLE + TrainConfig.PATHS]
         differs = [f"{k}: checkpoint {settings.get(k)!r}, now {mine[k]!r}" for k in fixed if settings.get(k) != mine[k]]
@@ -382,6 +414,11 @@ class Trainer:
                     for memory, had in zip(state.memories, given)
                 )
                 self.carry[m] = ModelState(memories, state.states).to(self.device)
+                if self.replay_write and "written_from.0" in tensors:  # (none in a run saved without it)
+                    self.written_from[m] = tuple(
+                        None if tensors[f"written_from.{i}.initial"][rows_of_micro].all()
+                        else tensors[f"written_from.{i}"][rows_of_micro].to(self.device)
+                        for i in range(num_states))
         if "rng.torch" not in tensors:
             raise CheckpointError(f"{saved.path}: trainer.safetensors holds no rng.torch state")
         torch.set_rng_state(tensors["rng.torch"])
@@ -424,7 +461,8 @@ def resume_configs(run: str | Path | TrainingCheckpoint, **overrides: Any) -> tu
     out_dir = overrides.pop("out_dir", saved.path.parent if isinstance(run, TrainingCheckpoint) else run)
     try:
         # allow_data_change holds for one invocation: a run resumed once on changed data stays checked after
-        config = TrainConfig.from_dict({**settings, "allow_data_change": False, **overrides, "out_dir": str(out_dir)})
+        config = TrainConfig.from_dict({**TrainConfig.LEGACY, **settings, "allow_data_change": False, **overrides,
+                                        "out_dir": str(out_dir)})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{saved.path}: trainer.json holds unusable training settings ({error})") from error
     return saved.config, config

@@ -24,6 +24,12 @@ def write_corpus(folder):
     return folder
 
 
+def one_block():
+    """The tiny model with segments of one block: the trainer replays the state's write, whose inputs the
+    checkpoint gathers from every rank (as ddp_worker.py builds it)."""
+    return BlockRecurrentConfig.from_name("tiny").replace(max_seq_len=32)
+
+
 def single_process(data, out, batch_size):
     return TrainConfig(data=str(data), out_dir=str(out), batch_size=batch_size, segments=2, warmup_steps=1,
                          eval_every=0, checkpoint_every=0, progress=False, lr=3e-3, bf16=False, final_eval=False)
@@ -41,7 +47,8 @@ def test_two_gloo_ranks_equal_one_rank_on_the_combined_batch_and_resume(tmp_path
     ddp_losses = json.loads((out / "losses.json").read_text())["losses"]
 
     # one process, both ranks' rows (2 + 2) in one batch
-    trainer = Trainer(BlockRecurrentConfig.from_name("tiny"), single_process(data, tmp_path / "one", 4))
+    trainer = Trainer(one_block(), single_process(data, tmp_path / "one", 4))
+    assert trainer.replay_write
     first = trainer.train_step()["loss"]
     assert first == pytest.approx(ddp_losses[0], rel=1e-6)
     for name, p in trainer.model.named_parameters():
@@ -50,7 +57,8 @@ def test_two_gloo_ranks_equal_one_rank_on_the_combined_batch_and_resume(tmp_path
     assert second == pytest.approx(ddp_losses[1], rel=1e-5)
 
     # the 2-rank checkpoint (step 1) resumes in one process with the same 4 rows, carried states included
-    resumed = Trainer(BlockRecurrentConfig.from_name("tiny"), single_process(data, out / "run", 4), resume=True)
+    resumed = Trainer(one_block(), single_process(data, out / "run", 4), resume=True)
+    assert all(w is not None for w in resumed.written_from)
     assert resumed.step == 1
     assert resumed.train_step()["loss"] == pytest.approx(ddp_losses[1], rel=1e-5)
     uninterrupted = dict(trainer.model.named_parameters())

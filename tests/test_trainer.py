@@ -301,11 +301,39 @@ def test_a_backward_pass_of_one_block_leaves_the_state_write_untrained_and_says_
 
     one_block = tiny().replace(max_seq_len=32)
     with pytest.warns(UserWarning, match="write path .* gets no gradient"):
-        Trainer(one_block, settings(tmp_path / "a", segments=2, backward_every=1)).close()
+        Trainer(one_block, settings(tmp_path / "a", segments=2, backward_every=1, replay_write=False)).close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        replayed = Trainer(one_block, settings(tmp_path / "d", segments=2, backward_every=1))  # auto: replayed
+        assert replayed.replay_write
+        replayed.close()
         Trainer(one_block, settings(tmp_path / "b", segments=2, backward_every=2)).close()
         Trainer(tiny(), settings(tmp_path / "c")).close()  # segments of 64 tokens, two blocks
+    with pytest.raises(ValueError, match="replay_write is for backward passes of one block"):
+        Trainer(tiny(), settings(tmp_path / "e", replay_write=True))
+
+
+def test_replayed_write_trains_the_write_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """With one block per backward pass the trainer replays the write (auto): the write's parameters move, and a
+    run resumed from a checkpoint (which holds the states the last writes started from) equals the unbroken run."""
+    one_block = tiny().replace(max_seq_len=32)
+    # state dropout: some writes start from the learned initial state, which the checkpoint must say
+    config = settings(tmp_path, grad_accum=2, state_dropout=0.3)
+    whole = Trainer(one_block, config.replace(out_dir=str(tmp_path / "whole")))
+    update = whole.model.layers[0].attn.cell.to_update.weight
+    initial = update.detach().clone()
+    expected = losses_of(whole, 6)
+    assert not torch.equal(update, initial)
+
+    first = Trainer(one_block, config)
+    head = losses_of(first, 3)
+    first.save()
+    del first
+    resumed = Trainer(one_block, config, resume=True)
+    assert all(w is not None for w in resumed.written_from)
+    assert head + losses_of(resumed, 3) == expected
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_fused_adamw_steps_as_the_per_parameter_optimiser(tmp_path, monkeypatch):
@@ -326,3 +354,43 @@ def test_fused_adamw_steps_as_the_per_parameter_optimiser(tmp_path, monkeypatch)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for p, q in zip(fused.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_state_lr_scale_moves_the_state_cells_at_that_multiple_of_the_learning_rate(tmp_path):
+    """The state cells' parameters get their own AdamW groups at lr * state_lr_scale: at 0 they stay where they
+    were while the rest moves; at 1 the optimiser keeps the two groups it always had (older checkpoints fit)."""
+    frozen = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "frozen"), state_lr_scale=0.0))
+    cell = frozen.model.layers[0].attn.cell
+    before = {n: p.detach().clone() for n, p in frozen.model.named_parameters()}
+    losses_of(frozen, 2)
+    for name, p in frozen.model.named_parameters():
+        assert torch.equal(p, before[name]) == (".cell." in name), name
+    assert sorted(g["lr"] for g in frozen.optimizer.param_groups) == [0.0, 0.0, lr_at(frozen.config, 1),
+                                                                       lr_at(frozen.config, 1)]
+    assert sum(len(g["params"]) for g in frozen.optimizer.param_groups if g["lr_scale"] == 0.0) == len(
+        list(cell.parameters()))
+    plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain")))
+    assert [(g["weight_decay"], g["lr_scale"]) for g in plain.optimizer.param_groups] == [(0.1, 1.0), (0.0, 1.0)]
+
+
+def test_a_run_saved_before_the_newer_settings_resumes_as_it_ran(tmp_path):
+    """A checkpoint whose trainer.json predates replay_write and state_lr_scale resumes with what it ran with
+    (no replay, every parameter at the same learning rate), not with today's defaults."""
+    from block_recurrent.trainer import resume_configs
+
+    one_block = tiny().replace(max_seq_len=32)
+    config = settings(tmp_path, replay_write=False)
+    with pytest.warns(UserWarning, match="gets no gradient"):
+        first = Trainer(one_block, config)
+    losses_of(first, 1)
+    first.save()
+    first.close()
+    saved = load_training_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for name in ("replay_write", "state_lr_scale"):
+        del saved.trainer["train_config"][name]
+    _, resumed_config = resume_configs(saved)
+    assert resumed_config.replay_write is False and resumed_config.state_lr_scale == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that the write stays untrained
+        resumed = Trainer(one_block, resumed_config, resume=saved)
+    assert not resumed.replay_write and resumed.step == 1
