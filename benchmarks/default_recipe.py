@@ -101,6 +101,9 @@ CANDIDATES = {
     "mini-1800-replay-lstm3-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True,
                                                state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
     "rec20-replay": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, replay_write=True),
+    # the hour recipe's shape as brt train's defaults now train it: the write replayed, slow state cells, LSTM gate +3
+    "rec20-lstm3-cell01": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128,
+                                    replay_write=True, state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
     # the old default (small preset, 8 x 256 tokens, lr 2e-3, 300 steps)
     "small-old": dict(model=dict(dim=256, depth=4, dim_head=64, max_seq_len=256, block_width=128, num_state_vectors=128,
                                  recurrent_layers=(2,), all_layers_qk_rmsnorm=False), train=dict(batch_size=8, lr=2e-3),

@@ -33,7 +33,7 @@ from recall_training import train_recall  # noqa: E402
 
 def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
     """(accuracy, seconds) of one run: (distance, seed, steps, config overrides, gate lr scale)."""
-    distance, seed, steps, overrides, gate_lr_scale, cell_lr_scale = unit
+    distance, seed, steps, overrides, gate_lr_scale, cell_lr_scale, cell_parts = unit
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     task = RecallTask(block_width=8, distance=distance, num_values=32)
@@ -42,7 +42,7 @@ def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
     model = BlockRecurrentTransformer(**{**shape, **overrides})  # --set may also change the shape
     began = time.perf_counter()
     accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, gate_lr_scale=gate_lr_scale,
-                               cell_lr_scale=cell_lr_scale)
+                               cell_lr_scale=cell_lr_scale, cell_parts=cell_parts)
     return accuracy, time.perf_counter() - began
 
 
@@ -58,6 +58,9 @@ def main() -> None:
                         help="the fixed gates' keep biases learn at this multiple of the learning rate")
     parser.add_argument("--cell-lr-scale", type=float, default=1.0,
                         help="the rest of the state cells' parameters learn at this multiple of the learning rate")
+    parser.add_argument("--cell-parts", nargs="+", default=[], metavar="PREFIX",
+                        help="--cell-lr-scale only for the cell parameters named so (after '.cell.'), e.g. gate "
+                             "to_update initial_state")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     args = parser.parse_args()
     overrides = {}
@@ -66,7 +69,7 @@ def main() -> None:
         overrides[field_name] = json.loads(value)
     # the longest rows first, so the two workers finish together
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale) for d in sorted(args.distances, reverse=True) for s in seeds]
+    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale, tuple(args.cell_parts)) for d in sorted(args.distances, reverse=True) for s in seeds]
     began = time.time()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         results = pool.map(recall_accuracy, units, chunksize=1)
@@ -75,7 +78,8 @@ def main() -> None:
     if args.gate_lr_scale != 1.0:
         setting += f", keep biases at {args.gate_lr_scale:g}x the learning rate"
     if args.cell_lr_scale != 1.0:
-        setting += f", state cells at {args.cell_lr_scale:g}x the learning rate"
+        parts = f" ({', '.join(args.cell_parts)} only)" if args.cell_parts else ""
+        setting += f", state cells{parts} at {args.cell_lr_scale:g}x the learning rate"
     print(f"recall of 1 of 32 values (chance 0.031), {args.steps} steps, {setting}\n")
     print(f"| distance (blocks) | accuracy per seed {seeds[0]}-{seeds[-1]} | seeds >= 0.9 | seconds per run |")
     print("|---:|---|---:|---:|")

@@ -15,7 +15,7 @@ from block_recurrent.tasks import RecallTask  # noqa: E402
 
 def train_recall(
     model: BlockRecurrentTransformer, task: RecallTask, *, seed: int, steps: int, batch: int, lr: float,
-    gate_lr_scale: float = 1.0, cell_lr_scale: float = 1.0,
+    gate_lr_scale: float = 1.0, cell_lr_scale: float = 1.0, cell_parts: tuple[str, ...] = (),
 ) -> tuple[float, float]:
     """Train on fresh batches (AdamW, no weight decay, clipping at 1), then score 1,024 held-out rows.
 
@@ -24,12 +24,14 @@ def train_recall(
     biases learn at this multiple of ``lr`` (Adam moves a parameter about lr per step, so in 800 steps at 3e-3
     a keep bias travels 2.4 at most: from keep 0.5 to 0.92 and no further). ``cell_lr_scale``: every other
     parameter of the state cells (the write's attention, the update projection, the gates, the initial state and
-    its IDs) learns at this multiple of ``lr``.
+    its IDs) learns at this multiple of ``lr``; with ``cell_parts``, only the cell parameters whose name (after
+    ``.cell.``) starts with one of them, e.g. ``("gate",)``.
     """
     wrapper = RecurrentTrainerWrapper(model)
     groups: dict[float, list] = {}
     for name, p in model.named_parameters():
-        scale = gate_lr_scale if name.endswith("keep_bias") else cell_lr_scale if ".cell." in name else 1.0
+        in_cell = ".cell." in name and (not cell_parts or name.split(".cell.")[1].startswith(cell_parts))
+        scale = gate_lr_scale if name.endswith("keep_bias") else cell_lr_scale if in_cell else 1.0
         groups.setdefault(scale, []).append(p)
     optimizer = torch.optim.AdamW([{"params": ps, "lr": lr * scale} for scale, ps in groups.items()], lr=lr,
                                   weight_decay=0.0)
