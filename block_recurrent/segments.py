@@ -111,7 +111,6 @@ class RecurrentTrainerWrapper(nn.Module):
                 "blocks or more per pass the write trains without it"
             )
 
-
     def _replayed_write(self, state: ModelState, written_from: tuple[Tensor | None, ...]) -> ModelState:
         """``state`` with each recurrent state written again from ``written_from`` (the states its last block
         started from) and that block's keys/values (the end of the writing layer's memory): the same values, with

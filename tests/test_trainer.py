@@ -369,7 +369,7 @@ def test_state_lr_scale_moves_the_state_cells_at_that_multiple_of_the_learning_r
                                                                        lr_at(frozen.config, 1)]
     assert sum(len(g["params"]) for g in frozen.optimizer.param_groups if g["lr_scale"] == 0.0) == len(
         list(cell.parameters()))
-    plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain")))
+    plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain"), state_lr_scale=1.0))
     assert [(g["weight_decay"], g["lr_scale"]) for g in plain.optimizer.param_groups] == [(0.1, 1.0), (0.0, 1.0)]
 
 
@@ -379,7 +379,7 @@ def test_a_run_saved_before_the_newer_settings_resumes_as_it_ran(tmp_path):
     from block_recurrent.trainer import resume_configs
 
     one_block = tiny().replace(max_seq_len=32)
-    config = settings(tmp_path, replay_write=False)
+    config = settings(tmp_path, replay_write=False, state_lr_scale=1.0)  # as every run before these settings
     with pytest.warns(UserWarning, match="gets no gradient"):
         first = Trainer(one_block, config)
     losses_of(first, 1)
