@@ -95,12 +95,11 @@ CANDIDATES = {
     "mini-2blocks-lstm3": candidate(1500, segment=32, block=16, states=16, rows=64, gate="lstm", gate_keep_init=3.0),
     # segments of one block with the state's write replayed in the next step, so that it trains
     "mini-1800-replay": candidate(1800, segment=16, block=16, rows=128, replay_write=True),
-    # ...with the state cells at 0.1x the learning rate (with the LSTM gate at +3, the setting that learns recall 8
-    # blocks back; docs/variants.md), and the same with the default's fixed gate
+    # ...with the state cells at 0.1x the learning rate, with the fixed gate and with the LSTM gate at +3 (the setting
+    # that learns recall 8 blocks back; docs/variants.md)
     "mini-1800-replay-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True, state_lr_scale=0.1),
     "mini-1800-replay-lstm3-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True,
                                                state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
-    "rec20-replay": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128, replay_write=True),
     # the hour recipe's shape as brt train's defaults now train it: the write replayed, slow state cells, LSTM gate +3
     "rec20-lstm3-cell01": candidate(3800, dim=192, dim_head=48, segment=32, block=32, states=16, rows=128,
                                     replay_write=True, state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
