@@ -10,9 +10,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import BlockRecurrentConfig
 from .model import BlockRecurrentTransformer
 from .checks import check_labels, check_probability, check_reset, check_tokens
 from .state import ModelState, checked_state
+
+
+def passes_one_block(config: BlockRecurrentConfig, backward_every: int) -> bool:
+    """Whether each backward pass covers exactly one block (segments of one block, back-propagated one at a time):
+    then the state written at a block's end is read only after the carry is detached, and the write trains only
+    when it is replayed (``replay_write``)."""
+    return config.max_seq_len == config.block_width and backward_every == 1
+
+
+def check_replay_write(config: BlockRecurrentConfig, backward_every: int) -> None:
+    """Raise unless ``replay_write`` can be used: backward passes of one block."""
+    if not passes_one_block(config, backward_every):
+        raise ValueError(
+            f"replay_write is for backward passes of one block (max_seq_len = block_width = {config.block_width} and "
+            f"backward_every = 1), got max_seq_len={config.max_seq_len}, backward_every={backward_every}; with two "
+            "blocks or more per pass the write trains without it"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,15 +120,6 @@ class RecurrentTrainerWrapper(nn.Module):
     # keys/values, which the writing layer's memory still holds), gives the same state with a graph to the
     # write's parameters: they learn from the next block's loss, one block deep, at the cost of one write.
 
-    def _check_replay(self, backward_every: int) -> None:
-        W = self.transformer.config.block_width
-        if self.seq_len != W or backward_every != 1:
-            raise ValueError(
-                f"replay_write is for backward passes of one block (max_seq_len = block_width = {W} and "
-                f"backward_every = 1), got max_seq_len={self.seq_len}, backward_every={backward_every}; with two "
-                "blocks or more per pass the write trains without it"
-            )
-
     def _replayed_write(self, state: ModelState, written_from: tuple[Tensor | None, ...]) -> ModelState:
         """``state`` with each recurrent state written again from ``written_from`` (the states its last block
         started from) and that block's keys/values (the end of the writing layer's memory): the same values, with
@@ -185,7 +194,7 @@ class RecurrentTrainerWrapper(nn.Module):
         if isinstance(backward_every, bool) or not isinstance(backward_every, int) or backward_every < 1:
             raise ValueError(f"backward_every must be an int >= 1, got {backward_every!r}")
         if replay_write:
-            self._check_replay(backward_every)
+            check_replay_write(self.transformer.config, backward_every)
         elif written_from is not None:
             raise ValueError("written_from is given without replay_write=True")
         segments, state = self._prepare(x, labels, state, reset, written_from)

@@ -47,7 +47,7 @@ from .distributed import Distributed, resolve_bf16, resolve_device, resolve_eval
 from .evaluation import evaluate_corpus
 from .model import BlockRecurrentTransformer
 from .run_loop import RunLoop
-from .segments import RecurrentTrainerWrapper
+from .segments import RecurrentTrainerWrapper, check_replay_write, passes_one_block
 from .state import ModelState, XLMemory
 from .storage import lock_run_folder, prepare_folder, remove_leftovers
 from .train_config import TrainConfig, lr_at
@@ -152,21 +152,17 @@ class Trainer:
 
         # one block per backward pass: the state written at a block's end is read only after the carry is detached,
         # so the write trains only if it is replayed in the next pass (RecurrentTrainerWrapper.forward_backward)
-        one_block = model_config.max_seq_len == model_config.block_width and config.backward_every == 1
+        one_block = passes_one_block(model_config, config.backward_every)
         self.replay_write = bool(model_config.recurrent_layers) and (
             one_block if config.replay_write is None else config.replay_write)
-        if self.replay_write and not one_block:
-            raise ValueError(
-                f"replay_write is for backward passes of one block (max_seq_len = block_width, backward_every = 1); "
-                f"this run passes {model_config.max_seq_len * config.backward_every} tokens of blocks of "
-                f"{model_config.block_width}, where the write trains without it (leave replay_write unset)")
-        window = model_config.max_seq_len * config.backward_every  # tokens per backward pass, per row
-        if model_config.recurrent_layers and window <= model_config.block_width and not self.replay_write:
+        if self.replay_write:
+            check_replay_write(model_config, config.backward_every)
+        if model_config.recurrent_layers and one_block and not self.replay_write:
             warnings.warn(
-                f"every backward pass covers one block (max_seq_len * backward_every = {window} <= block_width = "
-                f"{model_config.block_width}) and replay_write is off, so the recurrent state's write path (its "
-                "attention, update projection and gate) gets no gradient and keeps its initial weights; turn "
-                "replay_write on, or give each backward pass two blocks or more", stacklevel=2)
+                f"every backward pass covers one block (max_seq_len = block_width = {model_config.block_width}, "
+                "backward_every = 1) and replay_write is off, so the recurrent state's write path (its attention, "
+                "update projection and gate) gets no gradient and keeps its initial weights; turn replay_write on, "
+                "or give each backward pass two blocks or more", stacklevel=2)
 
         # 2. model and optimiser; every rank seeds alike, so every rank starts from the same weights
         torch.manual_seed(config.seed)
