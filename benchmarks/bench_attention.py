@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent.attention import attend  # noqa: E402
+from block_recurrent.model.attention import attend  # noqa: E402
 
 # (rows, heads, queries, keys, dim_head, where it occurs)
 SHAPES = [

@@ -86,10 +86,11 @@ def main() -> None:
     import torch
 
     from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
-    from block_recurrent.checkpoint import from_pretrained
+    from block_recurrent.persistence.checkpoint import from_pretrained
     from block_recurrent.cli import DEFAULT_PRESET
-    from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
-    from block_recurrent.evaluation import default_segment_len, evaluate_corpus
+    from block_recurrent.training.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
+    from block_recurrent.inference.evaluation import default_segment_len
+    from block_recurrent.training.validation import evaluate_corpus
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def main() -> None:
     side = f"{args.batch_size} documents side by side, segments of {segment} ({segment // W} blocks side by side)"
     timed(f"{side}, float32", args.batch_size, False)
     timed(f"{side}, bf16 autocast (`brt eval`'s default here)", args.batch_size, True)
-    from block_recurrent.train_config import TrainConfig
+    from block_recurrent.training.train_config import TrainConfig
 
     train_rows = TrainConfig().batch_size
     train = training_rate(model, train_rows, False)

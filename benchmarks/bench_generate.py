@@ -4,7 +4,7 @@
 
 Both sides build the "small" configuration with random weights and continue a 16-token prompt, batch 1,
 sampling from the 26 most likely ids (the reference's filter_thres=0.9). Ours streams tokens from
-``block_recurrent.generation.stream``, eager and compiled (``compile=True``); the reference
+``block_recurrent.inference.generation.stream``, eager and compiled (``compile=True``); the reference
 (block-recurrent-transformer-pytorch 0.4.4) runs in its own virtual environment (created on first use) through
 ``RecurrentTrainerWrapper.generate``, the only way it can go past max_seq_len, and its per-token latency is read
 off the end of each forward call. The reference re-runs its whole window for every token, so its runs are capped
@@ -49,7 +49,7 @@ def time_ours(new_tokens: int, seed: int, compile: bool = False) -> list[tuple[f
 
     sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentTransformer
-    from block_recurrent.generation import stream
+    from block_recurrent.inference.generation import stream
 
     torch.manual_seed(seed)
     model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()  # the reference's architecture
@@ -77,7 +77,7 @@ def batch_rates(batches: list[int], new_tokens: int, seed: int, compile: bool = 
 
     sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentTransformer
-    from block_recurrent.generation import generate
+    from block_recurrent.inference.generation import generate
 
     torch.manual_seed(seed)
     model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()
@@ -101,7 +101,7 @@ def ragged_rates(prompts: int, longest: int, new_tokens: int, seed: int) -> tupl
 
     sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentTransformer
-    from block_recurrent.generation import generate
+    from block_recurrent.inference.generation import generate
 
     torch.manual_seed(seed)
     model = BlockRecurrentTransformer(**SMALL, gate_projection=True).eval()

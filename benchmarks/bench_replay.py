@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
-from block_recurrent.trainer import fused_adamw_supported, parameter_groups  # noqa: E402
+from block_recurrent.training.trainer import fused_adamw_supported, parameter_groups  # noqa: E402
 
 
 def main() -> None:

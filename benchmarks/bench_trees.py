@@ -50,7 +50,7 @@ def worker(tree: str, what: str) -> dict:
                 best = min(best, time.perf_counter() - start)
         return {"tokens_per_s": 4 * 4 * 256 / best}
     torch.set_num_threads(1)
-    from block_recurrent.generation import generate
+    from block_recurrent.inference.generation import generate
 
     model.eval()
     prompt = torch.randint(0, 256, (1, 16))

@@ -15,12 +15,12 @@ Seven models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with th
 
 on two tasks:
 
-1. Recall (``block_recurrent.tasks.RecallTask``): a value token sits ``distance`` blocks before a query; the
+1. Recall (``block_recurrent.training.tasks.RecallTask``): a value token sits ``distance`` blocks before a query; the
    distance is beyond what any stack of the baselines' windows reaches, so they must stay at chance
    (1 / num_values) while a recurrent model can carry the value in its state. Scored on held-out rows.
 2. The built-in corpus (the standard library's sources, bytes): documents streamed with the carried state, as
-   ``brt train`` does (``block_recurrent.data``), scored in held-out bits per byte by streaming evaluation
-   (``block_recurrent.trainer.evaluate_corpus``), plus per-position loss over long held-out documents.
+   ``brt train`` does (``block_recurrent.training.data``), scored in held-out bits per byte by streaming evaluation
+   (``block_recurrent.training.trainer.evaluate_corpus``), plus per-position loss over long held-out documents.
 
 Prints a markdown table and writes the per-position plot (recurrent vs XL).
 """
@@ -41,11 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
-from block_recurrent import convert  # noqa: E402
-from block_recurrent.data import ByteTokenizer, DocumentStreams, TokenCorpus, load_documents, split_documents  # noqa: E402
-from block_recurrent.evaluation import evaluate  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
-from block_recurrent.evaluation import evaluate_corpus  # noqa: E402
+from block_recurrent.reference import convert  # noqa: E402
+from block_recurrent.training.data import ByteTokenizer, DocumentStreams, TokenCorpus, load_documents, split_documents  # noqa: E402
+from block_recurrent.inference.evaluation import evaluate  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.validation import evaluate_corpus  # noqa: E402
 
 # the shared tiny shape; each variant is a set of config changes on top of it (depth: an added layer count)
 BASE = dict(dim=64, depth=3, heads=4, dim_head=16, recurrent_layers=(2,))

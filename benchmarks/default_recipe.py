@@ -5,7 +5,7 @@
 
 Each candidate is a model config and training settings with a step count chosen so that training takes about
 the same wall-clock time on two idle cores (``seconds_per_step`` measured there, bf16 autocast). Runs go through
-the library's own trainer (``block_recurrent.trainer.train``); each is then scored on the whole held-out split
+the library's own trainer (``block_recurrent.training.trainer.train``); each is then scored on the whole held-out split
 (96 files, 1.41 M bytes) with ``evaluate_corpus`` and compared with gzip -9 on the same files, one by one.
 With ``--jobs 2`` two runs share the machine, one thread each: step counts are fixed, so results do not depend
 on the sharing; only the printed wall-clock does. Prints a markdown table and writes runs/recipes/results.jsonl.
@@ -115,11 +115,11 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentConfig
-    from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
-    from block_recurrent.distributed import resolve_eval_bf16
-    from block_recurrent.evaluation import evaluate_documents, position_curve
-    from block_recurrent.checkpoint import from_pretrained
-    from block_recurrent.trainer import TrainConfig, train
+    from block_recurrent.training.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
+    from block_recurrent.training.distributed import resolve_eval_bf16
+    from block_recurrent.inference.evaluation import evaluate_documents, position_curve
+    from block_recurrent.persistence.checkpoint import from_pretrained
+    from block_recurrent.training.trainer import TrainConfig, train
 
     torch.set_num_threads(threads)
     spec = CANDIDATES[name]
@@ -136,7 +136,7 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
     held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
     documents = [torch.from_numpy(held_out.document(i).astype("int64")) for i in range(len(held_out))]
     started = time.perf_counter()
-    bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width, model.parallel_blocks)  # brt eval's
+    bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width, model.blocks_side_by_side)  # brt eval's
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         results = evaluate_documents(model, documents, bucket_size=POSITION_BUCKET)
     loss_sum, tokens = sum(r.loss_sum for r in results), sum(r.tokens for r in results)
@@ -166,7 +166,7 @@ def main() -> None:
         for result in results:
             handle.write(json.dumps(result) + "\n")
     sys.path.insert(0, str(ROOT))
-    from block_recurrent.data import builtin_documents, gzip_bits_per_byte, split_documents
+    from block_recurrent.training.data import builtin_documents, gzip_bits_per_byte, split_documents
 
     held_out = split_documents(builtin_documents())[1]
     print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s; gzip -9 per file: {gzip_bits_per_byte(held_out):.3f} "

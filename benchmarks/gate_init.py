@@ -3,7 +3,7 @@
     python benchmarks/gate_init.py                       # default init vs keep bias 2.0, seeds 0-2
     python benchmarks/gate_init.py --inits default 2.0 --seeds 3 --steps 700
 
-Recall a value 4 blocks back (block width 8, 16 values, chance 0.0625; ``block_recurrent.tasks.RecallTask``)
+Recall a value 4 blocks back (block width 8, 16 values, chance 0.0625; ``block_recurrent.training.tasks.RecallTask``)
 with a 3-layer, width-64 model, recurrence in layer 2, the fixed gate, 700 AdamW steps of 32 fresh rows,
 scored on 1,024 held-out rows. "default" is the paper's and the reference's init, b_g ~ N(0, 0.1) (keep
 about 0.5 per block); a number sets every channel of b_g (2.0: keep 0.88).
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
 from recall_training import train_recall  # noqa: E402
 
 

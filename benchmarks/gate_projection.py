@@ -6,7 +6,7 @@
 The fixed gate computes c' = c * g + z * (1 - g). With ``gate_projection=True`` (the reference port) z is
 W_z h + b_z, a second linear map after the state's output projection h; with ``gate_projection=False``
 (meliad, the paper's official code) the output projection is W_z. Recall a value 4 blocks back (block width
-8, 16 values, chance 0.0625; ``block_recurrent.tasks.RecallTask``) with a 3-layer, width-64 model,
+8, 16 values, chance 0.0625; ``block_recurrent.training.tasks.RecallTask``) with a 3-layer, width-64 model,
 recurrence in layer 2, 700 AdamW steps of 32 fresh rows, scored on 1,024 held-out rows; one torch thread per
 run. Results do not depend on ``--jobs``.
 """
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
 from recall_training import train_recall  # noqa: E402
 
 

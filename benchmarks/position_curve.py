@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from block_recurrent.evaluation import curve_range  # noqa: E402
+from block_recurrent.inference.evaluation import curve_range  # noqa: E402
 
 RANGES = [(0, 1024), (1024, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
 

@@ -3,7 +3,7 @@
     python benchmarks/qk_temperature.py                 # 3 temperatures x 2 seeds, 800 steps each
 
 A value token sits ``distance`` blocks before the query (block width 8, XL memory of one block), so
-only the recurrent state can carry it (see ``block_recurrent.tasks.RecallTask``). For each initial
+only the recurrent state can carry it (see ``block_recurrent.training.tasks.RecallTask``). For each initial
 temperature of the learned per-head temperature, a small model trains on fresh batches and is scored on
 1024 held-out rows. The candidates: 1/sqrt(dim_head) (what the reference port really runs, by its bug),
 1 (meliad's init) and 8 (the reference's intent).
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
 from recall_training import train_recall  # noqa: E402
 
 

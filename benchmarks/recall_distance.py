@@ -3,7 +3,7 @@
     python benchmarks/recall_distance.py                                  # distances 4 6 8 12 16, seeds 0-2
     python benchmarks/recall_distance.py --distances 8 --seeds 3 --set gate_keep_init=2.0
 
-``block_recurrent.tasks.RecallTask``: block width 8, one of 32 value tokens at position 0, filler tokens, and
+``block_recurrent.training.tasks.RecallTask``: block width 8, one of 32 value tokens at position 0, filler tokens, and
 a query ``distance`` blocks later whose label is the value (chance 1/32). Out of every attention window from
 distance 2 on: only the state can carry the value. The model is the library's default architecture at the
 comparison's tiny shape (docs/variants.md): width 64, 3 layers, 4 heads of 16, recurrence in layer 2, 8 state
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
 from recall_training import train_recall  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
-from block_recurrent.tasks import RecallTask  # noqa: E402
+from block_recurrent.training.tasks import RecallTask  # noqa: E402
 
 
 def train_recall(

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent.checkpoint import from_pretrained  # noqa: E402
-from block_recurrent.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents  # noqa: E402
-from block_recurrent.distributed import native_bf16  # noqa: E402
-from block_recurrent.evaluation import curve_range, evaluate_documents, position_curve  # noqa: E402
-from block_recurrent.state import ModelState  # noqa: E402
+from block_recurrent.persistence.checkpoint import from_pretrained  # noqa: E402
+from block_recurrent.training.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents  # noqa: E402
+from block_recurrent.training.distributed import native_bf16  # noqa: E402
+from block_recurrent.inference.evaluation import curve_range, evaluate_documents, position_curve  # noqa: E402
+from block_recurrent.model.state import ModelState  # noqa: E402
 
 BUCKET = 1024
 RANGES = [(0, 1), (1, 4), (4, 16), (16, 32), (32, None)]  # in buckets of 1 K

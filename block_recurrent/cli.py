@@ -1,11 +1,11 @@
 """The ``brt`` command line: thin subcommands over library functions.
 
-- ``brt train``: :func:`block_recurrent.trainer.train` with a preset (or a config JSON) and a
-  :class:`~block_recurrent.trainer.TrainConfig` built from the options (one option per field).
-- ``brt generate``: :func:`block_recurrent.checkpoint.from_pretrained` then
-  :func:`block_recurrent.generation.generate`.
-- ``brt eval``: :func:`block_recurrent.checkpoint.from_pretrained` then
-  :func:`block_recurrent.evaluation.evaluate_corpus` over documents loaded by :mod:`block_recurrent.data`
+- ``brt train``: :func:`block_recurrent.training.trainer.train` with a preset (or a config JSON) and a
+  :class:`~block_recurrent.training.trainer.TrainConfig` built from the options (one option per field).
+- ``brt generate``: :func:`block_recurrent.persistence.checkpoint.from_pretrained` then
+  :func:`block_recurrent.inference.generation.generate`.
+- ``brt eval``: :func:`block_recurrent.persistence.checkpoint.from_pretrained` then
+  :func:`block_recurrent.inference.evaluation.evaluate_corpus` over documents loaded by :mod:`block_recurrent.training.data`
   (without importing the trainer).
 
 Errors in the input (bad options, data, checkpoints, a run folder in use, a full disk) print one line
@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS
-from .train_config import RECIPES, recipe
+from .model.config import PRESETS
+from .training.train_config import RECIPES, recipe
 
 DEFAULT_PRESET = RECIPES["default"]["preset"]
 
@@ -91,7 +91,7 @@ def _finite_float(text: str) -> float:
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; unset options keep the config's defaults (or the resumed run's)."""
-    from .train_config import TrainConfig
+    from .training.train_config import TrainConfig
 
     group = parser.add_argument_group("training settings (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .checkpoint import check_same_config, newest_intact_checkpoint
-    from .storage import lock_run_folder
-    from .trainer import TrainConfig, TrainingDiverged, resume_configs, train
+    from .persistence.checkpoint import check_same_config, newest_intact_checkpoint
+    from .persistence.storage import lock_run_folder
+    from .training.trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
@@ -205,7 +205,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _model_config(args: argparse.Namespace, default: str | None):
-    from .config import BlockRecurrentConfig
+    from .model.config import BlockRecurrentConfig
 
     if args.model_config is not None:
         path = Path(args.model_config)
@@ -224,9 +224,9 @@ def _model_config(args: argparse.Namespace, default: str | None):
 
 
 def _load(checkpoint: str, device: str):
-    from .checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
-    from .data import load_tokenizer
-    from .distributed import resolve_device
+    from .persistence.checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
+    from .training.data import load_tokenizer
+    from .training.distributed import resolve_device
 
     folder = resolve_checkpoint(checkpoint) if Path(checkpoint).exists() else checkpoint
     model = from_pretrained(folder, device=resolve_device(device))
@@ -243,8 +243,8 @@ def _autocast(enabled: bool, device):
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checks import check_int
-    from .generation import generate
+    from .model.checks import check_int
+    from .inference.generation import generate
 
     check_int("--batch-size", args.batch_size, 1)
     texts = _prompts_jsonl(args.prompts) if args.prompts is not None else [_prompt_text(args)]
@@ -314,10 +314,10 @@ def _prompt_text(args: argparse.Namespace) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .checks import check_int
-    from .distributed import resolve_eval_bf16
-    from .data import TokenCorpus, builtin_documents, path_documents, split_documents
-    from .evaluation import evaluate_corpus
+    from .model.checks import check_int
+    from .training.distributed import resolve_eval_bf16
+    from .training.data import TokenCorpus, builtin_documents, path_documents, split_documents
+    from .training.validation import evaluate_corpus
 
     model, tokenizer = _load(args.checkpoint, args.device)
     documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)
@@ -325,7 +325,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     check_int("--batch-size", args.batch_size, 1)
-    bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.parallel_blocks)
+    bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.blocks_side_by_side)
     with _autocast(bf16, model.device):  # raises when nothing would be scored
         result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from block_recurrent import BlockRecurrentConfig
-from block_recurrent.distributed import Distributed
-from block_recurrent.trainer import TrainConfig, Trainer
+from block_recurrent.training.distributed import Distributed
+from block_recurrent.training.trainer import TrainConfig, Trainer
 
 torch.set_num_threads(1)
 data, out, batch_size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

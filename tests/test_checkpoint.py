@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
-from block_recurrent.checkpoint import (
+from block_recurrent.persistence.checkpoint import (
     CheckpointError, atomic_directory, from_pretrained, latest_checkpoint, load_training_checkpoint,
     optimizer_from_tensors, optimizer_to_tensors, save_pretrained, save_training_checkpoint, step_directories,
 )
@@ -139,7 +139,7 @@ def test_weights_of_another_model_are_refused(tmp_path):
 
 def test_hub_mixin_reads_and_writes_the_same_folders(tmp_path):
     pytest.importorskip("huggingface_hub")
-    from block_recurrent.hub import BlockRecurrentHubModel
+    from block_recurrent.persistence.hub import BlockRecurrentHubModel
 
     model = tiny_model().eval()
     tokens = torch.randint(0, 256, (1, 40))
@@ -195,7 +195,7 @@ def test_every_variant_round_trips_through_save_and_load(tmp_path, overrides):
 
 
 def test_an_unknown_checkpoint_format_is_refused(tmp_path):
-    from block_recurrent.storage import write_manifest
+    from block_recurrent.persistence.storage import write_manifest
 
     folder = save_step(tmp_path, 1, tiny_model())
     assert json.loads((folder / "trainer.json").read_text())["format"] == 1
@@ -210,7 +210,7 @@ def test_an_unknown_checkpoint_format_is_refused(tmp_path):
 
 def test_push_to_hub_uploads_a_save_pretrained_folder(tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    from block_recurrent.checkpoint import push_to_hub
+    from block_recurrent.persistence.checkpoint import push_to_hub
 
     calls = []
 
@@ -236,7 +236,7 @@ def test_push_to_hub_uploads_a_save_pretrained_folder(tmp_path, monkeypatch):
 
 
 def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
-    from block_recurrent.checkpoint import read_tensors, write_tensors
+    from block_recurrent.persistence.checkpoint import read_tensors, write_tensors
 
     path = tmp_path / "t.safetensors"
     for pad in range(300):  # a tensor name of some length puts 0x80 in the header length's first byte

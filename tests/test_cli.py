@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
+from block_recurrent.persistence.checkpoint import latest_checkpoint, load_training_checkpoint
 from block_recurrent.cli import main
 from conftest import HAS_CPP_COMPILER, interruptible
 
@@ -88,8 +88,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
 
 
 def test_a_named_recipe_sets_the_preset_and_training_settings_and_options_still_win(tmp_path, corpus, capsys):
-    from block_recurrent.config import PRESETS, BlockRecurrentConfig
-    from block_recurrent.train_config import RECIPES
+    from block_recurrent.model.config import PRESETS, BlockRecurrentConfig
+    from block_recurrent.training.train_config import RECIPES
 
     run = tmp_path / "run"
     assert brt("train", "--recipe", "hour", "--data", corpus, "--out-dir", run, "--max-steps", 1, "--batch-size", 2,

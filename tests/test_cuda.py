@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from block_recurrent import RecurrentTrainerWrapper
-from block_recurrent.generation import generate, prefill, decode_step
+from block_recurrent.inference.generation import generate, prefill, decode_step
 
 from conftest import make_model, random_tokens
 from test_generation import CONFIGS

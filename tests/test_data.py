@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from block_recurrent.data import (
+from block_recurrent.training.data import (
     VALIDATION_PERCENT, ByteTokenizer, Document, DocumentStreams, RandomCrops, TokenCorpus, builtin_documents,
     load_documents, load_tokenizer, path_documents, split_documents,
 )

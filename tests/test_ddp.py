@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from block_recurrent import BlockRecurrentConfig
-from block_recurrent.trainer import TrainConfig, Trainer
+from block_recurrent.training.trainer import TrainConfig, Trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

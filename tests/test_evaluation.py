@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from block_recurrent import RecurrentTrainerWrapper
-from block_recurrent.evaluation import EvalResult, curve_range, evaluate, evaluate_documents, position_curve
+from block_recurrent.inference.evaluation import EvalResult, curve_range, evaluate, evaluate_documents, position_curve
 
 from conftest import TINY, make_model, random_tokens
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from block_recurrent import ModelState, RecurrentTrainerWrapper
-from block_recurrent.generation import DecodeState, commit_partial, decode_step, generate, prefill, sample, stream
+from block_recurrent.inference.generation import DecodeState, commit_partial, decode_step, generate, prefill, sample, stream
 
 from conftest import TINY, make_model, random_tokens
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentTransformer, ModelState, RecurrentTrainerWrapper
-from block_recurrent.recurrent import FixedGate, LSTMGate
+from block_recurrent.model.recurrent import FixedGate, LSTMGate
+from block_recurrent.reference import memory_to_reference
 
 from conftest import TINY, make_model, random_tokens
 
@@ -146,7 +147,7 @@ def plain_run(model, tokens):
                 visible = distance >= 0
             bias = None
             if config.position_encoding == "t5":
-                from block_recurrent.positions import t5_relative_bucket
+                from block_recurrent.model.positions import t5_relative_bucket
 
                 bias = a.position_bias.bias[:, t5_relative_bucket(distance, config.t5_num_buckets, config.t5_max_distance)]
             outs = [merged(plain_softmax_attention(qn, kn, vn, plain_scale(a.attn, dh), visible, bias))]
@@ -161,7 +162,7 @@ def plain_run(model, tokens):
         for index, layer in enumerate(model.layers):
             k, v = block_kv[index]
             if config.use_compressed_mem:
-                from block_recurrent.state import XLMemory
+                from block_recurrent.model.state import XLMemory
 
                 old = None if memories[index] is None else XLMemory(*memories[index])
                 new = layer.attn.memory.update(old, k, v)
@@ -345,7 +346,7 @@ def test_gates_without_their_own_projection():
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_grouped_key_value_heads_match_a_per_head_loop(kv_heads):
     """Query head h attends with key/value head h // (heads // kv_heads), on both attention paths."""
-    from block_recurrent.attention import attend
+    from block_recurrent.model.attention import attend
 
     g = torch.Generator().manual_seed(0)
     B, H, N, J, D = 2, 4, 3, 5, 8
@@ -428,7 +429,7 @@ def test_reference_usage_example_runs():
     loss.backward()
     assert loss.ndim == 0
     # the reference's (2, B, M, dh) memory tensors are accepted too
-    out_ref, _, _ = model(seq, xl_memories=[m.as_reference() for m in mems1], states=states1)
+    out_ref, _, _ = model(seq, xl_memories=[memory_to_reference(m) for m in mems1], states=states1)
     assert out_ref.shape == out.shape
 
 
@@ -514,7 +515,7 @@ def test_block_window_mask_is_memory_plus_causal_prefix():
 
 
 def test_t5_buckets_by_hand():
-    from block_recurrent.positions import t5_relative_bucket
+    from block_recurrent.model.positions import t5_relative_bucket
 
     distance = torch.tensor([-3, 0, 1, 15, 16, 17, 31, 32, 63, 64, 127, 128, 5000])
     # exact below 16; above, 16 + floor(log(n / 16) / log(8) * 16), capped at 31
@@ -564,7 +565,7 @@ def test_gate_keep_init_sets_the_lstm_forget_offset():
 
 
 def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
-    from block_recurrent.recurrent import SPREAD_MAX_HALF_LIFE
+    from block_recurrent.model.recurrent import SPREAD_MAX_HALF_LIFE
 
     bias = make_model(gate_keep_init="spread").layers[1].attn.cell.gate.keep_bias.detach()
     half_lives = -1.0 / torch.log2(torch.sigmoid(bias))  # keep ** h = 1/2
@@ -576,7 +577,7 @@ def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
 def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_and_compiled_calls_on_the_cpu(monkeypatch):
     """The choice measured in benchmarks/bench_attention.py and bench_generate.py: matmul under autograd in bf16
     and under torch.compile (where inductor fuses around it), sdpa otherwise."""
-    from block_recurrent import attention
+    from block_recurrent.model import attention
 
     taken = []
     real = attention._attend_matmul

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from block_recurrent.distributed import resolve_eval_bf16
-from block_recurrent.evaluation import EVAL_SEGMENT_TOKENS, default_segment_len, evaluate, evaluate_documents
+from block_recurrent.training.distributed import resolve_eval_bf16
+from block_recurrent.inference.evaluation import EVAL_SEGMENT_TOKENS, default_segment_len, evaluate, evaluate_documents
 
 from conftest import TINY, make_model, random_tokens
 from test_model import VARIANTS, assert_close, assert_states_close
 
 W = TINY["block_width"]
-SIDE_BY_SIDE = [name for name in VARIANTS if name not in ("compressed", "read_below_write", "feedback", "two_recurrent_all_qknorm",
+SIDE_BY_SIDE_VARIANTS = [name for name in VARIANTS if name not in ("compressed", "read_below_write", "feedback", "two_recurrent_all_qknorm",
                                                           "grouped_query_compressed")]
 # two states, each read by its own writing layer
-CASES = {**{name: VARIANTS[name] for name in SIDE_BY_SIDE}, "two_states": dict(recurrent_layers=(1, 3))}
+CASES = {**{name: VARIANTS[name] for name in SIDE_BY_SIDE_VARIANTS}, "two_states": dict(recurrent_layers=(1, 3))}
 
 
 def one_block_at_a_time(model, tokens, state=None, reset=None):
@@ -30,13 +30,13 @@ def one_block_at_a_time(model, tokens, state=None, reset=None):
 
 def test_which_configs_run_blocks_side_by_side():
     for name, overrides in VARIANTS.items():
-        assert make_model(**overrides).parallel_blocks == (name in SIDE_BY_SIDE), name
+        assert make_model(**overrides).blocks_side_by_side == (name in SIDE_BY_SIDE_VARIANTS), name
 
 
 @pytest.mark.parametrize("variant", CASES)
 def test_side_by_side_equals_one_block_at_a_time_with_carried_memory_and_resets(variant):
     model = make_model(**CASES[variant])
-    assert model.parallel_blocks
+    assert model.blocks_side_by_side
     tokens = random_tokens(3, 6 * W + 2)
     # a first call shorter than a block leaves a memory shorter than a block, which the next call pads
     first, expected_first = model.run(tokens[:, :2]), one_block_at_a_time(model, tokens[:, :2])
@@ -102,15 +102,15 @@ def test_evaluation_default_segments_equal_one_block_per_call():
 
 def test_evaluation_takes_bf16_on_the_cpu_when_blocks_run_side_by_side():
     cpu = torch.device("cpu")
-    from block_recurrent.distributed import native_bf16
+    from block_recurrent.training.distributed import native_bf16
 
-    assert resolve_eval_bf16(None, cpu, 16, parallel_blocks=True) is native_bf16(cpu)
-    assert resolve_eval_bf16(None, cpu, 16, parallel_blocks=False) is False
-    assert resolve_eval_bf16(False, cpu, 16, parallel_blocks=True) is False
+    assert resolve_eval_bf16(None, cpu, 16, blocks_side_by_side=True) is native_bf16(cpu)
+    assert resolve_eval_bf16(None, cpu, 16, blocks_side_by_side=False) is False
+    assert resolve_eval_bf16(False, cpu, 16, blocks_side_by_side=True) is False
 
 
 def test_forward_blocks_rejects_a_memory_longer_than_a_block():
-    from block_recurrent.state import ModelState, XLMemory
+    from block_recurrent.model.state import ModelState, XLMemory
 
     model = make_model()
     C = model.config.kv_dim

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from block_recurrent.generation import generate, stream
-from block_recurrent.ragged import ragged_prefill, ragged_step
+from block_recurrent.inference.generation import generate, stream
+from block_recurrent.inference.ragged import ragged_prefill, ragged_step
 
 from conftest import TINY, make_model, needs_cpp_compiler, random_tokens
 from test_generation import CONFIGS

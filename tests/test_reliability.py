@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
-from block_recurrent.checkpoint import (
+from block_recurrent.persistence.checkpoint import (
     CheckpointError, DamagedCheckpoint, from_pretrained, latest_checkpoint, load_training_checkpoint, save_pretrained,
     save_training_checkpoint, step_directories,
 )
-from block_recurrent.storage import write_manifest
-from block_recurrent.trainer import TrainConfig, Trainer, TrainingDiverged
+from block_recurrent.persistence.storage import write_manifest
+from block_recurrent.training.trainer import TrainConfig, Trainer, TrainingDiverged
 from conftest import interruptible
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
@@ -124,7 +124,7 @@ def test_trainers_of_one_process_share_the_lock_and_closing_releases_it(tmp_path
     first = Trainer(tiny(), config)
     first.save()
     second = Trainer(tiny(), config, resume=True)  # same process: allowed (the lock keeps out other processes)
-    probe = [sys.executable, "-c", "import sys; from block_recurrent.storage import lock_run_folder; "
+    probe = [sys.executable, "-c", "import sys; from block_recurrent.persistence.storage import lock_run_folder; "
              "from pathlib import Path; lock_run_folder(Path(sys.argv[1]))", config.out_dir]
     busy = subprocess.run(probe, capture_output=True, text=True, env=ENV)
     assert busy.returncode != 0 and f"(PID {os.getpid()})" in busy.stderr
@@ -297,7 +297,7 @@ def test_a_read_only_out_dir_gives_one_line(tmp_path):
 
 
 def test_an_out_dir_without_write_permission_is_named(tmp_path, monkeypatch):
-    from block_recurrent import storage
+    from block_recurrent.persistence import storage
 
     monkeypatch.setattr(storage.os, "access", lambda path, mode: False)  # as a read-only folder answers
     with pytest.raises(ValueError, match="out_dir .*run is not writable"):
@@ -381,7 +381,7 @@ def test_stale_temporary_folders_are_cleared_at_start_up(tmp_path):
 
 
 def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
-    from block_recurrent import storage
+    from block_recurrent.persistence import storage
 
     config, run = trained(tmp_path, steps=2)
     metrics = run / "metrics.jsonl"

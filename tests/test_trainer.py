@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentConfig
-from block_recurrent.checkpoint import latest_checkpoint, load_training_checkpoint
-from block_recurrent.storage import write_manifest
-from block_recurrent.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, train
+from block_recurrent.persistence.checkpoint import latest_checkpoint, load_training_checkpoint
+from block_recurrent.persistence.storage import write_manifest
+from block_recurrent.training.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, train
 
 
 TEXT = (
@@ -74,7 +74,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, mode):
 def test_micro_batches_with_and_without_a_validity_mask_are_saved_and_restored_as_they_were(tmp_path):
     # one micro-batch's memories carry a validity mask (a row started a new document), the other's do not:
     # the checkpoint must hold both (this once failed with a KeyError, depending on the random stream)
-    from block_recurrent.state import XLMemory
+    from block_recurrent.model.state import XLMemory
 
     config = settings(tmp_path, grad_accum=2)
     first = Trainer(tiny(), config)
@@ -249,7 +249,7 @@ def test_bf16_training_on_the_cpu_follows_float32(tmp_path):
 
 
 def test_validation_samples_every_file_and_the_run_ends_with_the_whole_split_beside_gzip(tmp_path):
-    from block_recurrent.evaluation import evaluate_corpus
+    from block_recurrent.training.validation import evaluate_corpus
 
     many = write_corpus(tmp_path / "many", copies=8)  # enough files for several to be held out
     trainer = Trainer(tiny(), settings(tmp_path, data=str(many), eval_every=3, eval_tokens=40, final_eval=True, max_steps=3))
@@ -271,7 +271,7 @@ def test_validation_samples_every_file_and_the_run_ends_with_the_whole_split_bes
 
 def test_evaluation_precision_auto_weighs_the_block_width(monkeypatch):
     """bf16 scoring on the CPU only for blocks of 64 or more (float32 measured faster below); explicit wins."""
-    from block_recurrent import distributed
+    from block_recurrent.training import distributed
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(distributed, "native_bf16", lambda device: True)
@@ -339,7 +339,7 @@ def test_replayed_write_trains_the_write_and_a_resumed_run_equals_the_uninterrup
 def test_fused_adamw_steps_as_the_per_parameter_optimiser(tmp_path, monkeypatch):
     """brt train takes AdamW's fused kernel where torch has it; its steps equal the plain implementation's (the
     same param groups, weight decay on matrices only) to rounding."""
-    import block_recurrent.trainer as trainer_module
+    import block_recurrent.training.trainer as trainer_module
 
     fused = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "fused"), weight_decay=0.1))
     assert fused.optimizer.defaults["fused"] is trainer_module.fused_adamw_supported(torch.device("cpu"))
@@ -376,7 +376,7 @@ def test_state_lr_scale_moves_the_state_cells_at_that_multiple_of_the_learning_r
 def test_a_run_saved_before_the_newer_settings_resumes_as_it_ran(tmp_path):
     """A checkpoint whose trainer.json predates replay_write and state_lr_scale resumes with what it ran with
     (no replay, every parameter at the same learning rate), not with today's defaults."""
-    from block_recurrent.trainer import resume_configs
+    from block_recurrent.training.trainer import resume_configs
 
     one_block = tiny().replace(max_seq_len=32)
     config = settings(tmp_path, replay_write=False, state_lr_scale=1.0)  # as every run before these settings

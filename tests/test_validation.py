@@ -137,7 +137,7 @@ def test_bad_labels():
 
 def test_wrapper_bad_input():
     model = make_model()
-    with pytest.raises(TypeError, match="BlockRecurrentTransformer"):
+    with pytest.raises(TypeError, match="BlockRecurrentModel"):
         RecurrentTrainerWrapper(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"state_dropout must be a finite number in \[0.0, 1.0\]"):
         RecurrentTrainerWrapper(model, state_dropout=1.5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentTransformer
-from block_recurrent.tasks import RecallTask
+from block_recurrent.training.tasks import RecallTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,11 +31,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_tokens
+from ..model.checks import check_tokens
 from .decoding import PREFILL_SIDE_BY_SIDE_TOKENS
-from .layer import LayerCache
-from .recurrent import StateView
-from .state import ModelState, XLMemory
+from ..model.layer import LayerCache
+from ..model.recurrent import StateView
+from ..model.state import ModelState, XLMemory
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _set_rows(state: ModelState, rows: Tensor, part: ModelState) -> ModelState:
 def _open(model, committed: ModelState, batch_size: int) -> tuple[tuple[StateView, ...], tuple[LayerCache, ...]]:
     """Every row's block at position 0, in block-sized buffers (zeros where nothing is written yet, so that
     slots no row sees never hold a NaN that a zero attention weight would still propagate)."""
-    views, caches = model.start_block(committed, batch_size, token_by_token=True)
+    views, caches = model.open_block(committed, batch_size, token_by_token=True)
     views = tuple(StateView(*(t.clone() for t in view)) for view in views)  # rows are rewritten in place
     W = model.config.block_width
     opened = []
@@ -136,7 +136,7 @@ def _open(model, committed: ModelState, batch_size: int) -> tuple[tuple[StateVie
 def _reopen_rows(model, rs: RaggedDecodeState, rows: Tensor, committed: ModelState) -> None:
     """Start the next block of ``rows`` (whose committed states are ``committed``) in rs's buffers, in place.
     The buffers keep their input projections (copied when the decode opened): no copies per block."""
-    views, caches = model.start_block(committed, rows.shape[0])
+    views, caches = model.open_block(committed, rows.shape[0])
     for view, new in zip(rs.views, views):
         for field, value in zip(view, new):
             field[rows] = value
@@ -171,7 +171,7 @@ def ragged_prefill(
 ) -> tuple[Tensor, RaggedDecodeState]:
     """Consume prompts of different lengths; return the logits (B, V) after each prompt's last token and the
     ragged decode state. ``state``: a checked model state every row continues from (its blocks start there, as
-    with :func:`~block_recurrent.decoding.prefill`); None: fresh documents. Runs in the model's current mode and
+    with :func:`~block_recurrent.inference.decoding.prefill`); None: fresh documents. Runs in the model's current mode and
     grad setting (generation wraps it in eval and no_grad)."""
     config = model.config
     W = config.block_width
@@ -191,7 +191,7 @@ def ragged_prefill(
         rows = (left > 0).nonzero()[:, 0]
         if rows.numel() == 0:
             break
-        n = min(int(left[rows].min()), max(1, PREFILL_SIDE_BY_SIDE_TOKENS // W)) if model.parallel_blocks else 1
+        n = min(int(left[rows].min()), max(1, PREFILL_SIDE_BY_SIDE_TOKENS // W)) if model.blocks_side_by_side else 1
         device_rows = rows.to(tokens.device)
         x = model.embed(tokens[device_rows, block * W : (block + n) * W])
         run = model.forward_blocks if n > 1 else model.forward_block
@@ -269,7 +269,7 @@ def ragged_step(
     full = (caches[0].filled == model.config.block_width).nonzero()[:, 0]
     if full.numel():
         committed, views, block_caches = _rows_of(rs, full)
-        done = model.commit_block(committed, views, block_caches)  # exactly as forward_block commits
+        done = model.commit_block(committed, views, model.block_keys(block_caches))  # exactly as forward_block commits
         done = full_length_state(model, done, full.shape[0])
         rs = RaggedDecodeState(_set_rows(rs.committed, full, done), rs.views, caches)
         _reopen_rows(model, rs, full, done)

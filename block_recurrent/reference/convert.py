@@ -13,8 +13,8 @@ import re
 import torch
 from torch import Tensor
 
-from .config import BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
+from ..model.config import BlockRecurrentConfig
+from .adapter import BlockRecurrentTransformer
 
 # reference name pattern -> our name; {i} is the 0-based layer index
 _LAYER_RENAMES = {

@@ -1,12 +1,11 @@
 """Streaming evaluation: score documents of any length (whole books) segment by segment.
 
 The state is carried from segment to segment exactly as the trainer wrapper carries it, so the loss equals
-``RecurrentTrainerWrapper.forward``'s on the same text; only one segment's logits are alive at a time, so
+``SegmentRunner.forward``'s on the same text; only one segment's logits are alive at a time, so
 memory does not grow with the document's length.
 
 - :func:`evaluate`: one document, or a batch of documents of equal length.
 - :func:`evaluate_documents`: documents of different lengths side by side, each scored as if alone.
-- :func:`evaluate_corpus`: a corpus's documents (``brt eval``, the trainer's validation), split across ranks.
 """
 
 from __future__ import annotations
@@ -17,16 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from .checks import check_float, check_int, check_tokens
+from ..model.checks import check_float, check_int, check_tokens
 from .decoding import eval_no_grad
-from .model import BlockRecurrentTransformer
-from .state import ModelState, checked_state
+from ..model.model import BlockRecurrentModel
+from ..model.state import ModelState, checked_state
 
-if TYPE_CHECKING:  # the corpus and the process group come from the modules above this one
-    from .data import TokenCorpus
-    from .distributed import Distributed
 
 
 @dataclass(frozen=True)
@@ -55,8 +51,8 @@ class EvalResult:
 
 
 def _check_tokens(model, tokens) -> Tensor:
-    if not isinstance(model, BlockRecurrentTransformer):
-        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    if not isinstance(model, BlockRecurrentModel):
+        raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
     if isinstance(tokens, Tensor) and tokens.ndim == 1:
         tokens = tokens[None]  # one document
     check_tokens(tokens, model.config.num_tokens, "tokens")
@@ -66,18 +62,18 @@ def _check_tokens(model, tokens) -> Tensor:
 
 
 # Tokens per forward call when the caller gives no segment length and the model runs a segment's blocks side by
-# side (``parallel_blocks``): each call then runs every layer once for all its blocks, so longer segments mean
+# side (``blocks_side_by_side``): each call then runs every layer once for all its blocks, so longer segments mean
 # fewer calls. The whole held-out split with brt train's default model (blocks of 16): 35 s at 1,024 tokens
 # against 58-77 s one block per call (bf16, benchmarks/bench_eval.py). Capped by the longest document, so short
 # documents are not padded to a long segment
 EVAL_SEGMENT_TOKENS = 1024
 
 
-def default_segment_len(model: BlockRecurrentTransformer, longest: int) -> int:
+def default_segment_len(model: BlockRecurrentModel, longest: int) -> int:
     """Evaluation's tokens per forward call for documents of at most ``longest`` predicted tokens: max_seq_len, or
-    with ``parallel_blocks`` up to EVAL_SEGMENT_TOKENS (whole blocks, at least max_seq_len)."""
+    with ``blocks_side_by_side`` up to EVAL_SEGMENT_TOKENS (whole blocks, at least max_seq_len)."""
     config = model.config
-    if not model.parallel_blocks:
+    if not model.blocks_side_by_side:
         return config.max_seq_len
     W = config.block_width
     return max(config.max_seq_len, min(EVAL_SEGMENT_TOKENS // W, math.ceil(longest / W)) * W)
@@ -99,7 +95,7 @@ def _check_options(model, segment_len, bytes_per_token, bucket_size, longest: in
 
 
 def _score_segment(
-    model: BlockRecurrentTransformer, inputs: Tensor, labels: Tensor, state: ModelState | None,
+    model: BlockRecurrentModel, inputs: Tensor, labels: Tensor, state: ModelState | None,
     reset: Tensor | None = None,
 ) -> tuple[Tensor, ModelState]:
     """Per-token losses (B, N) of one segment (0 where a label is ignore_index), and the state after it."""
@@ -109,7 +105,7 @@ def _score_segment(
 
 
 def evaluate(
-    model: BlockRecurrentTransformer,
+    model: BlockRecurrentModel,
     tokens: Tensor | Sequence[Tensor],
     *,
     segment_len: int | None = None,
@@ -130,7 +126,7 @@ def evaluate(
     bucket_size: also report the mean loss per bucket of this many prediction positions.
 
     Runs in eval mode without autograd (the caller's mode is restored). With segment_len = max_seq_len and
-    T = k * max_seq_len + 1 the loss equals ``RecurrentTrainerWrapper(model)(tokens)`` in eval mode.
+    T = k * max_seq_len + 1 the loss equals ``SegmentRunner(model)(tokens)`` in eval mode.
     """
     if isinstance(tokens, (list, tuple)):  # documents of different lengths: one result each
         if state is not None:
@@ -173,7 +169,7 @@ def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -
 
 
 def evaluate_documents(
-    model: BlockRecurrentTransformer,
+    model: BlockRecurrentModel,
     documents: Sequence[Tensor],
     *,
     batch_size: int = 16,
@@ -282,43 +278,3 @@ def curve_range(curve: Sequence[tuple[int, float, int]], begin: int, end: int | 
     inside = [(bits, count) for start, bits, count in curve if begin <= start and (end is None or start < end)]
     count = sum(count for _, count in inside)
     return (sum(bits * count for bits, count in inside) / count if count else float("nan")), count
-
-
-def evaluate_corpus(
-    model: BlockRecurrentTransformer, corpus: "TokenCorpus", *, max_tokens: int | None = None,
-    distributed: "Distributed | None" = None, batch_size: int = 16, spread: bool = False, segment_len: int | None = None,
-) -> dict[str, float]:
-    """Loss and bits per byte over a corpus's documents, each scored from a fresh state, ``batch_size`` side by
-    side (:func:`evaluate_documents`).
-
-    Documents are taken whole in order until ``max_tokens`` (the last one cut short); with ``spread`` the budget
-    is shared instead: every document gives its first ``max_tokens // documents`` tokens (at least 2), a sample
-    of the whole corpus that stays the same from one validation to the next. With several ranks each scores every
-    world_size-th document and the sums are all-reduced. Raises ValueError when nothing would be scored (no
-    document of at least 2 tokens within the budget).
-    """
-    docs, budget = [], corpus.token_count if max_tokens is None else max_tokens
-    share = None if max_tokens is None or not spread else max(2, max_tokens // max(len(corpus), 1))
-    for i in range(len(corpus)):
-        doc = corpus.document(i)[: budget if share is None else share]
-        if budget < 2:
-            break
-        if len(doc) >= 2:
-            docs.append(doc)
-            budget -= len(doc)
-    if not docs:
-        raise ValueError(f"nothing was scored: no document of at least 2 tokens within max_tokens={max_tokens}")
-    rank, world = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
-    mine = [torch.from_numpy(doc.astype("int64")).to(model.device) for doc in docs[rank::world]]
-    totals = torch.zeros(2, dtype=torch.float64)
-    if mine:
-        for result in evaluate_documents(model, mine, batch_size=batch_size, segment_len=segment_len,
-                                         bytes_per_token=corpus.bytes_per_token):
-            totals += torch.tensor([result.loss_sum, result.tokens], dtype=torch.float64)
-    if distributed is not None:
-        totals = distributed.all_reduce(totals)
-    loss_sum, count = totals.tolist()
-    loss = loss_sum / count
-    return {"loss": loss, "bpb": loss / math.log(2) / corpus.bytes_per_token, "tokens": int(count), "documents": len(docs)}
-
-

@@ -32,7 +32,7 @@ def _as_layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BlockRecurrentConfig:
-    """Architecture of a :class:`~block_recurrent.BlockRecurrentTransformer`.
+    """Architecture of a :class:`~block_recurrent.BlockRecurrentModel`.
 
     ``None`` fields are resolved in ``__post_init__`` exactly as the reference resolves them:
     ``recurrent_layers`` defaults to ``(depth // 2,)``, ``read_recurrent_layers`` to ``recurrent_layers``
@@ -220,7 +220,7 @@ class BlockRecurrentConfig:
 
     @property
     def blocks_side_by_side(self) -> bool:
-        """Whether whole blocks can run side by side (``BlockRecurrentTransformer.forward_blocks``): each layer's
+        """Whether whole blocks can run side by side (``BlockRecurrentModel.forward_blocks``): each layer's
         memory is its own previous block (FIFO, not compressed) and no layer reads a state written above it
         (feedback would chain every layer block after block)."""
         return not self.use_compressed_mem and all(

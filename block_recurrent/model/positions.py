@@ -103,6 +103,13 @@ class RotaryXPos(nn.Module):
         start, stop = start + self.block_start, stop + self.block_start
         return RotaryTables(self.k_cos[start:stop], self.k_sin[start:stop])
 
+    def tables_at(self, position: int | Tensor, count: int) -> tuple[RotaryTables, RotaryTables]:
+        """(query tables, key tables) of ``count`` tokens from block position ``position``: an int for rows that
+        share it, or a (B,) tensor of each row's position (then one token per row)."""
+        if isinstance(position, Tensor):
+            return self.queries_at(position), self.keys_at(position)
+        return self.queries(position, position + count), self.keys(position, position + count)
+
 
 def t5_relative_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
     """T5's bucket of each query-minus-key distance, for causal attention (distances <= 0 share bucket 0).

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
-from .checks import check_labels, check_probability, check_reset, check_tokens
-from .state import ModelState, checked_state
+from ..model.config import BlockRecurrentConfig
+from ..model.model import BlockRecurrentModel
+from ..model.checks import check_labels, check_probability, check_reset, check_tokens
+from ..model.state import ModelState, checked_state
 
 
 def passes_one_block(config: BlockRecurrentConfig, backward_every: int) -> bool:
@@ -35,7 +35,7 @@ def check_replay_write(config: BlockRecurrentConfig, backward_every: int) -> Non
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """What :meth:`RecurrentTrainerWrapper.forward_backward` returns."""
+    """What :meth:`SegmentRunner.forward_backward` returns."""
 
     loss: Tensor  # detached token-weighted mean loss over the whole sequence
     tokens: int  # number of labels that counted (not ignore_index)
@@ -45,28 +45,29 @@ class SegmentResult:
     written_from: tuple[Tensor | None, ...] | None = None
 
 
-class RecurrentTrainerWrapper(nn.Module):
-    """The reference's trainer wrapper: ``loss = wrapper(seq)`` for ``seq`` of ``k * max_seq_len + 1`` tokens.
+class SegmentRunner(nn.Module):
+    """A long sequence in windows of ``max_seq_len`` tokens, run in order with the state threaded through.
+
+    ``forward`` returns the token-weighted mean loss of all windows in one graph; ``forward_backward``
+    back-propagates every ``backward_every`` windows, so that memory does not grow with their number.
 
     ``xl_memories_dropout`` / ``state_dropout``: per segment, the probability of starting it with an empty
     memory / the initial state (whole batch), as in the reference. Never applied in eval mode, whether
-    the wrapper or only the inner model was put in eval mode.
+    the runner or only the inner model was put in eval mode.
     """
 
-    def __init__(self, transformer: BlockRecurrentTransformer, xl_memories_dropout: float = 0.0, state_dropout: float = 0.0):
+    def __init__(self, transformer: BlockRecurrentModel, xl_memories_dropout: float = 0.0, state_dropout: float = 0.0):
         super().__init__()
-        if not isinstance(transformer, BlockRecurrentTransformer):
-            raise TypeError(f"transformer must be a BlockRecurrentTransformer, got {type(transformer).__name__}")
+        if not isinstance(transformer, BlockRecurrentModel):
+            raise TypeError(f"transformer must be a BlockRecurrentModel, got {type(transformer).__name__}")
         check_probability("xl_memories_dropout", xl_memories_dropout)
         check_probability("state_dropout", state_dropout)
         self.transformer = transformer
-        self.seq_len = transformer.max_seq_len
+        self.seq_len = transformer.config.max_seq_len
         self.xl_memories_dropout = xl_memories_dropout
         self.state_dropout = state_dropout
 
-    # segmentation
-
-    def _split(self, x: Tensor, labels: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+    def _segments(self, x: Tensor, labels: Tensor | None) -> list[tuple[Tensor, Tensor]]:
         """(inputs, labels) per segment of ``seq_len`` tokens."""
         config = self.transformer.config
         if labels is None:
@@ -99,8 +100,7 @@ class RecurrentTrainerWrapper(nn.Module):
             states = (None,) * len(states)
         return ModelState(memories, states)
 
-    def _prepare(self, x, labels, state, reset, written_from=None):
-        segments = self._split(x, labels)
+    def _starting_state(self, x, state, reset, written_from=None) -> ModelState:
         B = x.shape[0]
         state = checked_state(self.transformer.config, state, B)
         if written_from is not None:
@@ -108,11 +108,7 @@ class RecurrentTrainerWrapper(nn.Module):
         if reset is not None:
             check_reset(reset, B)
             state = state.reset_rows(reset.to(x.device), self.transformer.initial_states())
-        return segments, state
-
-    def _segment_loss_sum(self, inputs: Tensor, labels: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        logits, state = self.transformer._run(inputs, state, None)
-        return self.transformer.loss(logits, labels, reduction="sum"), state
+        return state
 
     # the write replayed: with one block per backward pass, the state written at a block's end is first read in
     # the next pass, after the carry is detached, so no loss reaches the write's parameters. Redoing the last
@@ -130,43 +126,59 @@ class RecurrentTrainerWrapper(nn.Module):
                              "recurrent layer), as SegmentResult.written_from gives it")
         B = state.batch_size
         written_from = checked_state(config, ModelState((None,) * config.depth, written_from), B).states
-        states = []
-        for cell, layer, start in zip(self.transformer.cells, config.recurrent_layers, written_from):
+        for layer, start in zip(config.recurrent_layers, written_from):
             memory = state.memories[layer - 1]
             if memory is None or memory.length < W:
                 raise ValueError(f"written_from is given, but layer {layer}'s memory does not hold the last block "
                                  "it was written from; pass the state that came with it")
-            states.append(cell.write(cell.view(start, B), memory.keys[:, -W:], memory.values[:, -W:]))
-        return ModelState(state.memories, tuple(states))
+        model = self.transformer
+        blocks = tuple(None if m is None else (m.keys[:, -W:], m.values[:, -W:]) for m in state.memories)
+        return model.commit_block(state, model.state_views(written_from, B), blocks, advance_memories=False)
 
-    # the reference's forward: one graph over all segments (memory grows with their number)
+    # one loop for both: segments in order, the state detached at every backward point
+
+    def _run_segments(
+        self, segments, state: ModelState, backward_every: int, weight: float | None, replay_write: bool = False
+    ) -> tuple[Tensor, ModelState, tuple | None]:
+        """Run ``segments`` from ``state``: (summed loss, state after the last segment, the states the last block
+        started from with ``replay_write``). Every ``backward_every`` segments the state is detached; there, with
+        a ``weight``, ``(loss * weight).backward()`` runs on the pending segments and the sum is kept detached;
+        without one the sum keeps its graph."""
+        total, pending, entering = None, None, None
+        for index, (inputs, labels) in enumerate(segments):
+            state = self._dropout(state)
+            if replay_write:
+                entering = state.detach().states
+            logits, state = self.transformer.run(inputs, state)
+            loss_sum = self.transformer.loss(logits, labels, reduction="sum")
+            pending = loss_sum if pending is None else pending + loss_sum
+            if (index + 1) % backward_every == 0 or index + 1 == len(segments):
+                if weight is not None:
+                    if pending.requires_grad:
+                        (pending * weight).backward()
+                    pending = pending.detach()
+                total = pending if total is None else total + pending
+                pending = None
+                state = state.detach()
+                if replay_write and index + 1 < len(segments):
+                    state = self._replayed_write(state, entering)
+        return total, state, entering
+
+    def _count(self, segments) -> int:
+        ignore = self.transformer.config.ignore_index
+        return sum(int((labels != ignore).sum()) for _, labels in segments)
 
     def forward(
-        self,
-        x: Tensor,
-        return_memories_and_states: bool = False,
-        *,
-        labels: Tensor | None = None,
-        state: ModelState | None = None,
-        reset: Tensor | None = None,
-    ):
-        """Token-weighted mean loss over all segments, differentiable; states detached between segments.
+        self, x: Tensor, *, labels: Tensor | None = None, state: ModelState | None = None, reset: Tensor | None = None
+    ) -> tuple[Tensor, ModelState]:
+        """Token-weighted mean loss over all segments, differentiable (states detached between segments), and
+        the detached state after the last one.
 
-        With no ``ignore_index`` labels this equals the reference's mean of per-segment losses.
+        ``x``: (B, k * max_seq_len + 1) tokens, or (B, k * max_seq_len) inputs with ``labels`` of the same shape.
         """
-        segments, state = self._prepare(x, labels, state, reset)
-        total_loss, total_tokens = 0.0, 0
-        for inputs, segment_labels in segments:
-            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, self._dropout(state))
-            state = state.detach()
-            total_loss = total_loss + loss_sum
-            total_tokens += int((segment_labels != self.transformer.config.ignore_index).sum())
-        loss = total_loss / max(total_tokens, 1)
-        if return_memories_and_states:
-            return loss, list(state.memories), list(state.states)
-        return loss
-
-    # truncated back-propagation: memory of k segments, whatever the sequence length
+        segments = self._segments(x, labels)
+        loss_sum, state, _ = self._run_segments(segments, self._starting_state(x, state, reset), 1, None)
+        return loss_sum / max(self._count(segments), 1), state
 
     def forward_backward(
         self,
@@ -197,34 +209,10 @@ class RecurrentTrainerWrapper(nn.Module):
             check_replay_write(self.transformer.config, backward_every)
         elif written_from is not None:
             raise ValueError("written_from is given without replay_write=True")
-        segments, state = self._prepare(x, labels, state, reset, written_from)
-        ignore = self.transformer.config.ignore_index
-        total_tokens = sum(int((seg_labels != ignore).sum()) for _, seg_labels in segments)
-        weight = loss_scale / max(total_tokens, 1)
-
-        total_loss, pending, entering = None, None, None
-        for index, (inputs, segment_labels) in enumerate(segments):
-            state = self._dropout(state)
-            if replay_write:
-                entering = state.detach().states
-            loss_sum, state = self._segment_loss_sum(inputs, segment_labels, state)
-            total_loss = loss_sum.detach() if total_loss is None else total_loss + loss_sum.detach()
-            pending = loss_sum if pending is None else pending + loss_sum
-            if (index + 1) % backward_every == 0 or index + 1 == len(segments):
-                if pending.requires_grad:
-                    (pending * weight).backward()
-                pending = None
-                state = state.detach()
-                if replay_write and index + 1 < len(segments):
-                    state = self._replayed_write(state, entering)
-        return SegmentResult(total_loss / max(total_tokens, 1), total_tokens, state.detach(), entering)
-
-    @torch.no_grad()
-    def generate(self, prime: Tensor, length: int, **kwargs):
-        """The reference's wrapper ``generate``: the ``length - prime_len`` tokens (B, new) after ``prime``.
-
-        One cached pass instead of the reference's window-by-window re-runs; ``kwargs`` are those of
-        ``BlockRecurrentTransformer.generate`` (``temperature``, ``filter_thres``, and, new here, starting
-        ``xl_memories`` / ``states`` and ``return_memories_and_states``).
-        """
-        return self.transformer.generate(prime, length, **kwargs)
+        segments = self._segments(x, labels)
+        state = self._starting_state(x, state, reset, written_from)
+        tokens = self._count(segments)
+        loss_sum, state, entering = self._run_segments(
+            segments, state, backward_every, loss_scale / max(tokens, 1), replay_write
+        )
+        return SegmentResult(loss_sum / max(tokens, 1), tokens, state.detach(), entering)

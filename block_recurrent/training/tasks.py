@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_int
+from ..model.checks import check_int
 
 
 @dataclass(frozen=True)

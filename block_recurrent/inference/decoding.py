@@ -12,7 +12,7 @@ Blocks sit at multiples of ``block_width`` from where the state starts (the docu
 state), exactly as ``model.run`` cuts a whole text, and a filled block is committed by ``model.commit_block``,
 the call ``forward_block`` makes, so teacher-forced decoding reproduces ``model.run``'s logits at every position.
 
-This module uses the model only through its methods (``embed``, ``start_block``, ``forward_tokens``,
+This module uses the model only through its methods (``embed``, ``open_block``, ``forward_tokens``,
 ``commit_block``, ``logits``), so the model class can offer the reference's ``generate`` on top of it.
 """
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .checks import check_tokens
-from .config import BlockRecurrentConfig
-from .layer import LayerCache
-from .recurrent import StateView
-from .state import ModelState, checked_state
+from ..model.checks import check_tokens
+from ..model.model import BlockRecurrentModel
+from ..model.layer import LayerCache
+from ..model.recurrent import StateView
+from ..model.state import ModelState, checked_state
 
 
 # prefill runs a prompt's whole blocks side by side in pieces of at most this many tokens (bounding its memory)
@@ -67,9 +67,9 @@ class DecodeState:
 
 
 def check_model(model) -> None:
-    """Decoding and evaluation take a BlockRecurrentTransformer (checked by what it is, not by importing it)."""
-    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), BlockRecurrentConfig):
-        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    """Decoding and evaluation take a BlockRecurrentModel (or a subclass, such as the reference's)."""
+    if not isinstance(model, BlockRecurrentModel):
+        raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def eval_no_grad(model: nn.Module, inference: bool = False):
 
 
 def _open_block(model, committed: ModelState, batch_size: int) -> DecodeState:
-    views, caches = model.start_block(committed, batch_size, token_by_token=True)
+    views, caches = model.open_block(committed, batch_size, token_by_token=True)
     return DecodeState(committed, views, caches, batch_size)
 
 
@@ -107,7 +107,7 @@ def commit_partial(model, decode_state: DecodeState) -> ModelState:
     """
     if decode_state.position == 0:
         return decode_state.committed
-    return model.commit_block(decode_state.committed, decode_state.views, decode_state.caches)
+    return model.commit_block(decode_state.committed, decode_state.views, model.block_keys(decode_state.caches))
 
 
 def feed(model, tokens: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
@@ -116,7 +116,7 @@ def feed(model, tokens: Tensor, ds: DecodeState) -> tuple[Tensor, DecodeState]:
     hidden, caches = model.forward_tokens(model.embed(tokens), ds.caches, ds.views)
     if caches[0].filled < model.config.block_width:
         return hidden, dataclasses.replace(ds, caches=caches)
-    committed = model.commit_block(ds.committed, ds.views, caches)  # exactly as forward_block commits
+    committed = model.commit_block(ds.committed, ds.views, model.block_keys(caches))  # exactly as forward_block commits
     return hidden, _open_block(model, committed, ds.batch_size)
 
 
@@ -165,7 +165,7 @@ def prefill(model, tokens: Tensor, state: ModelState | DecodeState | None = None
     full); runs of whole blocks go side by side (``model.forward_blocks``, up to PREFILL_SIDE_BY_SIDE_TOKENS at a
     time) where the config allows, so memory stays that of one such piece whatever T is. ``state``: where the
     prompt continues from (None: a fresh document; a ModelState starts a new block; a DecodeState continues its
-    block). Runs the model in its current mode and grad setting: :func:`~block_recurrent.generation.generate`
+    block). Runs the model in its current mode and grad setting: :func:`~block_recurrent.inference.generation.generate`
     wraps it in eval + no_grad.
     """
     check_model(model)
@@ -176,7 +176,7 @@ def prefill(model, tokens: Tensor, state: ModelState | DecodeState | None = None
     hidden, begin = None, 0
     while begin < T:
         whole = min(T - begin, PREFILL_SIDE_BY_SIDE_TOKENS) // W * W
-        if ds.position == 0 and model.parallel_blocks and whole >= 2 * W:
+        if ds.position == 0 and model.blocks_side_by_side and whole >= 2 * W:
             hidden, committed = model.forward_blocks(model.embed(tokens[:, begin : begin + whole]), ds.committed)
             ds, begin = _open_block(model, committed, B), begin + whole
             continue

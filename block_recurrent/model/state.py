@@ -48,16 +48,6 @@ class XLMemory:
         valid = None if self.valid is None else self.valid[rows]
         return XLMemory(self.keys[rows], self.values[rows], valid)
 
-    def as_reference(self) -> Tensor:
-        """The reference port's layout: a (2, B, M, dim_head) tensor of stacked keys and values."""
-        return torch.stack((self.keys, self.values))
-
-    @classmethod
-    def from_reference(cls, memory: Tensor) -> "XLMemory":
-        if memory.ndim != 4 or memory.shape[0] != 2:
-            raise ValueError(f"a reference-style memory must have shape (2, B, M, dim_head), got {tuple(memory.shape)}")
-        return cls(memory[0], memory[1])
-
 
 @dataclass(frozen=True)
 class ModelState:
@@ -172,15 +162,8 @@ class ModelState:
 def _checked_memory(memory: Any, layer: int, batch_size: int, config: BlockRecurrentConfig) -> XLMemory | None:
     if memory is None:
         return None
-    if isinstance(memory, Tensor):
-        if memory.ndim != 4 or memory.shape[0] != 2:
-            raise ValueError(
-                f"xl_memories[{layer}] must be an XLMemory or a (2, batch, length, dim_head) tensor, "
-                f"got shape {tuple(memory.shape)}"
-            )
-        memory = XLMemory.from_reference(memory)
     if not isinstance(memory, XLMemory):
-        raise TypeError(f"xl_memories[{layer}] must be an XLMemory, a tensor or None, got {type(memory).__name__}")
+        raise TypeError(f"xl_memories[{layer}] must be an XLMemory or None, got {type(memory).__name__}")
     if memory.keys.shape != memory.values.shape or memory.keys.ndim != 3:
         raise ValueError(f"xl_memories[{layer}]: keys and values must both be (batch, length, kv_heads * dim_head)")
     B, M, width = memory.keys.shape
@@ -232,19 +215,3 @@ def checked_state(config: BlockRecurrentConfig, state: ModelState | None, batch_
         _checked_list("xl_memories", state.memories, config.depth, batch_size, config, _checked_memory),
         _checked_list("states", state.states, len(config.recurrent_layers), batch_size, config, _checked_recurrent_state),
     )
-
-
-def state_from_reference(
-    config: BlockRecurrentConfig, xl_memories: Sequence | None, states: Sequence | None, batch_size: int
-) -> ModelState:
-    """The reference's (xl_memories, states) lists as a checked ModelState; empty or None means fresh."""
-
-    def fill(items, count):
-        if items is None:
-            return (None,) * count
-        if isinstance(items, Tensor) or not isinstance(items, Sequence):
-            return items  # refused with a clear message by checked_state
-        return tuple(items) if len(items) else (None,) * count
-
-    state = ModelState(fill(xl_memories, config.depth), fill(states, len(config.recurrent_layers)))
-    return checked_state(config, state, batch_size)

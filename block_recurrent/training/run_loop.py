@@ -18,7 +18,7 @@ LN2 = math.log(2)
 
 
 class RunLoop:
-    """Runs a :class:`~block_recurrent.trainer.Trainer` until ``max_steps`` or a stop signal; only rank 0 writes
+    """Runs a :class:`~block_recurrent.training.trainer.Trainer` until ``max_steps`` or a stop signal; only rank 0 writes
     files. The trainer owns its loop (``Trainer.fit``), so this module reads it without importing it."""
 
     def __init__(self, trainer):

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import check_bool, check_choice, check_float, check_int
+from ..model.checks import check_bool, check_choice, check_float, check_int
 from .data import BATCHERS
 
 
@@ -53,7 +53,7 @@ class TrainConfig:
     xl_memories_dropout: float = 0.0
     state_dropout: float = 0.0
     # with one block per backward pass, redo each block's state write at the start of the next pass with the graph
-    # attached, so that the write learns (see RecurrentTrainerWrapper.forward_backward); None (auto): on exactly then
+    # attached, so that the write learns (see SegmentRunner.forward_backward); None (auto): on exactly then
     replay_write: bool | None = None
 
     # runtime

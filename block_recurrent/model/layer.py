@@ -3,7 +3,7 @@ then a feed-forward, for any number of new tokens of the current block.
 
 The same call serves every caller. Training runs a whole block at once (N = block_width), prefill the rest
 of a block, decoding one token (N = 1). What a layer needs for the current block is a :class:`LayerCache`,
-built once when the block starts (:meth:`AttentionBlock.start_block`): the memory's keys already normalised
+built once when the block starts (:meth:`AttentionBlock.open_block`): the memory's keys already normalised
 and rotated, the state reads' keys, which key each query may see, and the projection weights side by side.
 Each call appends its tokens' keys/values to the cache and returns the new cache, never changing the old one
 in a way its holder could see, so two continuations of one decode state are both exact.
@@ -130,12 +130,12 @@ class AttentionBlock(nn.Module):
         self.memory = build_memory(config)
         self.cell = RecurrentStateCell(config) if self.is_recurrent else None
 
-    def start_block(
+    def open_block(
         self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, ff: FeedForward,
         token_by_token: bool = False,
     ) -> LayerCache:
         """The cache for a block that starts after ``memory``: everything that is the same for all its tokens.
-        ``token_by_token``: keep contiguous copies of the input projections (see :meth:`model.start_block`)."""
+        ``token_by_token``: keep contiguous copies of the input projections (see :meth:`BlockRecurrentModel.open_block`)."""
         M = 0 if memory is None else memory.length
         keys = values = None
         if memory is not None:
@@ -306,10 +306,26 @@ class TransformerLayer(nn.Module):
         self.attn = AttentionBlock(config, layer)
         self.ff = FeedForward(config.dim, config.ff_inner_dim, config.ff_dropout, config.ff_activation)
 
-    def start_block(
+    def open_block(
         self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, token_by_token: bool = False
     ) -> LayerCache:
-        return self.attn.start_block(memory, views, rotary, self.ff, token_by_token)
+        return self.attn.open_block(memory, views, rotary, self.ff, token_by_token)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention's input projections of x (B, N, D) in one product, and the raw keys and values
+        (B, N, kv_dim) among them."""
+        projected = self.attn.project(x, self.attn.input_projection())
+        return (projected, *self.attn.split_keys_values(projected))
+
+    @staticmethod
+    def block_keys(cache: LayerCache) -> tuple[Tensor, Tensor]:
+        """The raw keys and values (B, P, kv_dim) of the block so far: what a commit stores."""
+        return cache.block_keys()
+
+    @staticmethod
+    def position(cache: LayerCache) -> int | Tensor:
+        """Tokens of the block fed so far: an int, or a (B,) tensor when rows stand at different positions."""
+        return cache.filled
 
     def forward(
         self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None,

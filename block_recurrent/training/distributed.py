@@ -103,15 +103,15 @@ def resolve_bf16(setting: bool | None, device: torch.device) -> bool:
 # Scoring without gradients on the CPU gains from bf16 only when the calls are large enough for the products to
 # outweigh autocast's casts: the whole held-out split ran at 24.6 K tokens/s in bf16 against 20.4 K in float32
 # with blocks of 64, and at 16.1 K against 22.3 K with blocks of 16, one block per call (benchmarks/bench_eval.py,
-# 2 threads). With a segment's blocks side by side (the model's ``parallel_blocks``) every call is large: blocks of
+# 2 threads). With a segment's blocks side by side (the model's ``blocks_side_by_side``) every call is large: blocks of
 # 16 then scored the split in 35 s in bf16 against 50 s in float32
 CPU_EVAL_BF16_MIN_BLOCK = 64
 
 
-def resolve_eval_bf16(setting: bool | None, device: torch.device, block_width: int, parallel_blocks: bool = False) -> bool:
+def resolve_eval_bf16(setting: bool | None, device: torch.device, block_width: int, blocks_side_by_side: bool = False) -> bool:
     """bf16 autocast for evaluation: the setting, or with None ("auto") on where bf16 is native, except on the CPU
-    for blocks narrower than CPU_EVAL_BF16_MIN_BLOCK run one per call (not ``parallel_blocks``), where float32
+    for blocks narrower than CPU_EVAL_BF16_MIN_BLOCK run one per call (not ``blocks_side_by_side``), where float32
     scored faster."""
     if setting is not None:
         return setting
-    return native_bf16(device) and (device.type != "cpu" or block_width >= CPU_EVAL_BF16_MIN_BLOCK or parallel_blocks)
+    return native_bf16(device) and (device.type != "cpu" or block_width >= CPU_EVAL_BF16_MIN_BLOCK or blocks_side_by_side)

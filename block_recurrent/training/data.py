@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_int
+from ..model.checks import check_int
 
 VALIDATION_PERCENT = 5  # share of files held out, by crc32 of their relative path (see the module docstring)
 _SNIFF_BYTES = 8192  # a file whose first bytes hold NUL or invalid UTF-8 is not text

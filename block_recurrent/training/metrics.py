@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .storage import replace_file
+from ..persistence.storage import replace_file
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"

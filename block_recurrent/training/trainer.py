@@ -1,8 +1,8 @@
 """Training on long documents: one step per segment window, memories and states carried between steps.
 
-:class:`~block_recurrent.train_config.TrainConfig` holds every training setting (the architecture stays in
+:class:`~block_recurrent.training.train_config.TrainConfig` holds every training setting (the architecture stays in
 ``BlockRecurrentConfig``); :class:`Trainer` owns the model, the optimiser, the data streams and what is carried
-between steps, saves and restores them; :func:`train` runs it through :class:`~block_recurrent.run_loop.RunLoop`.
+between steps, saves and restores them; :func:`train` runs it through :class:`~block_recurrent.training.run_loop.RunLoop`.
 A step, in order:
 
 1. set the learning rate (linear warm-up, then cosine decay to ``min_lr_ratio * lr``);
@@ -17,7 +17,7 @@ segment loop runs several backward passes per step, so the all-reduce is explici
 checkpoints holding every rank's data positions and carried states.
 
 The run folder belongs to one process at a time: rank 0 locks it for the trainer's life (see
-:mod:`block_recurrent.storage`) and clears what a killed run left half-written.
+:mod:`block_recurrent.persistence.storage`) and clears what a killed run left half-written.
 """
 
 from __future__ import annotations
@@ -34,22 +34,22 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .checkpoint import (
+from ..persistence.checkpoint import (
     WEIGHTS_FILE, CheckpointError, TrainingCheckpoint, check_same_config, latest_checkpoint, load_state,
     load_training_checkpoint, newest_intact_checkpoint, optimizer_from_tensors, save_training_checkpoint,
 )
-from .config import BlockRecurrentConfig
+from ..model.config import BlockRecurrentConfig
 from .data import (
     BATCHERS, TokenCorpus, fingerprint, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents,
     split_documents,
 )
 from .distributed import Distributed, resolve_bf16, resolve_device, resolve_eval_bf16
-from .evaluation import evaluate_corpus
-from .model import BlockRecurrentTransformer
+from .validation import evaluate_corpus
+from ..model.model import BlockRecurrentModel
 from .run_loop import RunLoop
-from .segments import RecurrentTrainerWrapper, check_replay_write, passes_one_block
-from .state import ModelState, XLMemory
-from .storage import lock_run_folder, prepare_folder, remove_leftovers
+from .segments import SegmentRunner, check_replay_write, passes_one_block
+from ..model.state import ModelState, XLMemory
+from ..persistence.storage import lock_run_folder, prepare_folder, remove_leftovers
 from .train_config import TrainConfig, lr_at
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "parameter_groups", "resume_configs", "train"]
@@ -66,7 +66,7 @@ def fused_adamw_supported(device: torch.device) -> bool:
     return device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4"
 
 
-def parameter_groups(model: BlockRecurrentTransformer, weight_decay: float, state_lr_scale: float = 1.0) -> list[dict]:
+def parameter_groups(model: BlockRecurrentModel, weight_decay: float, state_lr_scale: float = 1.0) -> list[dict]:
     """AdamW's parameter groups: weight decay on matrices only; the recurrent state cells' parameters with
     ``lr_scale`` = ``state_lr_scale`` (the trainer sets each group's lr to lr * lr_scale), the rest at 1. With a
     scale of 1 there are two groups, as before the setting existed, so older checkpoints' optimisers still fit."""
@@ -151,7 +151,7 @@ class Trainer:
         self.step_length = config.segments * model_config.max_seq_len  # tokens per row per step
 
         # one block per backward pass: the state written at a block's end is read only after the carry is detached,
-        # so the write trains only if it is replayed in the next pass (RecurrentTrainerWrapper.forward_backward)
+        # so the write trains only if it is replayed in the next pass (SegmentRunner.forward_backward)
         one_block = passes_one_block(model_config, config.backward_every)
         self.replay_write = bool(model_config.recurrent_layers) and (
             one_block if config.replay_write is None else config.replay_write)
@@ -166,8 +166,8 @@ class Trainer:
 
         # 2. model and optimiser; every rank seeds alike, so every rank starts from the same weights
         torch.manual_seed(config.seed)
-        self.model = BlockRecurrentTransformer(model_config).to(self.device)
-        self.wrapper = RecurrentTrainerWrapper(self.model, config.xl_memories_dropout, config.state_dropout)
+        self.model = BlockRecurrentModel(model_config).to(self.device)
+        self.wrapper = SegmentRunner(self.model, config.xl_memories_dropout, config.state_dropout)
         if config.compile:
             for layer in self.model.layers:
                 layer.attn.compile()
@@ -262,7 +262,7 @@ class Trainer:
 
     def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""
-        from .generation import generate
+        from ..inference.generation import generate
 
         prompt = torch.from_numpy(self.val_corpus.document(0)[:prompt_tokens].astype("int64"))
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.step)  # not the global RNG

@@ -33,8 +33,8 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
+from ..model.config import BlockRecurrentConfig
+from ..model.model import BlockRecurrentModel
 from .storage import MANIFEST_FILE, atomic_directory, finish_file, read_manifest, write_text
 
 CONFIG_FILE = "config.json"
@@ -132,12 +132,12 @@ def check_same_config(saved: BlockRecurrentConfig, expected: BlockRecurrentConfi
         raise CheckpointError(f"checkpoint {where} was made for another model config ({'; '.join(diffs)})")
 
 
-def load_weights(model: BlockRecurrentTransformer, path: Path) -> None:
+def load_weights(model: BlockRecurrentModel, path: Path) -> None:
     """Load ``model.safetensors`` into ``model``, naming missing, unexpected or mis-shaped tensors."""
     load_state(model, read_tensors(path), path)
 
 
-def load_state(model: BlockRecurrentTransformer, tensors: dict[str, Tensor], path: Path) -> None:
+def load_state(model: BlockRecurrentModel, tensors: dict[str, Tensor], path: Path) -> None:
     """``model.load_state_dict(tensors)``, with a CheckpointError naming what does not fit."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -153,10 +153,10 @@ def load_state(model: BlockRecurrentTransformer, tensors: dict[str, Tensor], pat
 # trained models: a folder of config.json + model.safetensors (Hub compatible)
 
 
-def save_pretrained(model: BlockRecurrentTransformer, directory: str | Path, *, tokenizer_file: str | Path | None = None) -> Path:
+def save_pretrained(model: BlockRecurrentModel, directory: str | Path, *, tokenizer_file: str | Path | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (and ``tokenizer.json``) atomically to ``directory``."""
-    if not isinstance(model, BlockRecurrentTransformer):
-        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    if not isinstance(model, BlockRecurrentModel):
+        raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
     directory = Path(directory)
 
     def fill(tmp: Path) -> None:
@@ -166,7 +166,7 @@ def save_pretrained(model: BlockRecurrentTransformer, directory: str | Path, *, 
     return directory
 
 
-def _write_model(model: BlockRecurrentTransformer, directory: Path, tokenizer_file: str | Path | None) -> None:
+def _write_model(model: BlockRecurrentModel, directory: Path, tokenizer_file: str | Path | None) -> None:
     write_json(model.config.to_dict(), directory / CONFIG_FILE)
     write_tensors(model.state_dict(), directory / WEIGHTS_FILE)
     if tokenizer_file is not None:
@@ -176,13 +176,13 @@ def _write_model(model: BlockRecurrentTransformer, directory: Path, tokenizer_fi
 
 def from_pretrained(
     name_or_path: str | Path, *, device: str | torch.device = "cpu", revision: str | None = None
-) -> BlockRecurrentTransformer:
+) -> BlockRecurrentModel:
     """A model from a local folder (``save_pretrained`` or a training checkpoint) or a Hub repository id."""
     directory = Path(name_or_path)
     if not directory.exists():
         directory = _download(str(name_or_path), revision)
     directory = resolve_checkpoint(directory)
-    model = BlockRecurrentTransformer(read_config(directory))
+    model = BlockRecurrentModel(read_config(directory))
     load_weights(model, directory / WEIGHTS_FILE)
     return model.to(device).eval()
 
@@ -208,7 +208,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
-def push_to_hub(model: BlockRecurrentTransformer, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
+def push_to_hub(model: BlockRecurrentModel, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
     """Upload a ``save_pretrained`` folder to the Hub (needs huggingface_hub and network); returns the URL."""
     import tempfile
 
@@ -273,7 +273,7 @@ class TrainingCheckpoint:
 
 
 def save_training_checkpoint(
-    run_dir: str | Path, step: int, *, model: BlockRecurrentTransformer, optimizer: torch.optim.Optimizer,
+    run_dir: str | Path, step: int, *, model: BlockRecurrentModel, optimizer: torch.optim.Optimizer,
     trainer: dict[str, Any], tensors: dict[str, Tensor], keep_last: int = 3, tokenizer_file: str | Path | None = None,
 ) -> Path:
     """Write ``run_dir/step-{step:08d}`` atomically, then delete all but the newest ``keep_last``.

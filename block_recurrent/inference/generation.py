@@ -1,8 +1,8 @@
-"""Sampling and the generation loop, over the exact cached decoding of :mod:`block_recurrent.decoding`.
+"""Sampling and the generation loop, over the exact cached decoding of :mod:`block_recurrent.inference.decoding`.
 
 Entry points: :func:`generate` (tokens at once), :func:`stream` (tokens as they come), :func:`sample`
 (one token per row from logits), and :func:`generate_reference` behind the reference-compatible
-``BlockRecurrentTransformer.generate`` / ``RecurrentTrainerWrapper.generate``. The building blocks
+``BlockRecurrentModel.generate`` / ``SegmentRunner.generate``. The building blocks
 :func:`prefill`, :func:`decode_step`, :func:`commit_partial` and :class:`DecodeState` are re-exported here.
 
 Like decoding, this module uses the model only through its methods and never imports the model class, which
@@ -17,14 +17,14 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_float, check_int, check_tokens
+from ..model.checks import check_float, check_int, check_tokens
 from .decoding import (
     DecodeState, as_batch, as_decode_state, check_model, commit_partial, decode_step, eval_no_grad, feed, prefill,
 )
 from .ragged import check_prompts, ragged_prefill, ragged_step
-from .state import ModelState, checked_state, state_from_reference
+from ..model.state import ModelState, checked_state
 
-__all__ = ["DecodeState", "commit_partial", "decode_step", "generate", "generate_reference", "prefill", "sample",
+__all__ = ["DecodeState", "commit_partial", "decode_step", "generate", "prefill", "sample",
            "stream"]
 
 
@@ -80,7 +80,7 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
 
 
 def _check_sampling(
-    model: "BlockRecurrentTransformer",
+    model: "BlockRecurrentModel",
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
@@ -109,7 +109,7 @@ def _check_sampling(
 
 
 def _decode_loop(
-    model: "BlockRecurrentTransformer",
+    model: "BlockRecurrentModel",
     prompt: Tensor | list[Tensor],
     max_new_tokens: int,
     temperature: float,
@@ -173,7 +173,7 @@ def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token
 
 
 def stream(
-    model: "BlockRecurrentTransformer",
+    model: "BlockRecurrentModel",
     prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,
@@ -197,7 +197,7 @@ def stream(
 
 
 def generate(
-    model: "BlockRecurrentTransformer",
+    model: "BlockRecurrentModel",
     prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,
@@ -214,7 +214,7 @@ def generate(
 
     prompt: token ids, (B, T) or (T,) for one row, T >= 1 and of any length (consumed block by block); or a
         list of 1-D prompts of different lengths, generated side by side, each exactly as it would be alone
-        (:mod:`block_recurrent.ragged`): then the result is a list of 1-D tensors of new tokens, each ending
+        (:mod:`block_recurrent.inference.ragged`): then the result is a list of 1-D tensors of new tokens, each ending
         at its own ``eos_token`` (included) or after ``max_new_tokens``; ``state`` and ``return_state`` do not
         apply.
     temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / temperature), optionally
@@ -227,7 +227,7 @@ def generate(
     return_state: also return the DecodeState after all tokens but the last generated one (which has not
         been fed to the model yet), i.e. ``(tokens, decode_state)``.
 
-    compile: run each token's pass through ``torch.compile`` (:func:`~block_recurrent.ragged.compiled_token_pass`):
+    compile: run each token's pass through ``torch.compile`` (:func:`~block_recurrent.inference.ragged.compiled_token_pass`):
         2-2.5x faster per token on the CPU at batch 1, after a first call that compiles (tens of seconds on a
         small CPU, seconds once inductor's on-disk cache has it). Equal to eager decoding within rounding, not
         bit for bit; ``state`` may be a ModelState or None, and ``return_state`` does not apply.
@@ -261,42 +261,3 @@ def _until_end(tokens: Tensor, eos_token: int | None) -> Tensor:
         return tokens
     ends = (tokens == eos_token).nonzero()
     return tokens if ends.numel() == 0 else tokens[: int(ends[0, 0]) + 1]
-
-
-# the reference's interface
-
-
-def generate_reference(
-    model: "BlockRecurrentTransformer",
-    prime: Tensor,
-    length: int | None = None,
-    xl_memories: Sequence = (),
-    states: Sequence = (),
-    temperature: float = 1.0,
-    filter_thres: float = 0.9,
-    return_memories_and_states: bool = False,
-):
-    """The reference port's ``generate``, on the cache and without its length limits.
-
-    ``length`` counts the prime (default max_seq_len + 1); returns the ``length - prime_len`` new tokens
-    (B, length - prime_len). ``filter_thres`` keeps the ceil((1 - filter_thres) * num_tokens) most likely
-    ids, as the reference's ``top_k``. With ``return_memories_and_states``, also the memories and states
-    after every token but the last generated one, as ``model(x[:, :-1], return_memories_and_states=True)``
-    would return them: feed that last token as the next prime to continue, as the reference's wrapper does.
-    """
-    check_tokens(prime, model.config.num_tokens, "prime")
-    B, prime_len = prime.shape
-    length = model.config.max_seq_len + 1 if length is None else length
-    check_int("length", length, prime_len + 1)
-    check_float("filter_thres", filter_thres, 0.0, 1.0, open_high=True)
-    top_k = max(1, math.ceil((1 - filter_thres) * model.config.num_tokens))
-    state = state_from_reference(model.config, xl_memories, states, B)
-
-    out, ds = generate(
-        model, prime, length - prime_len, temperature=temperature, top_k=top_k, state=state, return_state=True
-    )
-    if not return_memories_and_states:
-        return out
-    with eval_no_grad(model):
-        committed = commit_partial(model, ds)
-    return out, list(committed.memories), list(committed.states)

@@ -1,0 +1,1 @@
+"""Running a trained model: exact cached decoding, sampling and generation, streaming evaluation."""

@@ -1,0 +1,1 @@
+"""Files: atomic writes, checkpoints in safetensors + JSON, the Hugging Face Hub mixin."""

@@ -1,0 +1,1 @@
+"""Training: segments with truncated back-propagation, settings, data streams, the trainer and its run loop."""
