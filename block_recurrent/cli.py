@@ -69,6 +69,8 @@ TRAIN_HELP = {
     "checkpoint_every": "steps between checkpoints (0: only at the end and on Ctrl-C)",
     "keep_last": "checkpoints kept",
     "progress": "show the progress bar",
+    "log": "experiment trackers beside metrics.jsonl: tensorboard, wandb or tensorboard,wandb (needs the extra of "
+           "that name; W&B offline with WANDB_MODE=offline)",
 }
 
 
@@ -121,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a named recipe, a preset with the training settings measured with it: "
                             f"{', '.join(RECIPES)} (options given beside it still win; docs/training.md)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    train.add_argument("--config", metavar="FILE", default=None,
+                       help="a TOML run file: options as keys (max_steps = 600), the model by preset and/or a [model] "
+                            "table; options given here win. Every run folder holds a run.toml that repeats its run")
     _add_train_options(train)
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model")
@@ -164,6 +169,10 @@ def run_train(args: argparse.Namespace) -> int:
     from .persistence.storage import lock_run_folder
     from .training.trainer import TrainConfig, TrainingDiverged, resume_configs, train
 
+    if args.config is not None:  # the file fills what the command line left out
+        from .training.run_config import apply_run_file, read_run_file
+
+        apply_run_file(args, read_run_file(args.config))
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
     resume, lock = False, None
@@ -207,20 +216,27 @@ def run_train(args: argparse.Namespace) -> int:
 def _model_config(args: argparse.Namespace, default: str | None):
     from .model.config import BlockRecurrentConfig
 
+    fields = getattr(args, "model_fields", None)  # a run file's [model] table: changes, or a whole config alone
+    base = None
     if args.model_config is not None:
         path = Path(args.model_config)
         if not path.is_file():
             raise ValueError(f"--model-config: no file at {path}")
         try:
-            return BlockRecurrentConfig.load(path)
+            base = BlockRecurrentConfig.load(path)
         except json.JSONDecodeError as error:
             raise ValueError(f"--model-config {path} is not valid JSON ({error})") from None
         except UnicodeDecodeError:
             raise ValueError(f"--model-config {path} is not a UTF-8 text file") from None
         except (TypeError, ValueError) as error:
             raise ValueError(f"--model-config {path}: {error}") from None
-    name = args.preset or default
-    return None if name is None else BlockRecurrentConfig.from_name(name)
+    elif args.preset or (default and fields is None):
+        base = BlockRecurrentConfig.from_name(args.preset or default)
+    if fields is not None:
+        from .training.run_config import model_from_fields
+
+        return model_from_fields(base, fields, f"--config {args.config}")
+    return base
 
 
 def _load(checkpoint: str, device: str):

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from .loggers import open_loggers
 from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, plot_metrics
+from .run_config import write_run_file
 
 LN2 = math.log(2)
 
@@ -24,11 +26,14 @@ class RunLoop:
     def __init__(self, trainer):
         self.trainer = trainer
         self.metrics = MetricsLog(trainer.out_dir / METRICS_FILE)
+        self.loggers = []  # TensorBoard, W&B: each record of metrics.jsonl goes to them too (rank 0)
         self.stop_requested = False
 
     def log(self, record: dict[str, Any]) -> None:
         if self.trainer.is_main:
             self.metrics.append(record)
+            for logger in self.loggers:
+                logger.log(record)
 
     def _on_signal(self, signum, frame) -> None:
         # finish the step in flight, save, exit; a second signal interrupts at once
@@ -46,6 +51,9 @@ class RunLoop:
         t, config = self.trainer, self.trainer.config
         if t.is_main:
             self.metrics.truncate(t.step)  # a resumed run forgets what was logged after its checkpoint
+            write_run_file(t.out_dir, t.model_config, config)  # run.toml: `brt train --config` repeats the run
+            self.loggers = open_loggers(config.log, t.out_dir, step=t.step, run_config={
+                "model": t.model_config.to_dict(), "train": config.to_dict()})
         # Ctrl-C (and SIGTERM, which torchrun sends its workers on Ctrl-C) stop after the step in flight
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -103,6 +111,8 @@ class RunLoop:
                 last.update(final)
         finally:
             bar.close()
+            for logger in self.loggers:
+                logger.close()
             for number, handler in previous.items():
                 signal.signal(number, handler)
         last["interrupted"] = self.stop_requested

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..model.checks import check_bool, check_choice, check_float, check_int
 from .data import BATCHERS
+from .loggers import check_log
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class TrainConfig:
     checkpoint_every: int = 600  # 0: only at the end (and on Ctrl-C)
     keep_last: int = 3
     progress: bool = True
+    # experiment trackers beside metrics.jsonl: "none", "tensorboard", "wandb" or both joined by a comma
+    log: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("data", "val_data", "hf_dataset", "tokenizer"):
@@ -109,12 +112,13 @@ class TrainConfig:
                 check_bool(name, getattr(self, name))
         for name in ("compile", "progress", "allow_data_change", "final_eval"):
             check_bool(name, getattr(self, name))
+        check_log("log", self.log)
 
     # settings a resumed run may change: logging and schedule, and how the same global rows are split into
     # ranks and micro-batches (batch_size * grad_accum * ranks must stay the same; that is checked on restore)
     RESUMABLE = ("max_steps", "out_dir", "log_every", "eval_every", "eval_tokens", "final_eval", "sample_tokens",
                  "checkpoint_every", "keep_last", "progress", "device", "compile", "batch_size", "grad_accum",
-                 "allow_data_change")
+                 "allow_data_change", "log")
     # paths, compared by the folder or file they name (resolved), not by how they are written
     PATHS = ("data", "val_data", "tokenizer")
     # what a run saved before a setting existed did, for the settings whose default has changed since
