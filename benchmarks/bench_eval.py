@@ -8,7 +8,7 @@ Rows: one document at a time, documents side by side (``evaluate_corpus``'s lane
 per call (the default before blocks ran side by side) and in evaluation's default segments (a segment's blocks
 side by side, ``model.forward_blocks``), float32 and bf16 autocast; tokens/s of a training step of the same model (forward +
 backward + AdamW, as many rows of max_seq_len as ``brt train`` takes, float32 and bf16); and the reference package (0.4.4, from .venv-ref, as
-bench_train.py creates it) scoring a sample of the same text by its wrapper's forward without gradients, segment
+reference_env.py creates it) scoring a sample of the same text by its wrapper's forward without gradients, segment
 after segment (it has no streaming evaluation of its own). Speed does not depend on the weights.
 """
 
@@ -21,14 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from reference_env import reference_python
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def reference_forward_rate(config: dict, tokens: int, threads: int) -> float | None:
     """The reference's tokens/s scoring ``tokens`` tokens in max_seq_len segments (its own environment)."""
-    python = ROOT / ".venv-ref" / "bin" / "python"
-    if not python.exists():
+    python = reference_python(create=False)
+    if python is None:
         return None
     reference_arguments = {k: config[k] for k in ("num_tokens", "dim", "depth", "dim_head", "heads", "max_seq_len",
                                                   "block_width", "num_state_vectors", "recurrent_layers")}

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from reference_env import reference_python
+
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_VENV = ROOT / ".venv-ref"
-REFERENCE_PACKAGES = ("torch==2.13.0", "block-recurrent-transformer-pytorch==0.4.4")
 
 SMALL = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, block_width=128, max_seq_len=256,
              num_state_vectors=128, recurrent_layers=(2,))
@@ -154,18 +154,7 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-# the reference's environment
-
-
-def reference_python(path: str | None) -> Path:
-    if path:
-        return Path(path)
-    python = REFERENCE_VENV / "bin" / "python"
-    if not python.exists():
-        print(f"creating {REFERENCE_VENV} with {' '.join(REFERENCE_PACKAGES)} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", *REFERENCE_PACKAGES], check=True)
-    return python
+# the reference's side
 
 
 def run_reference(python: Path, lengths: list[int], threads: int, seed: int) -> dict[int, list[float]]:

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from reference_env import reference_python
+
 ROOT = Path(__file__).resolve().parents[1]
-REF_VENV = ROOT / ".venv-ref"
-REF_PACKAGE = "block-recurrent-transformer-pytorch==0.4.4"
 
 CONFIGS = {
     "small": dict(
@@ -93,19 +93,8 @@ def worker(impl: str, config_name: str, segments: int, steps: int, flash: bool, 
                 params=sum(p.numel() for p in model.parameters()))
 
 
-def ensure_reference_venv() -> Path:
-    python = REF_VENV / "bin" / "python"
-    if python.exists():
-        return python
-    print(f"creating {REF_VENV} with {REF_PACKAGE} ...", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(REF_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", REF_PACKAGE], check=True)
-    return python
-
-
 def measure(impl: str, config: str, segments: int, steps: int, flash: bool = False, bf16: bool = False) -> dict:
-    python = ensure_reference_venv() if impl == "reference" else Path(sys.executable)
+    python = reference_python() if impl == "reference" else Path(sys.executable)
     cmd = [str(python), __file__, "--worker", impl, "--config", config, "--segments", str(segments),
            "--steps", str(steps)] + (["--flash"] if flash else []) + (["--bf16"] if bf16 else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,

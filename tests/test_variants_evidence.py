@@ -1,5 +1,6 @@
-"""Evidence behind docs/variants.md: the recall task is out of the baselines' reach by construction, and the
-comparison script's table builder runs end to end on a 2-step config."""
+"""Evidence behind docs/experiments/variants-comparison.md: the recall task is out of the baselines' reach by
+construction, the comparison script's table builder runs end to end on a 2-step config, and the paper preset has
+meliad's parameter counts."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentTransformer
-from block_recurrent.training.tasks import RecallTask
+from block_recurrent.tasks import RecallTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_compare_variants():
-    spec = importlib.util.spec_from_file_location("compare_variants", ROOT / "benchmarks" / "compare_variants.py")
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "experiments"))  # the script imports its sibling, harness
+    spec = importlib.util.spec_from_file_location("compare_variants", ROOT / "experiments" / "compare_variants.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["compare_variants"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

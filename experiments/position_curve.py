@@ -1,8 +1,8 @@
 """Rec against Transformer-XL and the sliding window, from runs of ``default_recipe.py``: held-out bits per byte
 over the whole split and by position in the file.
 
-    python benchmarks/default_recipe.py --only rec20 xl20 slide20 --seeds 0 1 --jobs 3
-    python benchmarks/position_curve.py rec20 xl20 slide20 --plot docs/rec_xl_slide_positions.png
+    python experiments/default_recipe.py --only rec20 xl20 slide20 --seeds 0 1 --jobs 3
+    python experiments/position_curve.py rec20 xl20 slide20 --plot docs/experiments/rec_xl_slide_positions.png
 
 Reads runs/recipes/results.jsonl (the last result of every candidate and seed) and prints markdown tables:
 per run, the whole-split score and wall-clock; per candidate, bits per byte in ranges of positions (every
@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from block_recurrent.inference.evaluation import curve_range
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from block_recurrent.inference.evaluation import curve_range  # noqa: E402
 
 RANGES = [(0, 1024), (1024, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
 
@@ -73,12 +73,12 @@ def plot(runs: dict[tuple[str, int], dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", help="candidates of default_recipe.py")
     parser.add_argument("--results", default=str(ROOT / "runs" / "recipes" / "results.jsonl"))
     parser.add_argument("--plot", default=None, help="write the per-position curve here (needs matplotlib)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = load(Path(args.results), args.names)
     if not runs:
         sys.exit(f"no run of {', '.join(args.names)} with a per-position curve in {args.results}")

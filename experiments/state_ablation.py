@@ -1,7 +1,9 @@
 """Does a trained model use its recurrent state? Held-out bits per byte with the state carried, and with it reset
 to the learned initial state after every block (the XL memory is carried in both).
 
-    python benchmarks/state_ablation.py --checkpoint runs/brt
+    python experiments/state_ablation.py --checkpoint runs/brt
+
+The record: docs/experiments/state-ablation.md.
 
 Scores every held-out file of the built-in corpus from a fresh state (``evaluate_documents``, 16 side by side,
 bf16 autocast where native), twice: as trained, and with ``commit_block`` replaced by one that returns the
@@ -15,20 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from block_recurrent.persistence.checkpoint import from_pretrained  # noqa: E402
-from block_recurrent.training.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents  # noqa: E402
-from block_recurrent.training.distributed import native_bf16  # noqa: E402
-from block_recurrent.inference.evaluation import curve_range, evaluate_documents, position_curve  # noqa: E402
-from block_recurrent.model.state import ModelState  # noqa: E402
+from block_recurrent.inference.evaluation import curve_range, evaluate_documents, position_curve
+from block_recurrent.model.state import ModelState
+from block_recurrent.persistence.checkpoint import from_pretrained
+from block_recurrent.training.distributed import native_bf16
+from harness import held_out_documents
 
 BUCKET = 1024
 RANGES = [(0, 1), (1, 4), (4, 16), (16, 32), (32, None)]  # in buckets of 1 K
@@ -43,15 +41,15 @@ def score(model, docs, autocast) -> tuple[float, list[tuple[float, int]]]:
     return total, [curve_range(curve, low * BUCKET, None if high is None else high * BUCKET) for low, high in RANGES]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/brt")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--data", default=None, help="a text file or folder instead of the built-in corpus")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = from_pretrained(args.checkpoint).eval()
-    held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
-    docs = [torch.from_numpy(held_out.document(i).astype("int64")) for i in range(len(held_out))]
+    docs = held_out_documents(args.data)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if native_bf16(torch.device("cpu")) else nullcontext()
 
     began = time.perf_counter()
@@ -66,7 +64,7 @@ def main() -> None:
     reset = score(model, docs, autocast)
     model.commit_block = commit
 
-    print(f"{args.checkpoint}: {len(docs)} held-out files, {held_out.token_count} bytes, "
+    print(f"{args.checkpoint}: {len(docs)} held-out files, {sum(len(d) for d in docs)} bytes, "
           f"{time.perf_counter() - began:.0f} s\n")
     header = " | ".join(f"bytes {low}-{high} K" if high else f"bytes {low} K+" for low, high in RANGES)
     print(f"| state | whole split | {header} |")

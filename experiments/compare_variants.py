@@ -1,7 +1,7 @@
 """The paper's Table 1 in miniature: recurrent variants against Transformer-XL and sliding-window baselines.
 
-    python benchmarks/compare_variants.py            # the recorded run (docs/variants.md)
-    python benchmarks/compare_variants.py --quick    # 2 steps of everything: checks the plumbing, not the claim
+    python experiments/compare_variants.py            # the recorded run (docs/experiments/variants-comparison.md)
+    python experiments/compare_variants.py --quick    # 2 steps of everything: checks the plumbing, not the claim
 
 Seven models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with the same step budget and batch:
 
@@ -15,12 +15,12 @@ Seven models of one tiny shape (width 64, 3 layers, 4 heads of 16) train with th
 
 on two tasks:
 
-1. Recall (``block_recurrent.training.tasks.RecallTask``): a value token sits ``distance`` blocks before a query; the
+1. Recall (``block_recurrent.tasks.RecallTask``): a value token sits ``distance`` blocks before a query; the
    distance is beyond what any stack of the baselines' windows reaches, so they must stay at chance
    (1 / num_values) while a recurrent model can carry the value in its state. Scored on held-out rows.
 2. The built-in corpus (the standard library's sources, bytes): documents streamed with the carried state, as
    ``brt train`` does (``block_recurrent.training.data``), scored in held-out bits per byte by streaming evaluation
-   (``block_recurrent.training.trainer.evaluate_corpus``), plus per-position loss over long held-out documents.
+   (``block_recurrent.training.validation.evaluate_corpus``), plus per-position loss over long held-out documents.
 
 Prints a markdown table and writes the per-position plot (recurrent vs XL).
 """
@@ -38,14 +38,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, RecurrentTrainerWrapper  # noqa: E402
-from block_recurrent.reference import convert  # noqa: E402
-from block_recurrent.training.data import ByteTokenizer, DocumentStreams, TokenCorpus, load_documents, split_documents  # noqa: E402
-from block_recurrent.inference.evaluation import evaluate  # noqa: E402
-from block_recurrent.training.tasks import RecallTask  # noqa: E402
-from block_recurrent.training.validation import evaluate_corpus  # noqa: E402
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer, RecurrentTrainerWrapper
+from block_recurrent.inference.evaluation import evaluate
+from block_recurrent.reference import convert
+from block_recurrent.training.data import ByteTokenizer, DocumentStreams, TokenCorpus, load_documents, split_documents
+from block_recurrent.training.validation import evaluate_corpus
+from harness import RecallTask, adamw, map_units, parse_sets, train_recall, train_step
 
 # the shared tiny shape; each variant is a set of config changes on top of it (depth: an added layer count)
 BASE = dict(dim=64, depth=3, heads=4, dim_head=16, recurrent_layers=(2,))
@@ -110,34 +108,14 @@ def non_embedding(model: BlockRecurrentTransformer) -> int:
     return model.num_parameters(non_embedding=True)  # the layer stack, as the paper counts
 
 
-def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-
-def _step(wrapper, optimizer, inputs, labels, **kwargs):
-    result = wrapper.forward_backward(inputs, labels=labels, **kwargs)
-    torch.nn.utils.clip_grad_norm_(wrapper.transformer.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return result
-
-
-def train_recall(name: str, budget: Budget, seed: int) -> tuple[float, float]:
+def recall(name: str, budget: Budget, seed: int) -> tuple[float, float]:
     """(held-out accuracy, training tokens/s) of one variant on the recall task."""
     task = RecallTask(block_width=budget.recall_block, distance=budget.recall_distance, num_values=budget.recall_values)
     torch.manual_seed(seed)
     model = BlockRecurrentTransformer(model_config(name, task.vocab_size, task.block_width, task.length))
-    wrapper, optimizer = RecurrentTrainerWrapper(model), _optimizer(model, budget.recall_lr)
-    data = torch.Generator().manual_seed(seed)  # same rows for every variant
-    began = time.perf_counter()
-    for _ in range(budget.recall_steps):
-        _step(wrapper, optimizer, *task.batch(budget.recall_batch, data))
-    seconds = time.perf_counter() - began
-    inputs, labels = task.batch(budget.recall_eval_rows, torch.Generator().manual_seed(10_000 + seed))
-    model.eval()
-    with torch.no_grad():
-        logits, _ = model.run(inputs)
-    return RecallTask.accuracy(logits, labels), budget.recall_steps * budget.recall_batch * task.length / seconds
+    score = train_recall(model, task, seed=seed, steps=budget.recall_steps, batch=budget.recall_batch,
+                         lr=budget.recall_lr, eval_rows=budget.recall_eval_rows)  # same rows for every variant
+    return score.accuracy, score.tokens_per_s
 
 
 def long_documents(corpus: TokenCorpus, length: int, count: int) -> torch.Tensor | None:
@@ -152,13 +130,13 @@ def train_corpus(name: str, budget: Budget, train: TokenCorpus, val: TokenCorpus
     """(held-out bpb, training tokens/s, params, non-embedding params, per-position losses) on the corpus."""
     torch.manual_seed(seed)
     model = BlockRecurrentTransformer(model_config(name, 256, budget.corpus_block, budget.corpus_segment))
-    wrapper, optimizer = RecurrentTrainerWrapper(model), _optimizer(model, budget.corpus_lr)
+    wrapper, optimizer = RecurrentTrainerWrapper(model), adamw(model, budget.corpus_lr)
     streams = DocumentStreams(train, budget.corpus_batch, seed=seed)  # same documents for every variant
     state, tokens = None, 0
     began = time.perf_counter()
     for _ in range(budget.corpus_steps):
         batch = streams.next_batch(budget.corpus_segment)
-        state = _step(wrapper, optimizer, batch.inputs, batch.labels, state=state, reset=batch.reset).state
+        state = train_step(wrapper, optimizer, batch.inputs, batch.labels, state=state, reset=batch.reset).state
         tokens += batch.inputs.numel()
     seconds = time.perf_counter() - began
     scores = evaluate_corpus(model, val, max_tokens=budget.corpus_eval_tokens)
@@ -178,7 +156,7 @@ def _work(unit: tuple[str, str, Budget, str | None, int]):
     torch.set_num_threads(_THREADS[0])
     if task == "corpus":
         return train_corpus(name, budget, *_CORPORA[str(data)], seed=seed)
-    return train_recall(name, budget, seed)
+    return recall(name, budget, seed)
 
 
 def run(budget: Budget, data: str | None = None, names: list[str] | None = None, log=print,
@@ -191,13 +169,7 @@ def run(budget: Budget, data: str | None = None, names: list[str] | None = None,
     log(f"corpus: {train.token_count:,} training bytes, {val.token_count:,} held-out bytes in {len(val)} documents")
     units = [("corpus", name, budget, data, corpus_seed) for name in names]
     units += [("recall", name, budget, data, seed) for name in names for seed in budget.recall_seeds]
-    if jobs > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            outputs = pool.map(_work, units, chunksize=1)
-    else:
-        outputs = [_work(unit) for unit in units]
+    outputs = map_units(_work, units, jobs)
     done = dict(zip([(u[0], u[1], u[4]) for u in units], outputs))
 
     results = []
@@ -289,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params-only", action="store_true", help="only the paper preset's parameter counts")
     parser.add_argument("--quick", action="store_true", help="2 steps of everything (a plumbing check)")
     parser.add_argument("--data", default=None, help="a text file or folder instead of the built-in corpus")
-    parser.add_argument("--plot", default="docs/variants_position_loss.png")
+    parser.add_argument("--plot", default="docs/experiments/variants_position_loss.png")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     parser.add_argument("--replot", default=None, help="only redraw the plot from a --json file of a full run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: the machine is shared)")
@@ -301,9 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="a config field for every model, e.g. all_layers_qk_rmsnorm=true (repeatable)")
     args = parser.parse_args(argv)
-    for item in args.set:
-        field_name, _, value = item.partition("=")
-        BASE[field_name] = json.loads(value)
+    BASE.update(parse_sets(args.set))
     if args.set:
         print(f"every model also gets: {', '.join(args.set)}\n")
     torch.set_num_threads(args.threads)

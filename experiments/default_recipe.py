@@ -1,7 +1,9 @@
 """The sweep behind `brt train`'s defaults: held-out bits per byte of candidate recipes on the built-in corpus.
 
-    python benchmarks/default_recipe.py --jobs 2                 # every candidate, seed 0, two at a time
-    python benchmarks/default_recipe.py --only w128d4 --seeds 0 1 2
+    python experiments/default_recipe.py --jobs 2                 # every candidate, seed 0, two at a time
+    python experiments/default_recipe.py --only w128d4 --seeds 0 1 2
+
+The record: docs/experiments/default-recipe.md, hour-recipe.md and rec-xl-slide.md.
 
 Each candidate is a model config and training settings with a step count chosen so that training takes about
 the same wall-clock time on two idle cores (``seconds_per_step`` measured there, bf16 autocast). Runs go through
@@ -9,6 +11,7 @@ the library's own trainer (``block_recurrent.training.trainer.train``); each is 
 (96 files, 1.41 M bytes) with ``evaluate_corpus`` and compared with gzip -9 on the same files, one by one.
 With ``--jobs 2`` two runs share the machine, one thread each: step counts are fixed, so results do not depend
 on the sharing; only the printed wall-clock does. Prints a markdown table and writes runs/recipes/results.jsonl.
+``--data`` and ``--max-steps`` (another corpus, fewer steps) are for checking the script, not for the record.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
-import sys
 import time
 from pathlib import Path
+
+from harness import held_out_documents, map_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,12 +94,13 @@ CANDIDATES = {
     # more steps of the default, in the time the command had left under five minutes (3 min 45 s for 1,500)
     "mini-1800": candidate(1800, segment=16, block=16, rows=128),
     "mini-2000": candidate(2000, segment=16, block=16, rows=128),
-    # two blocks per segment (the write trained) with the LSTM gate, its forget offset at +3 (recall: docs/variants.md)
+    # two blocks per segment (the write trained) with the LSTM gate, its forget offset at +3
+    # (docs/experiments/recall-distance.md)
     "mini-2blocks-lstm3": candidate(1500, segment=32, block=16, states=16, rows=64, gate="lstm", gate_keep_init=3.0),
     # segments of one block with the state's write replayed in the next step, so that it trains
     "mini-1800-replay": candidate(1800, segment=16, block=16, rows=128, replay_write=True),
     # ...with the state cells at 0.1x the learning rate, with the fixed gate and with the LSTM gate at +3 (the setting
-    # that learns recall 8 blocks back; docs/variants.md)
+    # that learns recall 8 blocks back; docs/experiments/slow-state-cells.md)
     "mini-1800-replay-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True, state_lr_scale=0.1),
     "mini-1800-replay-lstm3-cell01": candidate(1800, segment=16, block=16, rows=128, replay_write=True,
                                                state_lr_scale=0.1, gate="lstm", gate_keep_init=3.0),
@@ -110,31 +114,31 @@ CANDIDATES = {
 }
 
 
-def run(name: str, seed: int, threads: int, out: str) -> dict:
+def run(unit: tuple[str, int, int, str, str | None, int | None]) -> dict:
+    """Train one candidate with one seed, score it on the held-out split; (name, seed, threads, out folder, data,
+    steps: None for the candidate's own)."""
+    name, seed, threads, out, data, steps = unit
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from block_recurrent import BlockRecurrentConfig
-    from block_recurrent.training.data import ByteTokenizer, TokenCorpus, builtin_documents, split_documents
-    from block_recurrent.training.distributed import resolve_eval_bf16
     from block_recurrent.inference.evaluation import evaluate_documents, position_curve
     from block_recurrent.persistence.checkpoint import from_pretrained
+    from block_recurrent.training.distributed import resolve_eval_bf16
     from block_recurrent.training.trainer import TrainConfig, train
 
     torch.set_num_threads(threads)
     spec = CANDIDATES[name]
     model_config = BlockRecurrentConfig(**{**BYTE_MODEL, **spec["model"]})
     run_dir = Path(out) / f"{name}-seed{seed}"
-    config = TrainConfig(**{**spec["train"], "max_steps": spec["steps"], "warmup_steps": 30, "seed": seed,
+    config = TrainConfig(**{**spec["train"], "max_steps": steps or spec["steps"], "warmup_steps": 30, "seed": seed,
                             "bf16": True, "out_dir": str(run_dir), "eval_every": 0, "checkpoint_every": 0,
-                            "sample_tokens": 0, "progress": False, "keep_last": 1,
+                            "sample_tokens": 0, "progress": False, "keep_last": 1, "data": data,
                             "final_eval": False})  # scored below, with the per-position curve
     started = time.perf_counter()
     last = train(model_config, config)
     trained = time.perf_counter() - started
     model = from_pretrained(run_dir)
-    held_out = TokenCorpus.from_documents(split_documents(builtin_documents())[1], ByteTokenizer())
-    documents = [torch.from_numpy(held_out.document(i).astype("int64")) for i in range(len(held_out))]
+    documents = held_out_documents(data)
     started = time.perf_counter()
     bf16 = resolve_eval_bf16(None, torch.device("cpu"), model.config.block_width, model.blocks_side_by_side)  # brt eval's
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -149,26 +153,27 @@ def run(name: str, seed: int, threads: int, out: str) -> dict:
             "positions": curve}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (1: two threads)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
-    args = parser.parse_args()
+    parser.add_argument("--data", default=None, help="a text file or folder instead of the built-in corpus")
+    parser.add_argument("--max-steps", type=int, default=None, help="instead of each candidate's step count")
+    args = parser.parse_args(argv)
 
-    jobs = [(name, seed, 1 if args.jobs > 1 else 2, args.out) for name in args.only for seed in args.seeds]
+    jobs = [(name, seed, 1 if args.jobs > 1 else 2, args.out, args.data, args.max_steps)
+            for name in args.only for seed in args.seeds]
     started = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        results = pool.starmap(run, jobs)
+    results = map_units(run, jobs, args.jobs, start="spawn")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "results.jsonl", "a") as handle:
         for result in results:
             handle.write(json.dumps(result) + "\n")
-    sys.path.insert(0, str(ROOT))
-    from block_recurrent.training.data import builtin_documents, gzip_bits_per_byte, split_documents
+    from block_recurrent.training.data import gzip_bits_per_byte, load_documents, split_documents
 
-    held_out = split_documents(builtin_documents())[1]
+    held_out = split_documents(load_documents(args.data))[1]
     print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s; gzip -9 per file: {gzip_bits_per_byte(held_out):.3f} "
           "bits per byte on the same held-out files\n")
     print("| candidate | seed | steps | parameters | train s | eval s | held-out bits per byte |")

@@ -1,12 +1,14 @@
 """Does the fixed gate need its own projection? Beyond-window recall with and without it.
 
-    python benchmarks/gate_projection.py                  # seeds 0-7, both settings, 2 worker processes
-    python benchmarks/gate_projection.py --seeds 3 --jobs 1
+    python experiments/gate_projection.py                  # seeds 0-7, both settings, 2 worker processes
+    python experiments/gate_projection.py --seeds 3 --jobs 1
+
+The record: docs/experiments/gate-projection.md.
 
 The fixed gate computes c' = c * g + z * (1 - g). With ``gate_projection=True`` (the reference port) z is
 W_z h + b_z, a second linear map after the state's output projection h; with ``gate_projection=False``
 (meliad, the paper's official code) the output projection is W_z. Recall a value 4 blocks back (block width
-8, 16 values, chance 0.0625; ``block_recurrent.training.tasks.RecallTask``) with a 3-layer, width-64 model,
+8, 16 values, chance 0.0625; ``block_recurrent.tasks.RecallTask``) with a 3-layer, width-64 model,
 recurrence in layer 2, 700 AdamW steps of 32 fresh rows, scored on 1,024 held-out rows; one torch thread per
 run. Results do not depend on ``--jobs``.
 """
@@ -14,49 +16,35 @@ run. Results do not depend on ``--jobs``.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.training.tasks import RecallTask  # noqa: E402
-from recall_training import train_recall  # noqa: E402
+from harness import RecallTask, map_units, recall_model, train_recall
 
 
-def recall_accuracy(unit: tuple[bool, int]) -> float:
-    projection, seed = unit
+def recall_accuracy(unit: tuple[bool, int, int]) -> float:
+    projection, seed, steps = unit
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     task = RecallTask(block_width=8, distance=4, num_values=16)
-    model = BlockRecurrentTransformer(
-        num_tokens=task.vocab_size, dim=64, depth=3, heads=4, dim_head=16, block_width=8,
-        max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,), gate_projection=projection,
-    )
-    accuracy, _ = train_recall(model, task, seed=seed, steps=700, batch=32, lr=3e-3)
-    return accuracy
+    model = recall_model(task, gate_projection=projection)
+    return train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3).accuracy
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    args = parser.parse_args()
-    units = [(projection, seed) for projection in (True, False) for seed in range(args.seeds)]
+    args = parser.parse_args(argv)
+    units = [(projection, seed, args.steps) for projection in (True, False) for seed in range(args.seeds)]
     began = time.time()
-    if args.jobs > 1:
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            accuracies = pool.map(recall_accuracy, units, chunksize=1)
-    else:
-        accuracies = [recall_accuracy(unit) for unit in units]
+    accuracies = map_units(recall_accuracy, units, args.jobs)
     print(f"| fixed gate | recall accuracy per seed 0-{args.seeds - 1} (chance 0.0625) | seeds >= 0.99 |")
     print("|---|---|---|")
     for projection in (True, False):
-        row = [a for (p, _), a in zip(units, accuracies) if p == projection]
+        row = [a for (p, *_), a in zip(units, accuracies) if p == projection]
         name = "`gate_projection=True` (reference)" if projection else "`gate_projection=False` (meliad; default)"
         print(f"| {name} | {', '.join(f'{a:.3f}' for a in row)} | {sum(a >= 0.99 for a in row)} of {len(row)} |")
     print(f"\nwall time: {time.time() - began:.0f} s")

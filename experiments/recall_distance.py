@@ -1,13 +1,16 @@
 """How far back can the recurrent state carry a value? Recall accuracy against distance in blocks.
 
-    python benchmarks/recall_distance.py                                  # distances 4 6 8 12 16, seeds 0-2
-    python benchmarks/recall_distance.py --distances 8 --seeds 3 --set gate_keep_init=2.0
+    python experiments/recall_distance.py                                  # distances 4 6 8 12 16, seeds 0-2
+    python experiments/recall_distance.py --distances 8 --seeds 3 --set gate_keep_init=2.0
 
-``block_recurrent.training.tasks.RecallTask``: block width 8, one of 32 value tokens at position 0, filler tokens, and
+The record: docs/experiments/recall-distance.md and docs/experiments/slow-state-cells.md.
+
+``block_recurrent.tasks.RecallTask``: block width 8, one of 32 value tokens at position 0, filler tokens, and
 a query ``distance`` blocks later whose label is the value (chance 1/32). Out of every attention window from
 distance 2 on: only the state can carry the value. The model is the library's default architecture at the
-comparison's tiny shape (docs/variants.md): width 64, 3 layers, 4 heads of 16, recurrence in layer 2, 8 state
-vectors, the fixed gate without its own projection, the default initialisation and qk temperature;
+comparison's tiny shape (docs/experiments/variants-comparison.md): width 64, 3 layers, 4 heads of 16, recurrence
+in layer 2, 8 state vectors, the fixed gate without its own projection, the default initialisation and qk
+temperature;
 ``--set FIELD=JSON`` changes a config field (to try a lever). 800 AdamW steps (lr 3e-3, no weight decay,
 clipping at 1) of 32 fresh rows, then 1,024 held-out rows. One torch thread per run, ``--jobs`` runs side by
 side; results do not depend on ``--jobs``.
@@ -16,37 +19,28 @@ side; results do not depend on ``--jobs``.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from block_recurrent import BlockRecurrentTransformer  # noqa: E402
-from block_recurrent.training.tasks import RecallTask  # noqa: E402
-from recall_training import train_recall  # noqa: E402
+from harness import RecallTask, map_units, parse_sets, recall_model, train_recall
 
 
-def recall_accuracy(unit: tuple[int, int, int, dict]) -> tuple[float, float]:
-    """(accuracy, seconds) of one run: (distance, seed, steps, config overrides, gate lr scale)."""
+def recall_accuracy(unit: tuple) -> tuple[float, float]:
+    """(accuracy, seconds) of one run: (distance, seed, steps, config overrides, keep-bias lr scale, cell lr
+    scale, cell parts)."""
     distance, seed, steps, overrides, gate_lr_scale, cell_lr_scale, cell_parts = unit
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     task = RecallTask(block_width=8, distance=distance, num_values=32)
-    shape = dict(num_tokens=task.vocab_size, dim=64, depth=3, heads=4, dim_head=16, block_width=8,
-                 max_seq_len=task.length, num_state_vectors=8, recurrent_layers=(2,))
-    model = BlockRecurrentTransformer(**{**shape, **overrides})  # --set may also change the shape
+    model = recall_model(task, **overrides)  # --set may also change the shape
     began = time.perf_counter()
-    accuracy, _ = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, gate_lr_scale=gate_lr_scale,
-                               cell_lr_scale=cell_lr_scale, cell_parts=cell_parts)
-    return accuracy, time.perf_counter() - began
+    score = train_recall(model, task, seed=seed, steps=steps, batch=32, lr=3e-3, keep_bias_lr_scale=gate_lr_scale,
+                         state_lr_scale=cell_lr_scale, cell_parts=cell_parts)
+    return score.accuracy, time.perf_counter() - began
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distances", type=int, nargs="+", default=[4, 6, 8, 12, 16])
     parser.add_argument("--seeds", type=int, default=3)
@@ -62,17 +56,14 @@ def main() -> None:
                         help="--cell-lr-scale only for the cell parameters named so (after '.cell.'), e.g. gate "
                              "to_update initial_state")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        field_name, _, value = item.partition("=")
-        overrides[field_name] = json.loads(value)
+    args = parser.parse_args(argv)
+    overrides = parse_sets(args.set)
     # the longest rows first, so the two workers finish together
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale, tuple(args.cell_parts)) for d in sorted(args.distances, reverse=True) for s in seeds]
+    units = [(d, s, args.steps, overrides, args.gate_lr_scale, args.cell_lr_scale, tuple(args.cell_parts))
+             for d in sorted(args.distances, reverse=True) for s in seeds]
     began = time.time()
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        results = pool.map(recall_accuracy, units, chunksize=1)
+    results = map_units(recall_accuracy, units, args.jobs)
     by_unit = dict(zip([(d, s) for d, s, *_ in units], results))
     setting = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "library defaults"
     if args.gate_lr_scale != 1.0:

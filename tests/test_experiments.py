@@ -1,0 +1,136 @@
+"""Every research script in experiments/ and the benchmarks' reference environment helper run end to end on tiny
+settings, a few seconds each: the commands in docs/experiments/ keep working. What the scripts measured is in the
+record, not checked here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(folder: str, name: str):
+    """A script as a module, its folder on sys.path first (the scripts import their siblings: harness,
+    reference_env), as when it runs as ``python FOLDER/NAME.py``."""
+    if str(ROOT / folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / folder))
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def experiment(name: str):
+    return load_script("experiments", name)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Six small Python files instead of the built-in corpus (loading the standard library takes seconds)."""
+    data = tmp_path_factory.mktemp("data")
+    for i in range(6):
+        (data / f"doc{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {i * j}\n" for j in range(40)))
+    return data
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_recall_distance(capsys):
+    experiment("recall_distance").main(["--distances", "2", "3", "--seeds", "1", "--first-seed", "4", "--steps", "2",
+                                        "--jobs", "1", "--set", 'gate="lstm"', "--set", "gate_keep_init=3.0",
+                                        "--cell-lr-scale", "0.1", "--cell-parts", "gate", "to_update"])
+    out = capsys.readouterr().out
+    assert "gate=lstm, gate_keep_init=3.0, state cells (gate, to_update only) at 0.1x" in out
+    assert [row.split(" | ")[0] for row in table_rows(out)[1:]] == ["| 2", "| 3"]
+
+
+def test_gate_projection(capsys):
+    experiment("gate_projection").main(["--seeds", "1", "--steps", "2", "--jobs", "1"])
+    rows = table_rows(capsys.readouterr().out)[1:]
+    assert len(rows) == 2 and "gate_projection=True" in rows[0] and "gate_projection=False" in rows[1]
+
+
+def test_gate_init(capsys):
+    experiment("gate_init").main(["--inits", "default", "2.0", "--seeds", "1", "--steps", "2"])
+    rows = table_rows(capsys.readouterr().out)[1:]
+    assert len(rows) == 2 and "keep 0.88" in rows[1]
+
+
+def test_qk_temperature(capsys):
+    experiment("qk_temperature").main(["--steps", "2", "--seeds", "1", "--distance", "2", "--batch", "4"])
+    assert len(table_rows(capsys.readouterr().out)) == 1 + 3  # header, three initial temperatures
+
+
+def test_compare_variants(corpus, tmp_path, capsys):
+    cv = experiment("compare_variants")
+    cv.main(["--quick", "--data", str(corpus), "--jobs", "1", "--models", "Rec:fixed:skip", "XL",
+             "--set", "all_layers_qk_rmsnorm=true", "--plot", str(tmp_path / "plot.png"),
+             "--json", str(tmp_path / "results.json")])
+    out = capsys.readouterr().out
+    assert "every model also gets: all_layers_qk_rmsnorm=true" in out
+    assert "| Rec:fixed:skip | " in out and "| XL | " in out
+    assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())] == ["Rec:fixed:skip", "XL"]
+    cv.main(["--params-only"])
+    assert "| Rec:fixed:skip | 160,461,944 | 160,461,944 |" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:every backward pass covers one block")  # the candidates as they were measured
+def test_default_recipe_then_position_curve_then_state_ablation(corpus, tmp_path, capsys):
+    # the chain of the record: train and score candidates, tabulate them by position, ablate a checkpoint's state
+    experiment("default_recipe").main(["--only", "mini", "xl20", "--max-steps", "2", "--data", str(corpus),
+                                       "--out", str(tmp_path), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "gzip -9 per file" in out and "| mini | 0 | 2 |" in out and "| xl20 | 0 | 2 |" in out
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in results] == ["mini", "xl20"] and all(r["positions"] for r in results)
+
+    experiment("position_curve").main(["mini", "xl20", "--results", str(tmp_path / "results.jsonl"),
+                                       "--plot", str(tmp_path / "curve.png")])
+    out = capsys.readouterr().out
+    assert "| mini | 0 | 2 |" in out and "bytes scored" in out and (tmp_path / "curve.png").exists()
+
+    experiment("state_ablation").main(["--checkpoint", str(tmp_path / "mini-seed0"), "--data", str(corpus),
+                                       "--threads", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[1].startswith("| carried (as trained) |") and rows[2].startswith("| reset after every block |")
+
+
+def test_harness_optimizer_takes_the_trainers_groups_and_the_recall_levers():
+    import torch
+
+    from block_recurrent import BlockRecurrentTransformer
+
+    harness = experiment("harness")
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(num_tokens=32, dim=32, depth=2, heads=2, dim_head=16, block_width=4,
+                                      max_seq_len=8, num_state_vectors=4, recurrent_layers=(1,))
+    names = {id(p): name for name, p in model.named_parameters()}
+    lr_of = lambda optimizer: {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    optimizer = harness.adamw(model, 1.0, state_lr_scale=0.1, keep_bias_lr_scale=10.0, cell_parts=("gate", "to_update"))
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    lrs = lr_of(optimizer)
+    assert len(lrs) == len(names)
+    for name, lr in lrs.items():
+        if name.endswith("keep_bias"):
+            assert lr == 10.0
+        elif ".cell.gate" in name or ".cell.to_update" in name:
+            assert lr == pytest.approx(0.1)
+        else:
+            assert lr == 1.0, name
+
+
+def test_reference_env_names_the_interpreter_without_creating_one(tmp_path, monkeypatch):
+    reference_env = load_script("benchmarks", "reference_env")
+    assert reference_env.reference_python(tmp_path / "python") == tmp_path / "python"
+    monkeypatch.setattr(reference_env, "REFERENCE_VENV", tmp_path / "missing")
+    assert reference_env.reference_python(create=False) is None
+    for name in ("bench_train", "bench_generate", "bench_eval"):  # they import it as a sibling
+        assert load_script("benchmarks", name).reference_python is reference_env.reference_python
