@@ -63,8 +63,8 @@ def _check_tokens(model, tokens) -> Tensor:
 
 # Tokens per forward call when the caller gives no segment length and the model runs a segment's blocks side by
 # side (``blocks_side_by_side``): each call then runs every layer once for all its blocks, so longer segments mean
-# fewer calls. The whole held-out split with brt train's default model (blocks of 16): 35 s at 1,024 tokens
-# against 58-77 s one block per call (bf16, benchmarks/bench_eval.py). Capped by the longest document, so short
+# fewer calls: with brt train's default model (blocks of 16) 1,024 tokens scored the held-out split in about half
+# the time of one block per call (docs/experiments/evaluation-speed.md). Capped by the longest document, so short
 # documents are not padded to a long segment
 EVAL_SEGMENT_TOKENS = 1024
 

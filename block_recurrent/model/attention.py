@@ -16,11 +16,9 @@ from .positions import RotaryTables, rotate
 
 
 # "auto" takes the matmul path where it measured faster: on the CPU, for logits of at most this many elements,
-# under autograd in bfloat16 or under torch.compile. In bf16 training torch's fused CPU kernel is slow backwards:
-# 12.1 against 2.2 ms forward and backward for 128 rows of 16-token blocks, 17.8 against 11.9 ms at (16 rows,
-# 4 heads, 128 x 256); 195 against 340 ms at (8, 8 heads, 512 x 1024), past the threshold. In float32 and without
-# autograd the fused kernel is as fast or faster (benchmarks/bench_attention.py), except under torch.compile
-# (see attend)
+# under autograd in bfloat16 or under torch.compile. In bf16 training torch's fused CPU kernel is slow backwards
+# at small sizes, and faster past this threshold; in float32 and without autograd it is as fast or faster, except
+# under torch.compile (see attend). Measurements: docs/experiments/training-speed.md (benchmarks/bench_attention.py)
 MATMUL_MAX_LOGITS = 1 << 23
 
 
@@ -51,7 +49,7 @@ def attend(
         if q.device.type == "cpu" and small and (
             (torch.is_grad_enabled() and q.requires_grad and _compute_dtype(q) == torch.bfloat16)
             # under torch.compile inductor fuses the mask and softmax between two products, where the fused
-            # kernel stays one opaque call: a compiled decode step (one query, 256 keys) ran 1.2-1.3x faster
+            # kernel stays one opaque call (faster compiled decoding: docs/experiments/decoding-speed.md)
             or torch.compiler.is_compiling()
         ):
             implementation = "matmul"
@@ -60,8 +58,8 @@ def attend(
     G = H // K  # query heads per key/value head
     if implementation in ("sdpa", "matmul"):
         # fold each key/value head's G query heads into the query axis, (B, K, G * N, D), so one attention runs
-        # per key/value head and per-query-head copies of keys/values are never materialised (about 15% faster
-        # forward+backward on CPU than expanding k and v over heads, multi-query)
+        # per key/value head and per-query-head copies of keys/values are never materialised (faster than
+        # expanding k and v over heads: docs/experiments/training-speed.md)
         if mask is not None and G > 1:
             mask = mask.repeat(G, 1) if mask.ndim == 2 else mask.repeat(1, 1, G, 1)  # (G * N, J) / (B, 1, G * N, J)
         if bias is not None:
@@ -118,8 +116,8 @@ class Attention(nn.Module):
 
     With ``qk_norm`` the logits are cosine similarities (times learned per-dimension gains with ``gains``, as
     in the reference) multiplied by a learned per-head temperature initialised at ``temperature``. The reference
-    port meant a fixed 8 here but never applied it, so it ran at 1/sqrt(dim_head); see the README for
-    why the default initial temperature is 1. Without ``qk_norm`` the scale is the usual 1/sqrt(dim_head).
+    port meant a fixed 8 here but never applied it, so it ran at 1/sqrt(dim_head); docs/experiments/qk-temperature.md
+    has why the default initial temperature is 1. Without ``qk_norm`` the scale is the usual 1/sqrt(dim_head).
     """
 
     def __init__(
@@ -216,7 +214,8 @@ class FeedForward(nn.Module):
         projected = normed @ (self.proj_in.weight.t() if proj_in_t is None else proj_in_t)
         if self.activation == "geglu":
             hidden, gate = projected.chunk(2, dim=-1)
-            hidden = F.gelu(gate.contiguous()) * hidden  # GELU of a strided half ran 1.5-2x slower than copy + GELU
+            # GELU of a strided half is slower than a copy and GELU (docs/experiments/evaluation-speed.md)
+            hidden = F.gelu(gate.contiguous()) * hidden
         else:
             hidden = F.relu(projected)
         return F.linear(self.dropout(hidden), self.proj_out.weight)

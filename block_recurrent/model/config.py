@@ -67,14 +67,15 @@ class BlockRecurrentConfig:
     gate: str = "fixed"
     state_update: str = "skip"
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
-    # and the reference's init. With the reference's gate projection, 2.0 (keep 0.88) made beyond-window recall
-    # learnable where the default was not (benchmarks/gate_init.py)
+    # and the reference's init; a number starts every channel there (a gate that starts nearly shut holds a value
+    # longer before training has opened it: docs/experiments/gate-init.md, recall-distance.md)
     # "spread": per channel, half-lives geometric from 1 to 256 blocks (recurrent.spread_keep_bias). With
     # gate="lstm", a number replaces the forget gate's +1 offset (None: the paper's +1); "spread" is fixed-gate only
     gate_keep_init: float | str | None = None
     # False (meliad, our default): the state's output projection is the gate's W_z. True (the reference): the
-    # gate projects that (already projected) update once more, z = W_z h + b_z. With the fixed gate, False
-    # learned beyond-window recall in 7 of 8 seeds, True in 1 of 8 (benchmarks/gate_projection.py)
+    # gate projects that (already projected) update once more, z = W_z h + b_z. The same functions either way, but
+    # the fixed gate learns beyond-window recall far more often without the second matrix
+    # (docs/experiments/gate-projection.md)
     gate_projection: bool = False
 
     # attention window: "block" (the reference: the whole previous block, the causal prefix and the token
@@ -91,7 +92,8 @@ class BlockRecurrentConfig:
     all_layers_qk_rmsnorm: bool = False
     # learned per-dimension gains on the L2-normalised queries and keys (the reference); meliad has none
     qk_norm_gains: bool = True
-    # initial value of the learned per-head temperature of L2-normalised attention (see README: chosen by measurement)
+    # initial value of the learned per-head temperature of L2-normalised attention: 1 is meliad's; the reference
+    # meant 8 and ran 1/sqrt(dim_head) (docs/experiments/qk-temperature.md)
     qk_rmsnorm_scale: float = 1.0
     # accepted for the reference's constructor, with a warning when True: attention always runs through SDPA,
     # which chooses flash kernels itself where the device allows
@@ -297,18 +299,18 @@ class BlockRecurrentConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # brt train's default: the most held-out bits per byte in five minutes on two CPU cores among the recipes
-    # of benchmarks/default_recipe.py (docs/training.md). Blocks of 16 bytes, so that a step of 2,048 bytes reads
-    # 128 documents side by side (16 rows of 128 bytes: 2.23-2.29 bits per byte; 128 rows of 16: 1.97-2.00 at
-    # equal steps). Every layer L2-normalises its attention with an initial temperature of 4: with 1, logits of
-    # cosine similarities in [-1, 1] start nearly uniform, and the same run scored 2.28 instead of 2.16. The LSTM gate
-    # with its forget gate at +3: with the trainer's slow state cells it carries a value 8 blocks back in 5 seeds of
-    # 6 where the fixed gate does in 2 (docs/variants.md), at the same held-out score (1.861 against 1.858, 3 seeds)
+    # brt train's default, the best of the recipes that train in five minutes on two CPU cores
+    # (docs/experiments/default-recipe.md). Blocks of 16 bytes, so that a step of 2,048 bytes reads 128 documents
+    # side by side: the number of documents a step reads mattered more than a longer attention context. Every layer
+    # L2-normalises its attention with an initial temperature of 4: at 1, logits of cosine similarities in [-1, 1]
+    # start nearly uniform and learn slower. The LSTM gate with its forget gate at +3: with the trainer's slow state
+    # cells it carries a value 8 blocks back on most seeds where the fixed gate mostly does not, at the same
+    # held-out score (docs/experiments/slow-state-cells.md)
     "mini": dict(num_tokens=256, dim=128, depth=4, dim_head=32, heads=4, max_seq_len=16, block_width=16,
                  num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0,
                  gate="lstm", gate_keep_init=3.0),
-    # the one-hour recipe's model (`brt train --recipe hour`, docs/training.md): mini's shape at width 192, with
-    # blocks of 32 so attention reaches 32-64 bytes back, and 128 rows of 32 bytes per step
+    # the one-hour recipe's model (`brt train --recipe hour`, docs/experiments/hour-recipe.md): mini's shape at
+    # width 192, with blocks of 32 so attention reaches 32-64 bytes back, and 128 rows of 32 bytes per step
     "hour": dict(num_tokens=256, dim=192, depth=4, dim_head=48, heads=4, max_seq_len=32, block_width=32,
                  num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
     # a few seconds per step on a laptop CPU; for tests and smoke runs

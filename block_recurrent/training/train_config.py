@@ -36,14 +36,13 @@ class TrainConfig:
     grad_accum: int = 1
 
     # optimisation
-    # 1,800 steps of the default: 1.882, 1.862, 1.843 bits per byte held out (seeds 0-2) against 1.905 at 1,500
-    # (seed 0). 2,000 scored 1.863, 1.835, 1.826 but took the whole command to 4 min 44-52 s on a slow hour, too
-    # close to five minutes (docs/training.md)
+    # as many steps as keep `brt train` within five minutes on two CPU cores: steps still pay at this budget, and
+    # more would leave no margin for a slower machine (docs/experiments/default-recipe.md)
     max_steps: int = 1800
     lr: float = 3e-3
     # the recurrent state cells' parameters (initial state, IDs, the write's attention, update and gate) learn at
-    # this multiple of lr. At 0.1 a value is carried 8 blocks back in 5 seeds of 6 (LSTM gate; fixed gate 2 of 6)
-    # against 1 (0 of 6) at 1 and none at 3; the default recipe's held-out score is the same (docs/variants.md)
+    # this multiple of lr: slow cells learn to carry a value many blocks back where cells at lr mostly do not, at
+    # the same held-out score (docs/experiments/slow-state-cells.md)
     state_lr_scale: float = 0.1
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -139,13 +138,14 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# named recipes: a model preset and the training settings measured with it (docs/training.md); ``brt train
+# named recipes: a model preset and the training settings measured with it (docs/experiments/default-recipe.md,
+# hour-recipe.md); ``brt train
 # --recipe NAME`` starts from them, and options given beside it still win
 RECIPES: dict[str, dict[str, Any]] = {
     # what `brt train` runs with no options: five minutes on two CPU cores
     "default": dict(preset="mini", train={}),
-    # about an hour on two CPU cores (bf16 autocast)
-    # (as it was measured: before the write's replay and the slow state cells, which it has not been run with)
+    # about an hour on two CPU cores (bf16 autocast); pinned as it was measured, without the write's replay and
+    # the slow state cells (with them its 20-minute version scored worse, docs/experiments/hour-recipe.md)
     "hour": dict(preset="hour", train=dict(batch_size=128, max_steps=9000, eval_every=3000, checkpoint_every=3000,
                                            out_dir="runs/brt-hour", replay_write=False, state_lr_scale=1.0)),
 }
