@@ -6,7 +6,8 @@
   :func:`block_recurrent.inference.generation.generate`.
 - ``brt eval``: :func:`block_recurrent.persistence.checkpoint.from_pretrained` then
   :func:`block_recurrent.inference.evaluation.evaluate_corpus` over documents loaded by :mod:`block_recurrent.training.data`
-  (without importing the trainer).
+  (without importing the trainer); with ``--task``, exact match on a long-context task by distance and depth.
+- ``brt tune``: fine-tune a checkpoint on a long-context task. Both live in :mod:`block_recurrent.tasks.commands`.
 
 Errors in the input (bad options, data, checkpoints, a run folder in use, a full disk) print one line
 ``brt: error: ...`` and exit with 2; a diverged run exits with 1. Library warnings print as ``brt: warning: ...``.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from . import __version__
 from .model.config import PRESETS
+from .tasks.commands import add_eval_task_options, add_tune_command, run_task_eval, run_tune
 from .training.train_config import RECIPES, recipe
 
 DEFAULT_PRESET = RECIPES["default"]["preset"]
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="bfloat16 autocast (default: on where bf16 is native, except on the CPU for blocks under 64 "
                                "tokens, where float32 is faster; scores move in the third decimal)")
     evaluate.add_argument("--device", default="auto")
+    add_eval_task_options(evaluate)
+    add_tune_command(commands)
     return parser
 
 
@@ -335,6 +339,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from .training.data import TokenCorpus, builtin_documents, path_documents, split_documents
     from .training.validation import evaluate_corpus
 
+    if args.task is not None:  # a long-context task (block_recurrent.tasks.commands), not bits per byte
+        return run_task_eval(args)
+
     model, tokenizer = _load(args.checkpoint, args.device)
     documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)
     corpus = TokenCorpus.from_documents(documents, tokenizer)
@@ -349,7 +356,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval}
+COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval, "tune": run_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

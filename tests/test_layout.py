@@ -19,6 +19,7 @@ ROOMS = {
     "persistence": {"model"},
     "training": {"model", "inference", "persistence"},
     "reference": {"model", "inference", "training"},
+    "tasks": {"model", "inference", "training", "persistence"},
 }
 
 

@@ -1,0 +1,169 @@
+"""``brt tune`` and ``brt eval --task``: the long-context tasks on a checkpoint, from the command line.
+
+    brt tune --task passkey --checkpoint runs/brt --out-dir runs/passkey --max-distance 1024 --max-steps 300
+    brt eval --task passkey --checkpoint runs/passkey --distances 256 1024 4096 16384 --heatmap passkey.png
+
+The parsers and the two command functions live here so that ``block_recurrent.cli`` only registers them.
+Everything heavy is imported inside the functions: importing this module (as ``brt`` does) loads no trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TASK_NAMES = ("passkey", "mqar", "qa1", "qa2")
+TUNE_FILE = "tune.json"
+
+TUNE_HELP = {
+    "max_steps": "optimiser steps",
+    "batch_size": "examples per step",
+    "lr": "peak learning rate",
+    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr",
+    "min_distance": "shortest haystack (tokens) trained on",
+    "max_distance": "longest haystack (tokens) trained on",
+    "curriculum_steps": "grow the longest haystack from --min-distance to --max-distance over these steps (0: off)",
+    "loss": "answer: loss on the answers only; all: language-model loss on the whole text",
+    "backward_every": "back-propagate through this many segments at a time (0: the whole example)",
+}
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _add_task_choice(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--task", choices=TASK_NAMES, required=required, default=None,
+                        help="long-context task: passkey (Landmark), mqar (multi-query recall), qa1 / qa2 (bAbI facts)")
+    parser.add_argument("--haystack", choices=("filler", "corpus"), default=None,
+                        help="text the needles hide in: Landmark's filler or the built-in corpus (default: filler for "
+                             "passkey and mqar, corpus for qa1 and qa2)")
+    parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON",
+                        help="a task setting, e.g. digits=5 (passkey), num_pairs=8 / value_len=2 (mqar), num_facts=6 "
+                             "(qa1, qa2); repeatable")
+
+
+def add_tune_command(commands) -> None:
+    """Register ``brt tune`` on the ``brt`` subparsers."""
+    from .tuning import TuneConfig
+
+    tune = commands.add_parser("tune", help="fine-tune a checkpoint on a long-context task at short distances")
+    _add_task_choice(tune, required=True)
+    tune.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
+    tune.add_argument("--out-dir", required=True, help="where the tuned model is saved (save_pretrained + tune.json)")
+    tune.add_argument("--device", default="auto")
+    group = tune.add_argument_group("tuning settings (TuneConfig)")
+    for field in dataclasses.fields(TuneConfig):
+        kind = _number if isinstance(field.default, float) else type(field.default)
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
+                           metavar=field.name.upper(), help=f"{TUNE_HELP.get(field.name, '')} (default: {field.default})")
+
+
+def add_eval_task_options(evaluate: argparse.ArgumentParser) -> None:
+    """Add ``--task`` and its options to ``brt eval``."""
+    group = evaluate.add_argument_group("long-context tasks (with --task: exact match by distance and depth)")
+    group.add_argument("--task", choices=TASK_NAMES, default=None,
+                       help="score a task instead of bits per byte: passkey, mqar, qa1, qa2")
+    group.add_argument("--haystack", choices=("filler", "corpus"), default=None,
+                       help="filler (Landmark's) or corpus (the built-in corpus's held-out text)")
+    group.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON", help="a task setting")
+    group.add_argument("--distances", type=int, nargs="+", default=[64, 256, 1024, 4096],
+                       help="haystack lengths in tokens (default: 64 256 1024 4096)")
+    group.add_argument("--depths", type=_number, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                       help="needle depths, 0 (farthest) to 1 (next to the question)")
+    group.add_argument("--samples", type=int, default=20, help="examples per distance (default: 20)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the examples (default: 0)")
+    group.add_argument("--heatmap", default=None, metavar="PNG", help="write the distance x depth heat map here")
+    group.add_argument("--json", default=None, metavar="FILE", help="write the scores as JSON here")
+
+
+def task_options(items: list[str]) -> dict[str, Any]:
+    """``NAME=JSON`` strings as keyword arguments (a bare word is taken as a string)."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--task-option takes NAME=JSON, got {item!r}")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def load_model(checkpoint: str, device: str):
+    """(model, tokenizer, the tokenizer's file or None) of a checkpoint (a run folder: its newest complete one)."""
+    from ..persistence import checkpoint as saved
+    from ..training.data import load_tokenizer
+    from ..training.distributed import resolve_device
+
+    if hasattr(saved, "load_pretrained"):
+        model, folder = saved.load_pretrained(checkpoint, device=resolve_device(device))
+    else:  # (until persistence's load_pretrained lands: the same in two calls)
+        folder = saved.resolve_checkpoint(checkpoint)
+        model = saved.from_pretrained(folder, device=resolve_device(device))
+    TOKENIZER_FILE = saved.TOKENIZER_FILE
+    tokenizer_file = Path(folder) / TOKENIZER_FILE
+    tokenizer_file = tokenizer_file if tokenizer_file.exists() else None
+    return model, load_tokenizer(tokenizer_file), tokenizer_file
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from ..persistence.checkpoint import save_pretrained
+    from . import make_task
+    from .tuning import TuneConfig, tune
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / TUNE_FILE).exists():
+        raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
+                         "give a new folder")
+    config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
+    model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
+    task = make_task(args.task, tokenizer, args.haystack, "train", **task_options(args.task_option))
+    print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
+          f"{config.max_distance}, {config.max_steps} steps")
+
+    def log(record: dict[str, Any]) -> None:
+        print(f"step {record['step']}: loss {record['loss']:.4f}, distance {record['distance']:.0f}, "
+              f"lr {record['lr']:.2e}, {record['seconds']:.0f} s", flush=True)
+
+    records = tune(model, task, config, log=log)
+    save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
+    summary = {"task": task.describe(), "checkpoint": str(args.checkpoint), "config": config.to_dict(),
+               "log": records}
+    (out_dir / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"saved to {out_dir}")
+    return 0
+
+
+def run_task_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import make_task
+    from .scoring import plot_heatmap, score
+
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    task = make_task(args.task, tokenizer, args.haystack, "validation", **task_options(args.task_option))
+    # float32 unless --bf16 is given: an argmax between two near-equal digits may flip under bf16
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+        scores = score(model, task, args.distances, depths=args.depths, samples=args.samples, seed=args.seed,
+                       batch_size=args.batch_size)
+    print(f"{args.task}: exact match by distance (haystack tokens) and depth; chance {scores.chance:.3g}")
+    print(scores.table())
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
+    if args.heatmap is not None:
+        written = plot_heatmap(scores, args.heatmap)
+        if written is not None:
+            print(f"heat map: {written}")
+    return 0

@@ -1,0 +1,102 @@
+"""bAbI facts hidden in long text, as BABILong does it (Kuratov et al. 2024, arXiv 2406.10149), from templates.
+
+- ``qa1`` (single supporting fact): people move between places ("Mary went to the kitchen."); the question asks
+  where one of them is; the answer is the place of their last move.
+- ``qa2`` (two supporting facts): people also pick up and drop objects ("John got the football there."); the
+  question asks where an object is: the place of its holder's last move (or where it was dropped), so the
+  answer needs both the pick-up (or drop) and the move.
+
+The facts are spread over the haystack (by default the built-in corpus's text) at uniform depths; the question
+follows it ("\\nQuestion: Where is Mary? Answer:") and the answer is one word (" kitchen"), scored by exact match of
+its tokens. Chance is one in the number of places. Each answer reports the depth of the earliest fact it needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.checks import check_choice, check_int
+from .text import Example, Query, TextTask, compose, spread_offsets
+
+PEOPLE = ("Mary", "John", "Daniel", "Sandra")
+PLACES = ("bathroom", "hallway", "garden", "office", "kitchen", "bedroom")
+OBJECTS = ("football", "apple", "milk")
+MOVES = ("moved to", "went to", "journeyed to", "travelled to", "went back to")
+PICKS = ("picked up", "grabbed", "got", "took")
+DROPS = ("dropped", "discarded", "put down", "left")
+NO_PREFIX = np.zeros(0, dtype=np.int64)
+
+
+def single_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str], str, str, tuple[int, ...]]:
+    """qa1: (facts, question, answer, indices of the facts the answer needs)."""
+    facts, last_move = [], {}
+    for i in range(num_facts):
+        person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
+        facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
+        last_move[person] = (i, place)
+    person = sorted(last_move)[rng.integers(len(last_move))]
+    index, place = last_move[person]
+    return facts, f"Where is {person}?", place, (index,)
+
+
+def two_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str], str, str, tuple[int, ...]]:
+    """qa2: (facts, question, answer, indices of the two facts the answer needs). Draws stories until one asks about
+    an object whose place is known (at least one pick-up happened)."""
+    while True:
+        facts, moved, holder, dropped = [], {}, {}, {}  # moved: person -> (fact, place); holder: object -> (person, fact)
+        for i in range(num_facts):
+            free = [o for o in OBJECTS if o not in holder]
+            placed = [p for p in PEOPLE if p in moved]
+            kind = rng.choice(["move", "pick", "drop"], p=[0.5, 0.3, 0.2])
+            if kind == "pick" and free and placed:
+                person, thing = placed[rng.integers(len(placed))], free[rng.integers(len(free))]
+                facts.append(f"{person} {PICKS[rng.integers(len(PICKS))]} the {thing} there.")
+                holder[thing] = (person, i)
+                dropped.pop(thing, None)
+            elif kind == "drop" and holder:
+                thing = sorted(holder)[rng.integers(len(holder))]
+                person, _ = holder.pop(thing)
+                facts.append(f"{person} {DROPS[rng.integers(len(DROPS))]} the {thing}.")
+                dropped[thing] = (i, *moved[person])  # (drop fact, the move that placed the person, place)
+            else:
+                person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
+                facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
+                moved[person] = (i, place)
+        known = {thing: (moved[person][1], (fact, moved[person][0])) for thing, (person, fact) in holder.items()}
+        known.update({thing: (place, (drop, move)) for thing, (drop, move, place) in dropped.items()})
+        if known:
+            thing = sorted(known)[rng.integers(len(known))]
+            place, supports = known[thing]
+            return facts, f"Where is the {thing}?", place, tuple(sorted(supports))
+
+
+STORIES = {"qa1": single_fact_story, "qa2": two_fact_story}
+
+
+class FactsTask(TextTask):
+    """``num_facts`` bAbI statements of ``kind`` (qa1 or qa2) hidden in the haystack, one question after it."""
+
+    default_haystack = "corpus"
+
+    def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, kind: str = "qa1",
+                 num_facts: int = 4):
+        check_choice("kind", kind, STORIES)
+        check_int("num_facts", num_facts, 1 if kind == "qa1" else 2, 64)
+        super().__init__(tokenizer, haystack, split)
+        self.kind, self.num_facts = kind, num_facts
+        self.name = kind
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(PLACES)
+
+    def _example(self, distance, rng, depth, segment_len) -> Example:
+        facts, question, answer, supports = STORIES[self.kind](self.num_facts, rng)
+        needles = [self.encode(f" {fact} ") for fact in facts]
+        offsets = spread_offsets(len(needles), distance, rng)
+        haystack = self.haystack.take(distance, rng)
+        query = Query(self.encode(f"\nQuestion: {question} Answer:"), self.encode(" " + answer), supports)
+        return compose(NO_PREFIX, haystack, needles, offsets, [query], segment_len)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "num_facts": self.num_facts}

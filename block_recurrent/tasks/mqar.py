@@ -1,0 +1,60 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology", arXiv 2312.04927), written as text.
+
+``num_pairs`` key-value pairs (" ab=7 ": ``key_len`` lowercase letters, distinct within an example, and
+``value_len`` decimal digits) are spread over the haystack at independent uniform depths; after it, a newline and
+``num_queries`` of the keys in random order (" ab=", answered by its value, teacher-forced as in Zoology). Each
+query's value is scored by exact match of its tokens; values are uniform and independent of the keys, so chance is
+10 ** -value_len. Pairs that land within the attention window of their query are readable without memory: the
+depth of each answer's pair says which ones did (a depth near 1 is close to the queries).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.checks import check_int
+from .text import Example, Query, TextTask, compose, spread_offsets
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+NO_PREFIX = np.zeros(0, dtype=np.int64)
+
+
+class MQARTask(TextTask):
+    name = "mqar"
+
+    def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, num_pairs: int = 4,
+                 num_queries: int | None = None, key_len: int = 2, value_len: int = 1):
+        check_int("key_len", key_len, 1, 4)
+        check_int("value_len", value_len, 1, 8)
+        check_int("num_pairs", num_pairs, 1, len(LETTERS) ** key_len)
+        num_queries = num_pairs if num_queries is None else num_queries
+        check_int("num_queries", num_queries, 1, num_pairs)
+        super().__init__(tokenizer, haystack, split)
+        self.num_pairs, self.num_queries, self.key_len, self.value_len = num_pairs, num_queries, key_len, value_len
+
+    @property
+    def chance(self) -> float:
+        return 10.0 ** -self.value_len
+
+    def _key(self, index: int) -> str:
+        letters = []
+        for _ in range(self.key_len):
+            index, letter = divmod(index, len(LETTERS))
+            letters.append(LETTERS[letter])
+        return "".join(letters)
+
+    def _example(self, distance, rng, depth, segment_len) -> Example:
+        keys = [self._key(int(i)) for i in rng.choice(len(LETTERS) ** self.key_len, self.num_pairs, replace=False)]
+        values = ["".join(str(d) for d in rng.integers(0, 10, size=self.value_len)) for _ in keys]
+        needles = [self.encode(f" {k}={v} ") for k, v in zip(keys, values)]
+        offsets = spread_offsets(self.num_pairs, distance, rng)
+        haystack = self.haystack.take(distance, rng)
+        queries = []
+        for n, i in enumerate(rng.permutation(self.num_pairs)[: self.num_queries]):
+            question = self.encode(("" if n else "\n") + f" {keys[i]}=")  # a newline ends the haystack
+            queries.append(Query(question, self.encode(values[i]), supports=(int(i),)))
+        return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "num_pairs": self.num_pairs, "num_queries": self.num_queries,
+                "key_len": self.key_len, "value_len": self.value_len}

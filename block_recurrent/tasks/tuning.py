@@ -1,0 +1,130 @@
+"""Fine-tune a model on a task at short distances (then score it far beyond them with :func:`.scoring.score`).
+
+Each step draws one distance for the whole batch (uniform in [min_distance, the current largest]; with a
+curriculum the largest grows linearly from ``min_distance`` to ``max_distance`` over ``curriculum_steps``),
+builds fresh examples, and runs them through :meth:`SegmentRunner.forward_backward` with the loss on the answers
+(or, with ``loss="all"``, on every next token). AdamW with the trainer's parameter groups (the state cells at
+``state_lr_scale`` times the learning rate), linear warm-up and cosine decay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..model.checks import check_choice, check_float, check_int
+from ..model.model import BlockRecurrentModel
+from ..training.segments import SegmentRunner, passes_one_block
+from ..training.train_config import lr_at
+from .text import TextTask, collate
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of a fine-tuning run on a task (the names mean what they mean in ``TrainConfig``)."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    state_lr_scale: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # distances (haystack tokens) drawn per step, uniformly in [min_distance, largest]
+    min_distance: int = 0
+    max_distance: int = 256
+    # the largest distance grows linearly from min_distance to max_distance over this many steps (0: no curriculum)
+    curriculum_steps: int = 0
+    # "answer": the loss on the answers' tokens only; "all": the language-model loss on the whole text
+    loss: str = "answer"
+    # back-propagate through this many segments (max_seq_len tokens) at a time; 0: the whole example at once
+    backward_every: int = 0
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "min_distance", "curriculum_steps", "backward_every", "seed"):
+            check_int(name, getattr(self, name), 0)
+        check_int("max_distance", self.max_distance, self.min_distance)
+        check_float("lr", self.lr, 0.0, open_low=True)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("state_lr_scale", self.state_lr_scale, 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("beta1", self.beta1, 0.0, 1.0, open_high=True)
+        check_float("beta2", self.beta2, 0.0, 1.0, open_high=True)
+        check_float("grad_clip", self.grad_clip, 0.0)
+        check_choice("loss", self.loss, ("answer", "all"))
+
+    def largest_distance(self, step: int) -> int:
+        if self.curriculum_steps == 0 or step >= self.curriculum_steps:
+            return self.max_distance
+        return self.min_distance + (self.max_distance - self.min_distance) * step // self.curriculum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tune(
+    model: BlockRecurrentModel, task: TextTask, config: TuneConfig = TuneConfig(), *,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` in place on ``task``; returns the logged records (step, mean loss and distance since the
+    last record, lr, seconds). ``log`` is called with each record."""
+    from ..training.trainer import parameter_groups  # the optimiser's groups, as the trainer makes them
+
+    if not isinstance(model, BlockRecurrentModel):
+        raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
+    if not isinstance(task, TextTask):
+        raise TypeError(f"task must be a TextTask, got {type(task).__name__}")
+    if not isinstance(config, TuneConfig):
+        raise TypeError(f"config must be a TuneConfig, got {type(config).__name__}")
+    if getattr(task.tokenizer, "vocab_size", 0) > model.config.num_tokens:
+        raise ValueError(f"the task's tokenizer has {task.tokenizer.vocab_size} tokens, the model only "
+                         f"{model.config.num_tokens}")
+    mc = model.config
+    runner = SegmentRunner(model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.state_lr_scale), lr=config.lr,
+                                  betas=(config.beta1, config.beta2))
+    rng = np.random.default_rng(config.seed)
+    model.train()
+    records, window, began = [], [], time.perf_counter()
+    for step in range(config.max_steps):
+        lr = lr_at(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        distance = int(rng.integers(config.min_distance, config.largest_distance(step) + 1))
+        examples = task.examples(config.batch_size, distance, rng, segment_len=mc.max_seq_len)
+        batch = collate(examples, multiple=mc.max_seq_len, ignore_index=mc.ignore_index, lm_loss=config.loss == "all")
+        segments = batch.inputs.shape[1] // mc.max_seq_len
+        every = min(config.backward_every or segments, segments)
+        optimizer.zero_grad(set_to_none=True)
+        result = runner.forward_backward(batch.inputs.to(model.device), labels=batch.labels.to(model.device),
+                                         backward_every=every, replay_write=passes_one_block(mc, every))
+        loss = float(result.loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {step + 1}; try a lower lr")
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        window.append((loss, distance))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+            record = {"step": step + 1, "loss": sum(l for l, _ in window) / len(window),
+                      "distance": sum(d for _, d in window) / len(window), "lr": lr,
+                      "seconds": round(time.perf_counter() - began, 2)}
+            records.append(record)
+            window = []
+            if log is not None:
+                log(record)
+    model.eval()
+    return records

@@ -1,0 +1,300 @@
+"""The long-context task suite: generators (seeded, labelled, needles whole), chance levels, scoring, the commands."""
+
+import builtins
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+from block_recurrent.cli import main
+from block_recurrent.inference.generation import generate
+from block_recurrent.tasks import (
+    TASKS, FactsTask, MQARTask, PasskeyTask, TuneConfig, collate, make_task, plot_heatmap, score, tune,
+)
+from block_recurrent.tasks.scoring import predict
+from block_recurrent.tasks.text import FILLER, TextHaystack, place_needles
+from block_recurrent.training.data import ByteTokenizer
+
+TEXT = ByteTokenizer()
+
+
+def decode(tokens) -> str:
+    return TEXT.decode(np.asarray(tokens).tolist())
+
+
+def answer_text(example, i=0) -> str:
+    a = example.answers[i]
+    return decode(example.tokens[a.start : a.start + a.length])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny")).eval()
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_examples_are_deterministic_by_seed(name):
+    task = make_task(name, haystack="filler")
+    first, again = task.examples(4, 300, 7), task.examples(4, 300, 7)
+    other = task.examples(4, 300, 8)
+    for a, b in zip(first, again):
+        assert np.array_equal(a.tokens, b.tokens) and a.answers == b.answers and a.needles == b.needles
+    assert any(not np.array_equal(a.tokens, c.tokens) for a, c in zip(first, other))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("distance", [0, 37, 400])
+def test_the_haystack_has_distance_tokens_and_labels_sit_on_the_answers(name, distance):
+    task = make_task(name, haystack="filler")
+    examples = task.examples(3, distance, 1, segment_len=None)
+    for e in examples:
+        needles = sum(end - start for start, end in e.needles)
+        assert e.distance == distance
+        assert e.answers[-1].start + e.answers[-1].length == len(e.tokens)  # the text ends with the last answer
+        # the haystack is what is left before the first question: no prefix, no needle
+        prefix = len(getattr(task, "prefix", []))
+        assert e.answers[0].start - _question_length(task, e) - prefix - needles == distance
+        for a in e.answers:
+            assert a.gap >= distance * (1 - a.depth) - 1 and 0 <= a.depth <= 1
+    batch = collate(examples, multiple=16)
+    assert batch.inputs.shape[1] % 16 == 0 and batch.labels.shape == batch.inputs.shape
+    for row, e in enumerate(examples):
+        labelled = (batch.labels[row] != -100).nonzero().flatten().tolist()
+        expected = [p for a in e.answers for p in range(a.start - 1, a.start - 1 + a.length)]
+        assert labelled == expected
+        assert batch.labels[row, labelled].tolist() == [int(e.tokens[p + 1]) for p in labelled]
+        assert batch.inputs[row, : len(e.tokens) - 1].tolist() == e.tokens[:-1].tolist()
+    lm = collate(examples, lm_loss=True)
+    assert (lm.labels[0, : len(examples[0].tokens) - 1] != -100).all()
+
+
+def _question_length(task, example) -> int:
+    """Tokens of the question before the first answer."""
+    first = example.answers[0]
+    if isinstance(task, PasskeyTask):
+        return len(task.question)
+    text = decode(example.tokens[: first.start])
+    marker = "\nQuestion:" if isinstance(task, FactsTask) else "\n"
+    return len(text) - text.rindex(marker)
+
+
+def test_answers_are_right():
+    for e in PasskeyTask().examples(5, 500, 3):
+        key = answer_text(e).strip()
+        assert re.fullmatch(r"\d{5}", key)
+        assert decode(e.tokens[slice(*e.needles[0])]) == f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+        assert decode(e.tokens).startswith("There is an important info hidden")
+        assert decode(e.tokens).endswith(f"\nWhat is the pass key? The pass key is{answer_text(e)}")
+    for e in MQARTask(num_pairs=6, key_len=1, value_len=2).examples(5, 500, 3):
+        pairs = dict(re.fullmatch(r" (\w)=(\d\d) ", decode(e.tokens[s:t])).groups() for s, t in e.needles)
+        assert len(pairs) == 6 and len(e.answers) == 6
+        for a in e.answers:
+            key = decode(e.tokens[a.start - 2 : a.start - 1])
+            assert pairs[key] == answer_text(e, e.answers.index(a))
+    for kind in ("qa1", "qa2"):
+        for e in FactsTask(kind=kind, haystack="filler", num_facts=8).examples(20, 300, 3):
+            facts = [decode(e.tokens[s:t]).strip() for s, t in e.needles]
+            question = re.search(r"Question: Where is (?:the )?(\w+)\?", decode(e.tokens)).group(1)
+            assert _babi_answer(facts, question) == answer_text(e).strip()
+
+
+def _babi_answer(facts, asked):
+    """Where ``asked`` (a person or an object) is after ``facts``, by a reading independent of the generator."""
+    place, holder, left = {}, {}, {}
+    for fact in facts:
+        words = fact.rstrip(".").split()
+        person, thing = words[0], words[-1]
+        if words[-1] == "there":
+            holder[words[-2]] = person
+            left.pop(words[-2], None)
+        elif words[-2] == "the" and thing in ("football", "apple", "milk"):
+            left[thing] = place[person]
+            holder.pop(thing, None)
+        else:
+            place[person] = thing
+    if asked in holder:
+        return place[holder[asked]]
+    return left.get(asked, place.get(asked))
+
+
+def _crossing(e, segment_len) -> int:
+    """Needles of e that a multiple of segment_len cuts (one longer than a segment: not starting at one)."""
+    return sum(s // segment_len != (t - 1) // segment_len if t - s <= segment_len else s % segment_len != 0
+               for s, t in e.needles)
+
+
+def test_a_needle_is_never_cut_by_a_segment_boundary_unless_asked():
+    for name in sorted(TASKS):
+        task = make_task(name, haystack="filler")
+        for segment_len in (8, 16, 64):
+            for e in task.examples(30, 300, 5, segment_len=segment_len):
+                assert _crossing(e, segment_len) == e.cut  # every needle whole, but those the example reports
+                assert e.cut == 0 or name != "passkey"
+        cut = [_crossing(e, 16) for e in task.examples(30, 300, 5, segment_len=None)]
+        assert sum(cut) > 0  # without a segment length, needles land anywhere
+    # a haystack too short to move a needle clear of a boundary leaves it cut, and says so
+    assert place_needles([0], [10], 3, 4, segment_len=8) == ([0], 1)  # a long needle: the next boundary is too far
+    assert place_needles([0], [10], 3, 5, segment_len=8) == ([5], 0)
+    assert place_needles([2], [4], 0, 9, segment_len=8) == ([2], 0)  # inside a segment: left where it is
+    assert place_needles([6], [4], 0, 9, segment_len=8) == ([4], 0)  # across one: moved back, ending at it
+
+
+def test_depth_places_the_passkey():
+    task = PasskeyTask(preamble=False)
+    for depth in (0.0, 0.3, 1.0):
+        e = task.example(1000, 0, depth=depth, segment_len=None)
+        assert e.answers[0].depth == depth and e.needles[0][0] == round(depth * 1000)
+        aligned = task.example(1000, 0, depth=depth, segment_len=16)
+        assert abs(aligned.answers[0].depth - depth) <= 16 / 1000
+    with pytest.raises(ValueError, match="depth"):
+        task.example(100, 0, depth=1.5)
+    with pytest.raises(ValueError, match="spreads its needles"):
+        MQARTask().example(100, 0, depth=0.5)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="num_pairs"):
+        MQARTask(num_pairs=27, key_len=1)
+    with pytest.raises(ValueError, match="digits"):
+        PasskeyTask(digits=0)
+    with pytest.raises(ValueError, match="kind"):
+        FactsTask(kind="qa9", haystack="filler")
+    with pytest.raises(ValueError, match="distance"):
+        PasskeyTask().example(-1, 0)
+    with pytest.raises(ValueError, match="haystack"):
+        PasskeyTask(haystack="news")
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_task("needle")
+    with pytest.raises(ValueError, match="segment_len"):
+        PasskeyTask().example(10, 0, segment_len=0)
+    with pytest.raises(ValueError, match="max_distance"):
+        TuneConfig(min_distance=10, max_distance=5)
+
+
+def test_tokenizer_aware(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([FILLER * 20, "The pass key is 12345. Remember it."], trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    from block_recurrent.training.data import load_tokenizer
+
+    subword = load_tokenizer(path)
+    task = PasskeyTask(subword)
+    e = task.example(200, 0, segment_len=16)
+    assert len(task.haystack.take(200, np.random.default_rng(0))) == 200  # distance counts tokens, not bytes
+    key = re.search(r"pass key is (\d+)\.", subword.decode(e.tokens.tolist())).group(1)
+    a = e.answers[0]
+    assert subword.decode(e.tokens[a.start : a.start + a.length].tolist()).strip() == key
+
+
+def test_corpus_haystack_is_text_windows():
+    task = FactsTask(kind="qa1", haystack=TextHaystack(TEXT, ["alpha beta gamma " * 50, "delta " * 80]))
+    e = task.example(120, 0)
+    assert e.distance == 120 and "Question: Where is" in decode(e.tokens)
+    with pytest.raises(ValueError, match="longer than the haystack"):
+        task.example(10_000, 0)
+
+
+@pytest.mark.parametrize("name", ["mqar", "qa1", "qa2"])
+def test_chance_is_what_a_guesser_gets(name):
+    """The computed chance equals the rate at which an answer from another example (a uniform guess of the
+    format's answers) matches."""
+    task = make_task(name, haystack="filler", **({"key_len": 1, "num_pairs": 2} if name == "mqar" else {}))
+    a, b = task.examples(1500, 0, 1), task.examples(1500, 0, 2)
+    hits = [answer_text(x, i) == answer_text(y, i) for x, y in zip(a, b) for i in range(len(x.answers))]
+    n = len(hits)
+    assert abs(np.mean(hits) - task.chance) < 4 * math.sqrt(task.chance * (1 - task.chance) / n)
+    assert PasskeyTask(digits=3).chance == 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_an_untrained_model_scores_at_most_chance(tiny, name):
+    task = make_task(name, haystack="filler")
+    scores = score(tiny, task, [0, 100], samples=24, batch_size=12)
+    n = scores.total.sum()
+    assert n == 24 * 2 * len(task.examples(1, 0, 0)[0].answers)
+    bound = task.chance + 3 * math.sqrt(task.chance * (1 - task.chance) / n) + 1 / n
+    assert scores.correct.sum() / n <= bound
+    assert all(loss > 0 for *_, loss in scores.by_distance())
+    # a passkey example sits at each depth in turn; a spread task's answers fall in the nearest depth's row
+    if task.fixed_depth:
+        assert (scores.total == 24 // 5 + (np.arange(5) < 24 % 5)[:, None]).all()
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(tiny):
+    task = MQARTask(num_pairs=1, value_len=3)
+    examples = task.examples(4, 40, 0)
+    batch = collate(examples)
+    ids, _ = predict(tiny, batch)
+    for row, e in enumerate(examples):
+        a = e.answers[0]
+        prompt = torch.from_numpy(e.tokens[: a.start])[None]
+        greedy = generate(tiny, prompt, a.length, temperature=0)[0]
+        forced = ids[row, a.start - 1 : a.start - 1 + a.length]
+        truth = torch.from_numpy(e.tokens[a.start : a.start + a.length])
+        assert greedy[0] == forced[0]
+        assert torch.equal(greedy, truth) == torch.equal(forced, truth)
+
+
+def test_scoring_is_the_same_in_any_chunks_and_batches(tiny):
+    task = PasskeyTask(digits=2)
+    one = score(tiny, task, [50, 200], samples=6, batch_size=6, chunk_tokens=1024)
+    other = score(tiny, task, [50, 200], samples=6, batch_size=4, chunk_tokens=32)
+    assert (one.correct == other.correct).all() and np.allclose(one.loss_sum, other.loss_sum, rtol=1e-4)
+
+
+def test_tune_lowers_the_answer_loss(tiny):
+    torch.manual_seed(1)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny"))
+    task = MQARTask(num_pairs=1, key_len=1)
+    config = TuneConfig(max_steps=30, batch_size=8, lr=3e-3, warmup_steps=2, max_distance=0, log_every=10)
+    records = tune(model, task, config)
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[-1]["loss"] < records[0]["loss"] and not model.training
+
+
+def test_heatmap_without_matplotlib(tiny, tmp_path, monkeypatch):
+    scores = score(tiny, PasskeyTask(digits=1), [10, 20], depths=[0, 1], samples=2)
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.warns(UserWarning, match="matplotlib"):
+        assert plot_heatmap(scores, tmp_path / "h.png") is None
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_commands_end_to_end(tiny, tmp_path, capsys):
+    init, tuned = tmp_path / "init", tmp_path / "tuned"
+    save_pretrained(tiny, init)
+    assert main(["tune", "--task", "passkey", "--checkpoint", str(init), "--out-dir", str(tuned), "--max-steps", "2",
+                 "--batch-size", "2", "--max-distance", "40", "--log-every", "1", "--task-option", "digits=3"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: loss" in out and json.loads((tuned / "tune.json").read_text())["task"]["digits"] == 3
+    heatmap, scores = tmp_path / "passkey.png", tmp_path / "scores.json"
+    assert main(["eval", "--task", "passkey", "--checkpoint", str(tuned), "--distances", "0", "100", "--samples", "4",
+                 "--depths", "0", "1", "--heatmap", str(heatmap), "--json", str(scores)]) == 0
+    out = capsys.readouterr().out
+    assert "| distance | exact match |" in out and "| 100 |" in out
+    assert json.loads(scores.read_text())["distances"] == [0, 100]
+    pytest.importorskip("matplotlib")
+    assert heatmap.read_bytes()[:4] == b"\x89PNG"
+    # a folder holding something else is never overwritten; a bad option is one line
+    assert main(["tune", "--task", "mqar", "--checkpoint", str(init), "--out-dir", str(init)]) == 2
+    assert main(["eval", "--task", "mqar", "--checkpoint", str(init), "--task-option", "pairs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds something other than" in err and "unexpected keyword argument 'pairs'" in err
