@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from block_recurrent.inference.generation import generate, stream
-from block_recurrent.inference.ragged import ragged_prefill, ragged_step
+from block_recurrent.inference.generation import decode_step, generate, prefill, stream
 
 from conftest import TINY, make_model, needs_cpp_compiler, random_tokens
 from test_generation import CONFIGS
@@ -24,10 +23,10 @@ def test_teacher_forced_ragged_logits_equal_each_rows_forward_pass(config):
     steps = 2 * W + 3  # crosses block ends at a different step in every row
     texts = prompts_of([n + steps for n in LENGTHS])
     with torch.no_grad():
-        logits, rs = ragged_prefill(model, [t[:n] for t, n in zip(texts, LENGTHS)])
+        logits, rs = prefill(model, [t[:n] for t, n in zip(texts, LENGTHS)])
         got = [logits]
         for k in range(steps):
-            logits, rs = ragged_step(model, torch.stack([t[n + k] for t, n in zip(texts, LENGTHS)]), rs)
+            logits, rs = decode_step(model, torch.stack([t[n + k] for t, n in zip(texts, LENGTHS)]), rs)
             got.append(logits)
     got = torch.stack(got, dim=1)  # (B, steps + 1, V)
     for row, (text, n) in enumerate(zip(texts, LENGTHS)):
@@ -83,8 +82,6 @@ def test_ragged_input_checks():
     with pytest.raises(ValueError, match="state must be None"):
         _, ds = generate(model, random_tokens(1, 3), 2, return_state=True)
         generate(model, [random_tokens(1, 3)[0]], 3, state=ds)
-    with pytest.raises(ValueError, match="return_state"):
-        generate(model, [random_tokens(1, 3)[0]], 3, return_state=True)
 
 
 # compiled decoding: the same token pass under torch.compile, on the ragged decoder's fixed-shape buffers
@@ -101,13 +98,13 @@ def test_compiled_token_pass_equals_eager_and_compiles_once_for_every_position_a
     steps = 2 * W + 1
     texts = prompts_of([n + steps for n in lengths])
     with torch.no_grad():
-        _, eager = ragged_prefill(model, [t[:n] for t, n in zip(texts, lengths)])
-        _, fast = ragged_prefill(model, [t[:n] for t, n in zip(texts, lengths)])
+        _, eager = prefill(model, [t[:n] for t, n in zip(texts, lengths)])
+        _, fast = prefill(model, [t[:n] for t, n in zip(texts, lengths)])
         graphs = None
         for k in range(steps):
             token = torch.stack([t[n + k] for t, n in zip(texts, lengths)])
-            expected, eager = ragged_step(model, token, eager)
-            got, fast = ragged_step(model, token, fast, compiled=True)
+            expected, eager = decode_step(model, token, eager)
+            got, fast = decode_step(model, token, fast, compiled=True)
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
             if k == 0:
                 graphs = counters["stats"]["unique_graphs"]
@@ -127,13 +124,41 @@ def test_compiled_generation_continues_a_model_state_as_eager_generation_does():
     assert torch.equal(streamed, generate(model, prompt[:1], 3, temperature=0))
 
 
-def test_compiled_generation_refuses_what_it_cannot_return():
+@needs_cpp_compiler
+def test_compiled_generation_continues_a_decode_state_and_returns_one():
+    """One decoder: an eager decode state continues compiled, and a compiled decode's state continues eagerly."""
     model = make_model()
     prompt = random_tokens(1, 3)
-    _, ds = generate(model, prompt, 2, temperature=0, return_state=True)
-    with pytest.raises(ValueError, match="DecodeState"):
-        generate(model, prompt, 2, state=ds, compile=True)
-    with pytest.raises(ValueError, match="return_state"):
-        generate(model, prompt, 2, return_state=True, compile=True)
+    expected = generate(model, prompt, 3 * W + 3, temperature=0)
+    first, ds = generate(model, prompt, W + 1, temperature=0, return_state=True)
+    rest, ds = generate(model, first[:, -1:], 2 * W, temperature=0, state=ds, compile=True, return_state=True)
+    assert ds.per_row
+    assert torch.equal(torch.cat((first, rest), dim=1), expected[:, : 3 * W + 1])
+    again = generate(model, rest[:, -1:], 2, temperature=0, state=ds)  # eager, from the compiled decode's state
+    assert torch.equal(again, expected[:, 3 * W + 1 :])
+
+
+def test_compile_must_be_a_bool():
+    model = make_model()
     with pytest.raises(TypeError, match="compile must be a bool"):
-        generate(model, prompt, 2, compile="yes")
+        generate(model, random_tokens(1, 3), 2, compile="yes")
+
+
+def test_a_decode_state_continued_twice_is_exact_both_times():
+    """Rows at their own positions too: a second continuation copies the buffers the first one wrote into."""
+    model = make_model()
+    prompts = prompts_of([2, W + 3])
+
+    def continue_with(ds, token):
+        out = []
+        for _ in range(W + 1):  # crosses both rows' block ends
+            logits, ds = decode_step(model, torch.tensor([token, token]), ds)
+            out.append(logits)
+        return torch.stack(out)
+
+    with torch.no_grad():
+        expected = continue_with(prefill(model, prompts)[1], 7)
+        _, ds = prefill(model, prompts)
+        continue_with(ds, 3)
+        got = continue_with(ds, 7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -1,30 +1,26 @@
 """Sampling and the generation loop, over the exact cached decoding of :mod:`block_recurrent.inference.decoding`.
 
-Entry points: :func:`generate` (tokens at once), :func:`stream` (tokens as they come), :func:`sample`
-(one token per row from logits), and :func:`generate_reference` behind the reference-compatible
-``BlockRecurrentModel.generate`` / ``SegmentRunner.generate``. The building blocks
+Entry points: :func:`generate` (tokens at once), :func:`stream` (tokens as they come) and :func:`sample`
+(one token per row from logits), with their options in one :class:`SamplingOptions`. The building blocks
 :func:`prefill`, :func:`decode_step`, :func:`commit_partial` and :class:`DecodeState` are re-exported here.
-
-Like decoding, this module uses the model only through its methods and never imports the model class, which
-builds its reference ``generate`` on it.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from ..model.checks import check_float, check_int, check_tokens
+from ..model.checks import check_float, check_int
+from ..model.state import ModelState
 from .decoding import (
-    DecodeState, as_batch, as_decode_state, check_model, commit_partial, decode_step, eval_no_grad, feed, prefill,
+    DecodeState, as_batch, as_decode_state, check_model, check_prompts, commit_partial, decode_step, eval_no_grad,
+    prefill, step,
 )
-from .ragged import check_prompts, ragged_prefill, ragged_step
-from ..model.state import ModelState, checked_state
 
-__all__ = ["DecodeState", "commit_partial", "decode_step", "generate", "prefill", "sample",
+__all__ = ["DecodeState", "SamplingOptions", "commit_partial", "decode_step", "generate", "prefill", "sample",
            "stream"]
 
 
@@ -79,85 +75,80 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _check_sampling(
-    model: "BlockRecurrentModel",
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_token: int | None,
-    generator: torch.Generator | None,
-) -> None:
-    vocab = model.config.num_tokens
-    check_int("max_new_tokens", max_new_tokens, 0)
-    check_float("temperature", temperature, 0.0)
-    if top_k is not None:
-        check_int("top_k", top_k, 1)
-    if top_p is not None:
-        check_float("top_p", top_p, 0.0, 1.0)
-        if top_p == 0:
-            raise ValueError("top_p must be in (0, 1], got 0")
-    if eos_token is not None:
-        check_int("eos_token", eos_token, 0)
-        if eos_token >= vocab:
-            raise ValueError(f"eos_token must be in [0, {vocab - 1}], got {eos_token}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each new token is chosen (see :func:`sample`), and when a row ends.
+
+    temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / temperature), optionally
+        restricted to the ``top_k`` most likely ids and then to the nucleus of mass ``top_p``.
+    eos_token: a row that produces it is finished and padded with it.
+    generator: a torch.Generator (on the model's device) for reproducible sampling.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token: int | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        check_float("temperature", self.temperature, 0.0)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            check_float("top_p", self.top_p, 0.0, 1.0)
+            if self.top_p == 0:
+                raise ValueError("top_p must be in (0, 1], got 0")
+        if self.eos_token is not None:
+            check_int("eos_token", self.eos_token, 0)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+
+    def check_vocabulary(self, num_tokens: int) -> None:
+        if self.eos_token is not None and self.eos_token >= num_tokens:
+            raise ValueError(f"eos_token must be in [0, {num_tokens - 1}], got {self.eos_token}")
+
+    def sample(self, logits: Tensor) -> Tensor:
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
 
 
 # the loop
 
 
 def _decode_loop(
-    model: "BlockRecurrentModel",
-    prompt: Tensor | list[Tensor],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_token: int | None,
-    generator: torch.Generator | None,
-    state: ModelState | DecodeState | None,
-    final: list,
-    compile: bool = False,
+    model: "BlockRecurrentModel", prompt: Tensor | list[Tensor], max_new_tokens: int, options: SamplingOptions,
+    state: ModelState | DecodeState | None, final: list, compile: bool,
 ) -> Iterator[Tensor]:
     """Yield (B,) tokens; ``final`` receives the decode state covering everything fed (all but the last token).
 
-    Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has. A list of prompts of
-    different lengths runs on the ragged decoder (each row at its own position in its block), and so does a
-    compiled decode (``compile``): its buffers have one shape for the whole decode.
+    Rows that produced ``eos_token`` keep yielding it; the loop stops once every row has. A compiled decode keeps
+    each row at its own position, in buffers of one shape for the whole decode.
     """
-    ragged = isinstance(prompt, list) or compile
+    eos = options.eos_token
     with eval_no_grad(model):
-        if ragged:
-            logits, ds = ragged_prefill(model, list(prompt), state)
-        else:
-            logits, ds = prefill(model, prompt, state)
+        logits, ds = prefill(model, prompt, state, rows_own=compile)
     done = None
-    for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_token is not None:
+    for index in range(max_new_tokens):
+        token = options.sample(logits)  # (B,)
+        if eos is not None:
             if done is not None:
-                token = torch.where(done, eos_token, token)  # finished rows are padded with the end token
-            done = token == eos_token if done is None else done | (token == eos_token)
+                token = torch.where(done, eos, token)  # finished rows are padded with the end token
+            done = token == eos if done is None else done | (token == eos)
         final[:] = [ds]
         yield token
-        if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
+        if index + 1 == max_new_tokens or (done is not None and bool(done.all())):
             return
         with eval_no_grad(model):  # sampled ids need no range check
-            if ragged:
-                logits, ds = ragged_step(model, token, ds, compiled=compile)
-            else:
-                hidden, ds = feed(model, token[:, None], ds)
-                logits = model.logits(hidden[:, -1])
+            logits, ds = step(model, token, ds, compiled=compile)
     final[:] = [ds]
 
 
-def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, compile=False):
-    """The checked prompt, (B, T) token ids or a list of 1-D prompts of different lengths, and the checked state
-    (a DecodeState, or with ``compile`` the ModelState to continue from or None)."""
+def _checked(model, prompt, max_new_tokens, options: SamplingOptions, state, compile):
+    """The checked prompt ((B, T) token ids, or a list of 1-D prompts of different lengths) and state (a
+    DecodeState for a (B, T) prompt, checked now rather than at the first token)."""
     check_model(model)
-    _check_sampling(model, max_new_tokens, temperature, top_k, top_p, eos_token, generator)
+    check_int("max_new_tokens", max_new_tokens, 0)
+    options.check_vocabulary(model.config.num_tokens)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     if isinstance(prompt, (list, tuple)):
@@ -165,11 +156,7 @@ def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token
             raise ValueError("a list of prompts starts fresh documents: state must be None")
         return check_prompts(list(prompt), model.config.num_tokens), None
     prompt = as_batch(prompt, model.config.num_tokens, "prompt")
-    if compile:
-        if isinstance(state, DecodeState):
-            raise ValueError("compile=True continues a ModelState or starts fresh: state must not be a DecodeState")
-        return prompt, checked_state(model.config, state, prompt.shape[0])
-    return prompt, as_decode_state(model, state, prompt.shape[0])  # checked now, not at the first token
+    return prompt, as_decode_state(model, state, prompt.shape[0])
 
 
 def stream(
@@ -190,10 +177,9 @@ def stream(
 
     Arguments are checked when this is called, before the first token is asked for.
     """
-    prompt, state = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state,
-                             compile)
-    return _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, [],
-                        compile)
+    options = SamplingOptions(temperature, top_k, top_p, eos_token, generator)
+    prompt, state = _checked(model, prompt, max_new_tokens, options, state, compile)
+    return _decode_loop(model, prompt, max_new_tokens, options, state, [], compile)
 
 
 def generate(
@@ -213,45 +199,34 @@ def generate(
     """Continue ``prompt`` (B, T) by up to ``max_new_tokens`` tokens: returns (B, new) token ids.
 
     prompt: token ids, (B, T) or (T,) for one row, T >= 1 and of any length (consumed block by block); or a
-        list of 1-D prompts of different lengths, generated side by side, each exactly as it would be alone
-        (:mod:`block_recurrent.inference.ragged`): then the result is a list of 1-D tensors of new tokens, each ending
-        at its own ``eos_token`` (included) or after ``max_new_tokens``; ``state`` and ``return_state`` do not
-        apply.
-    temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / temperature), optionally
-        restricted to the ``top_k`` most likely ids and then to the nucleus of mass ``top_p``.
-    eos_token: a row that produces it is finished and padded with it; generation stops early once every
-        row is finished, so ``new`` may be < max_new_tokens.
-    generator: a torch.Generator (on the model's device) for reproducible sampling.
+        list of 1-D prompts of different lengths, generated side by side, each exactly as it would be alone:
+        then the result is a list of 1-D tensors of new tokens, each ending at its own ``eos_token``
+        (included) or after ``max_new_tokens``; ``state`` does not apply.
+    temperature, top_k, top_p, eos_token, generator: see :class:`SamplingOptions`. Generation stops early once
+        every row is finished, so ``new`` may be < max_new_tokens.
     state: continue a document: a ModelState (the prompt starts a new block) or the DecodeState a previous
         call returned (exact continuation; pass the last token it generated as the next prompt).
     return_state: also return the DecodeState after all tokens but the last generated one (which has not
         been fed to the model yet), i.e. ``(tokens, decode_state)``.
-
-    compile: run each token's pass through ``torch.compile`` (:func:`~block_recurrent.inference.ragged.compiled_token_pass`):
-        2-2.5x faster per token on the CPU at batch 1, after a first call that compiles (tens of seconds on a
-        small CPU, seconds once inductor's on-disk cache has it). Equal to eager decoding within rounding, not
-        bit for bit; ``state`` may be a ModelState or None, and ``return_state`` does not apply.
+    compile: run each token's pass through ``torch.compile``
+        (:func:`~block_recurrent.inference.decoding.compiled_token_pass`): faster per token on the CPU at batch 1,
+        after a first call that compiles (tens of seconds on a small CPU, seconds once inductor's on-disk cache
+        has it). Equal to eager decoding within rounding, not bit for bit.
 
     Runs in eval mode without autograd (the caller's mode is restored); works under
     ``torch.inference_mode`` and CUDA autocast. The cost per new token is one token's pass against at most
     the memory plus one block, so it does not grow with the output's length.
     """
-    prompt, state = _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state,
-                             compile)
+    options = SamplingOptions(temperature, top_k, top_p, eos_token, generator)
+    prompt, state = _checked(model, prompt, max_new_tokens, options, state, compile)
     ragged = isinstance(prompt, list)
-    if ragged and return_state:
-        raise ValueError("return_state is for a (B, T) prompt; a list of prompts returns only its tokens")
-    if compile and return_state:
-        raise ValueError("return_state is for eager decoding: a compiled decode does not return a DecodeState")
     final: list = []
-    loop = _decode_loop(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, generator, state, final,
-                        compile)
-    tokens = list(loop)
+    tokens = list(_decode_loop(model, prompt, max_new_tokens, options, state, final, compile))
     B = len(prompt) if ragged else prompt.shape[0]
     first = prompt[0] if ragged else prompt
     out = torch.stack(tokens, dim=1) if tokens else first.new_empty((B, 0))  # (B, new)
     if ragged:
-        return [_until_end(row, eos_token) for row in out]
+        out = [_until_end(row, eos_token) for row in out]
     return (out, final[0]) if return_state else out
 
 

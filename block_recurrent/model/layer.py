@@ -5,8 +5,11 @@ The same call serves every caller. Training runs a whole block at once (N = bloc
 of a block, decoding one token (N = 1). What a layer needs for the current block is a :class:`LayerCache`,
 built once when the block starts (:meth:`AttentionBlock.open_block`): the memory's keys already normalised
 and rotated, the state reads' keys, which key each query may see, and the projection weights side by side.
-Each call appends its tokens' keys/values to the cache and returns the new cache, never changing the old one
-in a way its holder could see, so two continuations of one decode state are both exact.
+
+The cache is this module's own: callers hold it and pass it back, and change it only through the methods
+here. Rows either share one position in the block (an int: training, evaluation, a rectangular decode) or
+each stand at their own (a (B,) tensor: prompts of different lengths, compiled decoding, whose buffers keep
+one shape); the two differ only in how a token's key is written and which keys a query sees.
 """
 
 from __future__ import annotations
@@ -30,19 +33,18 @@ class LayerCache(NamedTuple):
 
     Keys and values along the key axis are [memory (M slots), block so far (P slots)]. Under autograd they are
     exactly that long and a call concatenates; without autograd they live in buffers of M + block_width slots
-    that a call writes in place (one slot per token when decoding, instead of re-concatenating the block). Several
-    caches may share those buffers: each uses only its own first M + P slots, and ``written`` (the one mutable
-    part, shared) says how far any of them has written, so a call from an older cache copies before writing.
+    that a call writes in place (one slot per token when decoding, instead of re-concatenating the block). The
+    decoder copies the buffers before writing where an older decode state shares them with a newer one
+    (:meth:`AttentionBlock.copy_buffers`).
     """
 
     keys: Tensor | None  # (B, kv_heads, >= M + P, dh): normalised (qk-norm layers) and rotated (rotary) keys
     values: Tensor | None  # (B, >= M + P, kv_dim): raw values (values are never transformed)
     raw_keys: Tensor | None  # (B, >= P, kv_dim): the block's keys as projected, which the commit stores
     memory_len: int  # M
-    # P: tokens of the block fed so far; a (B,) tensor when rows stand at different positions (ragged decoding:
-    # one token per row per call, written in place in buffers of M + block_width slots)
+    # P: tokens of the block fed so far; an int when the rows share it, a (B,) tensor when each row stands at its
+    # own position (then one token per row per call, written in buffers of M + block_width slots)
     filled: int | Tensor
-    written: list  # [slots of the block written by any cache sharing these buffers]
     # which keys each of the block's W positions sees, from AttentionBlock.visibility: mask (W, M + W) or
     # (B, 1, W, M + W) bool (None: every key so far, the plain causal case), T5 bias (H, W, M + W) or None,
     # and the rows that see nothing (sliding window at a document's first token), (W, 1) or (B, 1, W, 1)
@@ -52,42 +54,28 @@ class LayerCache(NamedTuple):
     read_keys: tuple[Tensor, ...]  # per state read, the state's keys prepared once for the block
     # the layer's input projections side by side and transposed, (D, H dh + 2 kv_dim + reads * H dh): one matrix
     # product per call for queries, keys, values and state-read queries; and the feed-forward's input projection,
-    # transposed. Contiguous copies when decoding (a vector times a contiguous (D, out) matrix was 1.2-3x faster
-    # on the CPU than F.linear) when the block is decoded token by token, views otherwise
+    # transposed. Contiguous copies when the block is decoded token by token (a vector times a contiguous
+    # (D, out) matrix is faster than F.linear on the CPU), views otherwise
     in_proj: Tensor
     ff_in: Tensor
 
-    def block_keys(self) -> tuple[Tensor, Tensor]:
-        """The block's raw keys and values so far, (B, P, kv_dim) each: what a commit stores."""
-        M, P = self.memory_len, self.filled
-        return self.raw_keys[:, :P], self.values[:, M : M + P]
 
-
-def _must_copy(buffer: Tensor, cache: LayerCache) -> bool:
-    """Whether writing past ``cache``'s slots in place could change what another cache or autograd sees."""
-    return (
-        cache.written[0] > cache.filled  # another continuation of an older cache has written here
-        or (buffer.is_inference() and not torch.is_inference_mode_enabled())  # cannot be written outside it
-    )
-
-
-def _append(buffer: Tensor | None, length: int, new: Tensor, capacity: int, axis: int, mode: str) -> Tensor:
-    """``buffer``'s first ``length`` slots along ``axis`` followed by ``new``.
-
-    mode "concat": a new tensor of exactly that length (autograd). "write": ``new`` is written in place into a
-    buffer of ``capacity`` slots (allocated when there is none of that size). "copy": as "write", on a copy.
-    """
-    if mode == "concat":
+def _extend(buffer: Tensor | None, length: int, new: Tensor, capacity: int, axis: int) -> Tensor:
+    """``buffer``'s first ``length`` slots along ``axis`` followed by ``new``: under autograd a new tensor of
+    exactly that length (autograd may keep views of the old one); otherwise ``new`` written in place into a
+    buffer of ``capacity`` slots, allocated when there is none of that size or it cannot be written here."""
+    if torch.is_grad_enabled():
         return new if buffer is None or length == 0 else torch.cat((buffer.narrow(axis, 0, length), new), dim=axis)
-    if buffer is None or buffer.shape[axis] != capacity:
+    if (
+        buffer is None or buffer.shape[axis] != capacity
+        or (buffer.is_inference() and not torch.is_inference_mode_enabled())  # cannot be written outside it
+    ):
         shape = list(new.shape)
         shape[axis] = capacity
         fresh = new.new_empty(shape)
         if buffer is not None and length:
             fresh.narrow(axis, 0, length).copy_(buffer.narrow(axis, 0, length))
         buffer = fresh
-    elif mode == "copy":
-        buffer = buffer.clone()
     buffer.narrow(axis, length, new.shape[axis]).copy_(new)  # cast to the buffer's dtype, as cat would
     return buffer
 
@@ -153,7 +141,7 @@ class AttentionBlock(nn.Module):
             # copied once per block for its block_width decoding calls; evaluation would copy once per call
             # (13% of its time with blocks of 16)
             in_proj, ff_in = in_proj.contiguous(), ff_in.contiguous()
-        return LayerCache(keys, values, None, M, 0, [0], mask, bias, empty, read_keys, in_proj, ff_in)
+        return LayerCache(keys, values, None, M, 0, mask, bias, empty, read_keys, in_proj, ff_in)
 
     def input_projection(self) -> Tensor:
         """The input projections side by side, transposed: (D, H dh + 2 kv_dim + reads * H dh), a view."""
@@ -182,10 +170,10 @@ class AttentionBlock(nn.Module):
         H, dh, C = self.heads, self.dim_head, self.kv_dim
         Q = H * dh
         M, P = cache.memory_len, cache.filled
-        ragged = isinstance(P, Tensor)
-        if ragged and N != 1:
+        per_row = isinstance(P, Tensor)
+        if per_row and N != 1:
             raise ValueError(f"rows at different positions take one token each, got {N}")
-        if not ragged and P + N > self.block_width:
+        if not per_row and P + N > self.block_width:
             raise ValueError(f"{N} tokens do not fit in the block: {P} of block_width={self.block_width} are fed")
 
         # 1. one product for queries, keys, values and the state reads' queries
@@ -196,25 +184,11 @@ class AttentionBlock(nn.Module):
         q_tables, k_tables = tables if self.use_rotary else (None, None)
         q, scale = self.attn.prepare_queries(q, q_tables)
 
-        # 2. append this call's keys and values to the block's (normalised and rotated once, here)
-        new_keys = self.attn.prepare_keys(key, k_tables)
-        cache = self._write_rows(cache, new_keys, value, key) if ragged else self._append(cache, new_keys, value, key)
+        # 2. add this call's keys and values to the block's (normalised and rotated once, here)
+        cache = self._write(cache, self.attn.prepare_keys(key, k_tables), value, key)
 
         # 3. attend over what each query may see: memory, the block's earlier tokens, itself
-        if ragged:
-            mask, bias, empty = self._ragged_visibility(cache, P)
-            J = M + self.block_width
-        else:
-            J = M + P + N
-            mask = bias = empty = None
-            if cache.mask is not None:
-                mask = cache.mask[..., P : P + N, :J]  # (N, J) or (B, 1, N, J)
-            elif N > 1:
-                mask = torch.ones(N, J, dtype=torch.bool, device=x.device).tril(M + P)  # causal, after the memory
-            if cache.bias is not None:
-                bias = cache.bias[:, P : P + N, :J]  # (H, N, J)
-            if cache.empty is not None:
-                empty = cache.empty[..., P : P + N, :]
+        J, mask, bias, empty = self._visible(cache, P, N, x.device)
         dropout_p = self.attn.dropout if self.training else 0.0
         out = attend(
             q, cache.keys[:, :, :J], split_kv_heads(cache.values[:, :J], self.attn.kv_heads), mask,
@@ -231,47 +205,54 @@ class AttentionBlock(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, N, (1 + reads) * Q)
         return F.linear(out, self.to_out.weight), cache
 
-    def _append(self, cache: LayerCache, keys: Tensor, values: Tensor, raw_keys: Tensor) -> LayerCache:
-        """``cache`` with N new prepared keys (B, K, N, dh), values and raw keys (B, N, C) after its slots."""
+    def _write(self, cache: LayerCache, keys: Tensor, values: Tensor, raw_keys: Tensor) -> LayerCache:
+        """``cache`` with N new prepared keys (B, K, N, dh), values and raw keys (B, N, C): after its P slots when
+        the rows share P, in slot M + P[b] of row b's block-sized buffers when each row has its own."""
         M, P, W = cache.memory_len, cache.filled, self.block_width
+        if isinstance(P, Tensor):
+            rows = torch.arange(P.shape[0], device=P.device)
+            cache.keys[rows, :, M + P] = keys[:, :, 0].to(cache.keys.dtype)
+            cache.values[rows, M + P] = values[:, 0].to(cache.values.dtype)
+            cache.raw_keys[rows, P] = raw_keys[:, 0].to(cache.raw_keys.dtype)
+            return cache._replace(filled=P + 1)
         N = values.shape[1]
-        written = cache.written
-        if torch.is_grad_enabled():
-            mode = "concat"  # autograd may keep views of the old tensors: never write into them
-        elif cache.keys is not None and _must_copy(cache.keys, cache):
-            mode, written = "copy", [0]
-        else:
-            mode = "write"
-        keys = _append(cache.keys, M + P, keys, M + W, 2, mode)
-        values = _append(cache.values, M + P, values, M + W, 1, mode)
-        raw_keys = _append(cache.raw_keys, P, raw_keys, W, 1, mode)
-        written[0] = max(written[0], P + N)
-        return cache._replace(keys=keys, values=values, raw_keys=raw_keys, filled=P + N, written=written)
+        keys = _extend(cache.keys, M + P, keys, M + W, 2)
+        values = _extend(cache.values, M + P, values, M + W, 1)
+        raw_keys = _extend(cache.raw_keys, P, raw_keys, W, 1)
+        return cache._replace(keys=keys, values=values, raw_keys=raw_keys, filled=P + N)
 
-    def _write_rows(self, cache: LayerCache, keys: Tensor, values: Tensor, raw_keys: Tensor) -> LayerCache:
-        """Ragged decoding: row b's new key/value (keys (B, K, 1, dh), values and raw keys (B, 1, C)) into slot
-        M + P[b] of the block-sized buffers, in place (a ragged cache is owned by one decoding loop)."""
-        M, P = cache.memory_len, cache.filled
-        rows = torch.arange(P.shape[0], device=P.device)
-        cache.keys[rows, :, M + P] = keys[:, :, 0].to(cache.keys.dtype)
-        cache.values[rows, M + P] = values[:, 0].to(cache.values.dtype)
-        cache.raw_keys[rows, P] = raw_keys[:, 0].to(cache.raw_keys.dtype)
-        return cache._replace(filled=P + 1)
+    def _visible(
+        self, cache: LayerCache, P: int | Tensor, N: int, device: torch.device
+    ) -> tuple[int, Tensor | None, Tensor | None, Tensor | None]:
+        """(keys to attend over J, mask, T5 bias, rows that see nothing) for the N queries from block position P.
 
-    def _ragged_visibility(self, cache: LayerCache, P: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Row b's query at block position P[b] over all M + block_width slots: (mask (B, 1, 1, J), bias
-        (B, H, 1, J) or None, empty (B, 1, 1, 1) or None). Slots past each row's token are never visible."""
-        M, W = cache.memory_len, self.block_width
-        rows = torch.arange(P.shape[0], device=P.device)
-        seen = torch.arange(M + W, device=P.device) <= M + P[:, None]  # (B, J): memory and the block so far
+        Rows that share P: mask (N, J) or (B, 1, N, J), None for the plain causal case of one query; bias (H, N, J).
+        Rows at their own P (one query each): every row attends over all M + block_width slots, the ones past its
+        token masked: mask (B, 1, 1, J), bias (B, H, 1, J), empty (B, 1, 1, 1).
+        """
+        M = cache.memory_len
+        if isinstance(P, Tensor):
+            J = M + self.block_width
+            rows = torch.arange(P.shape[0], device=P.device)
+            seen = torch.arange(J, device=P.device) <= M + P[:, None]  # (B, J): memory and the block so far
+            if cache.mask is not None:
+                seen = seen & (cache.mask[P] if cache.mask.ndim == 2 else cache.mask[rows, 0, P])
+            bias = None if cache.bias is None else cache.bias[:, P].transpose(0, 1)[:, :, None]
+            empty = None
+            if cache.empty is not None:
+                empty = (cache.empty[P] if cache.empty.ndim == 2 else cache.empty[rows, 0, P])[:, None, None]
+            return J, seen[:, None, None], bias, empty
+        J = M + P + N
+        mask = bias = empty = None
         if cache.mask is not None:
-            rule = cache.mask[P] if cache.mask.ndim == 2 else cache.mask[rows, 0, P]  # (B, J)
-            seen = seen & rule
-        bias = None if cache.bias is None else cache.bias[:, P].transpose(0, 1)[:, :, None]  # (B, H, 1, J)
-        empty = None
+            mask = cache.mask[..., P : P + N, :J]  # (N, J) or (B, 1, N, J)
+        elif N > 1:
+            mask = torch.ones(N, J, dtype=torch.bool, device=device).tril(M + P)  # causal, after the memory
+        if cache.bias is not None:
+            bias = cache.bias[:, P : P + N, :J]  # (H, N, J)
         if cache.empty is not None:
-            empty = (cache.empty[P] if cache.empty.ndim == 2 else cache.empty[rows, 0, P])[:, None, None]  # (B, 1, 1, 1)
-        return seen[:, None, None], bias, empty
+            empty = cache.empty[..., P : P + N, :]
+        return J, mask, bias, empty
 
     def visibility(
         self, M: int, P: int, N: int, valid: Tensor | None, device: torch.device
@@ -317,16 +298,6 @@ class TransformerLayer(nn.Module):
         projected = self.attn.project(x, self.attn.input_projection())
         return (projected, *self.attn.split_keys_values(projected))
 
-    @staticmethod
-    def block_keys(cache: LayerCache) -> tuple[Tensor, Tensor]:
-        """The raw keys and values (B, P, kv_dim) of the block so far: what a commit stores."""
-        return cache.block_keys()
-
-    @staticmethod
-    def position(cache: LayerCache) -> int | Tensor:
-        """Tokens of the block fed so far: an int, or a (B,) tensor when rows stand at different positions."""
-        return cache.filled
-
     def forward(
         self, x: Tensor, cache: LayerCache, views: Sequence[StateView], tables: tuple[RotaryTables, RotaryTables] | None,
         projected: Tensor | None = None,
@@ -335,3 +306,82 @@ class TransformerLayer(nn.Module):
         branch, cache = self.attn(x, cache, views, tables, projected)
         x = x + branch
         return x + self.ff(x, cache.ff_in), cache
+
+
+# what the decoder does with a cache, besides feeding it tokens: read its block, give each row its own position,
+# start some rows' next block. Nothing outside this module reads or writes a cache's fields.
+
+
+def position(cache: LayerCache) -> int | Tensor:
+    """Tokens of the block fed so far: an int when the rows share it, else a (B,) tensor."""
+    return cache.filled
+
+
+def block_keys(cache: LayerCache, rows: Tensor | None = None, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """The raw keys and values (B, P, kv_dim) of the block so far, what a commit stores; with ``rows`` (rows at
+    their own positions), the first ``length`` tokens of those rows' blocks."""
+    M = cache.memory_len
+    if rows is None:
+        P = cache.filled
+        return cache.raw_keys[:, :P], cache.values[:, M : M + P]
+    return cache.raw_keys[rows, :length], cache.values[rows, M : M + length]
+
+
+def per_row(opened: LayerCache, block_width: int) -> LayerCache:
+    """A block just opened (P = 0) as block-sized buffers in which each row keeps its own position: one shape
+    for the whole decode. Zeros where nothing is written yet, so that slots no row sees never hold a NaN that a
+    zero attention weight would still spread."""
+    M, W = opened.memory_len, block_width
+    B, K, _, dh = opened.keys.shape
+    keys = opened.keys.new_zeros(B, K, M + W, dh)
+    keys[:, :, :M] = opened.keys
+    values = opened.values.new_zeros(B, M + W, opened.values.shape[-1])
+    values[:, :M] = opened.values
+    positions = torch.zeros(B, dtype=torch.long, device=keys.device)
+    return opened._replace(keys=keys, values=values, raw_keys=torch.zeros_like(values[:, :W]), filled=positions,
+                           read_keys=tuple(map(_standard, opened.read_keys)), mask=_standard(opened.mask),
+                           empty=None if opened.empty is None else _standard(opened.empty))
+
+
+def _standard(t: Tensor) -> Tensor:
+    """A copy of ``t`` in the standard contiguous layout (size-1 axes included): the tensors of a decode whose
+    rows keep their own positions keep one layout, so its compiled pass never recompiles for a new stride."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def place_block(cache: LayerCache, rows: Tensor, source: LayerCache) -> LayerCache:
+    """``cache`` (rows at their own positions, buffers owned by the caller) with ``rows`` holding the block so far
+    of ``source``, a cache of those rows that share a position P > 0. Keys are rotated by their position in
+    the block, not by the memory's length, so they move between memories of different lengths unchanged."""
+    M, S, P = cache.memory_len, source.memory_len, source.filled
+    cache.keys[rows, :, M : M + P] = source.keys[:, :, S : S + P].to(cache.keys.dtype)
+    cache.values[rows, M : M + P] = source.values[:, S : S + P].to(cache.values.dtype)
+    cache.raw_keys[rows, :P] = source.raw_keys[:, :P].to(cache.raw_keys.dtype)
+    cache.filled[rows] = P
+    return cache
+
+
+def reopen_rows(cache: LayerCache, rows: Tensor, opened: LayerCache) -> LayerCache:
+    """``cache`` (rows at their own positions) with ``rows`` starting their next block: ``opened`` is that block
+    opened for those rows on full-length memories. New tensors, the block's buffers included (the rows will write
+    their new block into them): a decode state held from before keeps its own. The rows' old block slots stay,
+    unseen (past their position) until overwritten."""
+    M = cache.memory_len
+    keys, values = cache.keys.clone(), cache.values.clone()
+    keys[rows, :, :M] = opened.keys
+    values[rows, :M] = opened.values
+    return cache._replace(
+        keys=keys, values=values, raw_keys=cache.raw_keys.clone(),
+        mask=_standard(cache.mask).index_copy_(0, rows, opened.mask),
+        empty=None if cache.empty is None else _standard(cache.empty).index_copy_(0, rows, opened.empty),
+        read_keys=tuple(_standard(k).index_copy_(0, rows, new) for k, new in zip(cache.read_keys, opened.read_keys)),
+        filled=cache.filled.index_fill(0, rows, 0),
+    )
+
+
+def copy_buffers(cache: LayerCache) -> LayerCache:
+    """``cache`` on copies of the buffers that feeding writes in place: for a decode state continued again
+    after a newer one has written into the buffers they share."""
+    copy = lambda t: None if t is None else t.clone()
+    return cache._replace(keys=copy(cache.keys), values=copy(cache.values), raw_keys=copy(cache.raw_keys),
+                          filled=copy(cache.filled) if isinstance(cache.filled, Tensor) else cache.filled)

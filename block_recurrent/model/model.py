@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BlockRecurrentConfig
-from .layer import LayerCache, TransformerLayer
+from .layer import LayerCache, TransformerLayer, block_keys, position
 from .positions import RotaryXPos
 from .recurrent import RecurrentStateCell, StateView
 from .state import ModelState, XLMemory, checked_state
@@ -103,16 +103,12 @@ class BlockRecurrentModel(nn.Module):
         """
         tables = None  # the N tokens' rotary tables, the same in every layer
         if self.config.position_encoding == "rotary_xpos":
-            tables = self.rotary.tables_at(self.layers[0].position(caches[0]), x.shape[1])
+            tables = self.rotary.tables_at(position(caches[0]), x.shape[1])
         next_caches = []
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, cache, views, tables)
             next_caches.append(cache)
         return x, tuple(next_caches)
-
-    def block_keys(self, caches: Sequence[LayerCache]) -> tuple[tuple[Tensor, Tensor], ...]:
-        """Per layer, the raw (keys, values) (B, P, kv_dim) of the block so far: what a commit stores."""
-        return tuple(layer.block_keys(cache) for layer, cache in zip(self.layers, caches))
 
     def commit_block(
         self, state: ModelState, views: Sequence[StateView], blocks: Sequence[tuple[Tensor, Tensor]],
@@ -137,7 +133,7 @@ class BlockRecurrentModel(nn.Module):
         """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
         views, caches = self.open_block(state, x.shape[0])
         hidden, caches = self.forward_tokens(x, caches, views)
-        return hidden, self.commit_block(state, views, self.block_keys(caches))
+        return hidden, self.commit_block(state, views, tuple(block_keys(cache) for cache in caches))
 
     def forward_blocks(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """Run n whole blocks of embedded tokens x (B, n * block_width, D) and commit them: the same as n calls of
