@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from block_recurrent.training.distributed import resolve_eval_bf16
+from block_recurrent.training.precision import resolve_eval_bf16
 from block_recurrent.inference.evaluation import EVAL_SEGMENT_TOKENS, default_segment_len, evaluate, evaluate_documents
 
 from conftest import TINY, make_model, random_tokens
@@ -102,7 +102,7 @@ def test_evaluation_default_segments_equal_one_block_per_call():
 
 def test_evaluation_takes_bf16_on_the_cpu_when_blocks_run_side_by_side():
     cpu = torch.device("cpu")
-    from block_recurrent.training.distributed import native_bf16
+    from block_recurrent.training.precision import native_bf16
 
     assert resolve_eval_bf16(None, cpu, 16, blocks_side_by_side=True) is native_bf16(cpu)
     assert resolve_eval_bf16(None, cpu, 16, blocks_side_by_side=False) is False

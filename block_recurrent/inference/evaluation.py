@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
-from typing import Sequence
-
 from ..model.checks import check_float, check_int, check_tokens
-from .decoding import eval_no_grad
 from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState, checked_state
+from .decoding import eval_no_grad
 
 
 
@@ -94,16 +94,6 @@ def _check_options(model, segment_len, bytes_per_token, bucket_size, longest: in
     return segment_len
 
 
-def _score_segment(
-    model: BlockRecurrentModel, inputs: Tensor, labels: Tensor, state: ModelState | None,
-    reset: Tensor | None = None,
-) -> tuple[Tensor, ModelState]:
-    """Per-token losses (B, N) of one segment (0 where a label is ignore_index), and the state after it."""
-    logits, state = model.run(inputs, state, reset=reset)  # (B, N, V): the only large tensor, freed on return
-    losses = model.loss(logits, labels, reduction="none")  # (B * N,)
-    return losses.view(labels.shape).double(), state
-
-
 def evaluate(
     model: BlockRecurrentModel,
     tokens: Tensor | Sequence[Tensor],
@@ -136,36 +126,83 @@ def evaluate(
     tokens = _check_tokens(model, tokens)
     segment_len = _check_options(model, segment_len, bytes_per_token, bucket_size, tokens.shape[1] - 1)
     B, T = tokens.shape
-    predicted = T - 1
-    state = checked_state(model.config, state, B)
-
-    loss_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    bucket_sums = None
-    if bucket_size is not None:
-        bucket_sums = torch.zeros(math.ceil(predicted / bucket_size), dtype=torch.float64, device=tokens.device)
-
-    with eval_no_grad(model, inference=True):  # only numbers leave
-        for begin in range(0, predicted, segment_len):
-            end = min(begin + segment_len, predicted)
-            losses, state = _score_segment(model, tokens[:, begin:end], tokens[:, begin + 1 : end + 1], state)
-            loss_sum += losses.sum()
-            if bucket_sums is not None:
-                positions = torch.arange(begin, end, device=tokens.device)
-                bucket_sums.index_add_(0, positions // bucket_size, losses.sum(dim=0))  # summed over rows
-
-    buckets = _buckets(bucket_sums, bucket_size, B, predicted)
-    return EvalResult.from_sums(loss_sum.item(), B * predicted, bytes_per_token, buckets)
+    predicted, device = T - 1, tokens.device
+    # each row is a lane holding one document, carried on from ``state`` (no reset)
+    lanes = _Lanes(
+        inputs=tokens[:, :-1], labels=tokens[:, 1:],
+        owner=torch.arange(B, device=device)[:, None].expand(B, predicted),
+        position=torch.arange(predicted, device=device).expand(B, predicted),
+        starts=torch.zeros(B, math.ceil(predicted / segment_len), dtype=torch.bool, device=device),
+        segments=torch.full((B,), math.ceil(predicted / segment_len), device=device),
+    )
+    sums, bucket_sums = _score_lanes(model, lanes, [predicted] * B, segment_len, bucket_size,
+                                     checked_state(model.config, state, B))
+    buckets = None
+    if bucket_sums is not None:  # every row has the same buckets: pool them
+        buckets = _buckets(bucket_sums.view(B, -1).sum(dim=0), bucket_size, B, predicted)
+    return EvalResult.from_sums(float(sums.sum()), B * predicted, bytes_per_token, buckets)
 
 
-def _buckets(sums: Tensor | None, size: int | None, rows: int, predicted: int) -> list[tuple[int, float, int]] | None:
-    if sums is None:
-        return None
+def _buckets(sums: Tensor, size: int, rows: int, predicted: int) -> list[tuple[int, float, int]]:
     buckets = []
     for index, total in enumerate(sums.tolist()):
         start = index * size
         count = rows * (min(start + size, predicted) - start)
         buckets.append((start, total / count, count))
     return buckets
+
+
+@dataclass(frozen=True)
+class _Lanes:
+    """Documents laid out in rows (lanes) for scoring, segment after segment: (B, L) inputs and labels
+    (ignore_index on padding), the document each input belongs to (-1 on padding) and its position in it;
+    (B, steps) where a document starts (the row is reset there); (B,) segments each lane holds."""
+
+    inputs: Tensor
+    labels: Tensor
+    owner: Tensor
+    position: Tensor
+    starts: Tensor
+    segments: Tensor
+
+    def rows(self, rows: Tensor) -> "_Lanes":
+        return _Lanes(*(t[rows] for t in (self.inputs, self.labels, self.owner, self.position, self.starts,
+                                          self.segments)))
+
+
+def _score_lanes(
+    model: BlockRecurrentModel, lanes: _Lanes, predicted: Sequence[int], segment_len: int, bucket_size: int | None,
+    state: ModelState | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The evaluation loop: every lane segment by segment from ``state``, rows reset where their next document
+    starts, lanes whose documents are done leaving the batch. Returns the summed loss of each document
+    (``predicted`` holds their lengths) and, with ``bucket_size``, the summed loss of each document's buckets,
+    document after document."""
+    device = lanes.inputs.device
+    sums = torch.zeros(len(predicted), dtype=torch.float64, device=device)
+    bucket_sums = bucket_base = None
+    if bucket_size is not None:
+        counts = [math.ceil(n / bucket_size) for n in predicted]
+        bucket_base = torch.tensor([0] + counts[:-1], device=device).cumsum(0)  # each document's first bucket
+        bucket_sums = torch.zeros(sum(counts), dtype=torch.float64, device=device)
+    with eval_no_grad(model, inference=True):  # only numbers leave
+        for step in range(int(lanes.segments.max())):
+            active = lanes.segments > step
+            if not bool(active.all()):
+                rows = active.nonzero()[:, 0]
+                lanes, state = lanes.rows(rows), state.select_rows(rows)
+            window = slice(step * segment_len, (step + 1) * segment_len)
+            reset = lanes.starts[:, step] if bool(lanes.starts[:, step].any()) else None
+            logits, state = model.run(lanes.inputs[:, window], state, reset=reset)  # the only large tensor
+            labels = lanes.labels[:, window]
+            losses = model.loss(logits, labels, reduction="none").view(labels.shape).double()
+            owner = lanes.owner[:, window]
+            scored = owner >= 0
+            sums.index_add_(0, owner[scored], losses[scored])
+            if bucket_sums is not None:
+                at = bucket_base[owner[scored]] + lanes.position[:, window][scored] // bucket_size
+                bucket_sums.index_add_(0, at, losses[scored])
+    return sums, bucket_sums
 
 
 def evaluate_documents(
@@ -182,9 +219,9 @@ def evaluate_documents(
 
     The documents are dealt to ``batch_size`` lanes (the longest first, each to the least loaded lane); a lane
     reads its documents one after another, each padded to a whole number of segments, and its row is reset
-    (empty memory, initial state) where a document starts; a lane whose documents are done leaves the batch. Padding is scored by nothing and influences nothing
-    that is scored: it only follows a document's last token. Runs in eval mode without autograd, under the
-    caller's autocast if any.
+    (empty memory, initial state) where a document starts; a lane whose documents are done leaves the batch.
+    Padding is scored by nothing and influences nothing that is scored: it only follows a document's last token.
+    Runs in eval mode without autograd, under the caller's autocast if any.
     """
     if not isinstance(documents, Sequence) or isinstance(documents, Tensor) or not documents:
         raise TypeError("documents must be a non-empty list of 1-D token tensors")
@@ -197,22 +234,22 @@ def evaluate_documents(
 
     # 1. deal the documents to lanes; a document takes whole segments, predictions at inputs 0 .. T - 2
     segments_of = [math.ceil((len(doc) - 1) / segment_len) for doc in docs]
-    lanes: list[list[int]] = [[] for _ in range(min(batch_size, len(docs)))]
-    loads = [0] * len(lanes)
+    dealt: list[list[int]] = [[] for _ in range(min(batch_size, len(docs)))]
+    loads = [0] * len(dealt)
     for index in sorted(range(len(docs)), key=lambda i: -segments_of[i]):
         lane = loads.index(min(loads))
-        lanes[lane].append(index)
+        dealt[lane].append(index)
         loads[lane] += segments_of[index]
 
     # 2. per lane, inputs, labels (ignore_index on padding), which document and position each input is
-    B, steps = len(lanes), max(loads)
+    B, steps = len(dealt), max(loads)
     length = steps * segment_len
     inputs = torch.zeros(B, length, dtype=torch.long, device=device)
     labels = torch.full((B, length), ignore, dtype=torch.long, device=device)
-    owner = torch.full((B, length), -1, dtype=torch.long, device=device)  # document index, -1 on padding
+    owner = torch.full((B, length), -1, dtype=torch.long, device=device)
     position = torch.zeros(B, length, dtype=torch.long, device=device)
-    starts = torch.zeros(B, steps, dtype=torch.bool, device=device)  # a document starts at this segment
-    for lane, indices in enumerate(lanes):
+    starts = torch.zeros(B, steps, dtype=torch.bool, device=device)
+    for lane, indices in enumerate(dealt):
         at = 0
         for index in indices:
             doc, n = docs[index], len(docs[index]) - 1
@@ -221,39 +258,19 @@ def evaluate_documents(
             position[lane, at : at + n] = torch.arange(n, device=device)
             starts[lane, at // segment_len] = True
             at += segments_of[index] * segment_len
+    lanes = _Lanes(inputs, labels, owner, position, starts, torch.tensor(loads, device=device))
 
-    # 3. segment by segment, rows reset where their next document starts
-    sums = torch.zeros(len(docs), dtype=torch.float64, device=device)
-    bucket_sums = bucket_base = None
-    if bucket_size is not None:
-        counts = [math.ceil((len(doc) - 1) / bucket_size) for doc in docs]
-        bucket_base = torch.tensor([0] + counts[:-1], device=device).cumsum(0)  # each document's first bucket
-        bucket_sums = torch.zeros(sum(counts), dtype=torch.float64, device=device)
-    state, lanes_left = None, torch.tensor(loads, device=device)  # segments each lane still has
-    with eval_no_grad(model, inference=True):  # only numbers leave
-        for step in range(steps):
-            active = lanes_left > step
-            if not bool(active.all()):  # lanes whose documents are done leave the batch
-                rows = active.nonzero()[:, 0]
-                inputs, labels, owner, position, starts = (t[rows] for t in (inputs, labels, owner, position, starts))
-                state, lanes_left = state.select_rows(rows), lanes_left[rows]
-            window = slice(step * segment_len, (step + 1) * segment_len)
-            losses, state = _score_segment(model, inputs[:, window], labels[:, window], state, starts[:, step])
-            scored = owner[:, window] >= 0
-            sums.index_add_(0, owner[:, window][scored], losses[scored])
-            if bucket_sums is not None:
-                doc_of = owner[:, window][scored]
-                bucket_sums.index_add_(0, bucket_base[doc_of] + position[:, window][scored] // bucket_size, losses[scored])
-
-    results = []
-    for index, doc in enumerate(docs):
-        predicted = len(doc) - 1
+    # 3. the evaluation loop, then one result per document
+    predicted = [len(doc) - 1 for doc in docs]
+    sums, bucket_sums = _score_lanes(model, lanes, predicted, segment_len, bucket_size, None)
+    results, first = [], 0  # first: the document's first bucket
+    for index, n in enumerate(predicted):
         buckets = None
         if bucket_sums is not None:
-            first = int(bucket_base[index])
-            count = math.ceil(predicted / bucket_size)
-            buckets = _buckets(bucket_sums[first : first + count], bucket_size, 1, predicted)
-        results.append(EvalResult.from_sums(float(sums[index]), predicted, bytes_per_token, buckets))
+            count = math.ceil(n / bucket_size)
+            buckets = _buckets(bucket_sums[first : first + count], bucket_size, 1, n)
+            first += count
+        results.append(EvalResult.from_sums(float(sums[index]), n, bytes_per_token, buckets))
     return results
 
 
