@@ -16,7 +16,7 @@ from .config import BlockRecurrentConfig
 from .state import XLMemory
 
 
-def _append(memory: XLMemory | None, keys: Tensor, values: Tensor, valid: Tensor | None = None) -> XLMemory:
+def _concat(memory: XLMemory | None, keys: Tensor, values: Tensor, valid: Tensor | None = None) -> XLMemory:
     """Concatenate new positions after ``memory``; validity stays None while everything is valid."""
     if memory is None:
         return XLMemory(keys, values, valid)
@@ -31,7 +31,7 @@ def _append(memory: XLMemory | None, keys: Tensor, values: Tensor, valid: Tensor
     )
 
 
-def _split(memory: XLMemory, at: int) -> tuple[XLMemory | None, XLMemory | None]:
+def _split_at(memory: XLMemory, at: int) -> tuple[XLMemory | None, XLMemory | None]:
     """(positions before ``at``, positions from ``at``); a negative ``at`` counts from the end."""
     length = memory.length
     at = max(0, length + at) if at < 0 else min(at, length)
@@ -52,7 +52,7 @@ class FifoMemory(nn.Module):
         self.length = config.block_width
 
     def update(self, memory: XLMemory | None, keys: Tensor, values: Tensor) -> XLMemory:
-        _, kept = _split(_append(memory, keys, values), -self.length)
+        _, kept = _split_at(_concat(memory, keys, values), -self.length)
         return kept
 
 
@@ -69,7 +69,7 @@ class CompressedMemory(nn.Module):
         usable = (overflow.length // self.factor) * self.factor
         if usable == 0:
             return None
-        _, overflow = _split(overflow, -usable)  # the oldest remainder is dropped, as in the reference
+        _, overflow = _split_at(overflow, -usable)  # the oldest remainder is dropped, as in the reference
         kv = torch.cat((overflow.keys, overflow.values), dim=-1)  # (B, n, 2 * kv_dim)
         kv = self.compress(rearrange(kv, "b n c -> b c n"))
         keys, values = rearrange(kv, "b c n -> b n c").chunk(2, dim=-1)
@@ -80,18 +80,18 @@ class CompressedMemory(nn.Module):
         return XLMemory(keys, values, valid)
 
     def update(self, memory: XLMemory | None, keys: Tensor, values: Tensor) -> XLMemory:
-        compressed, recent = (None, None) if memory is None else _split(memory, -self.recent_length)
-        overflow, recent = _split(_append(recent, keys, values), -self.recent_length)
+        compressed, recent = (None, None) if memory is None else _split_at(memory, -self.recent_length)
+        overflow, recent = _split_at(_concat(recent, keys, values), -self.recent_length)
         if overflow is not None:
             new_compressed = self._compress(overflow)
             if new_compressed is not None:
-                merged = new_compressed if compressed is None else _append(
+                merged = new_compressed if compressed is None else _concat(
                     compressed, new_compressed.keys, new_compressed.values, new_compressed.valid
                 )
-                _, compressed = _split(merged, -self.compressed_length)
+                _, compressed = _split_at(merged, -self.compressed_length)
         if compressed is None:
             return recent
-        return _append(compressed, recent.keys, recent.values, recent.valid)
+        return _concat(compressed, recent.keys, recent.values, recent.valid)
 
 
 MEMORY_KINDS: dict[str, type[nn.Module]] = {"fifo": FifoMemory, "compressed": CompressedMemory}
