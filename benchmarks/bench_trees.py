@@ -8,8 +8,10 @@ Each measurement runs in a fresh process that imports ``block_recurrent`` from i
 round by round (A B A B ...), so slow drift of the machine hits both alike, and the table reports each tree's
 median over rounds. Training: the small config (the README's training table), batch 4 x 4 segments x 256
 tokens, forward + backward + AdamW step, 2 threads, tokens/s of the best of 3 steps. Decoding: the same model,
-batch 1, 16-token prompt, greedy, 512 new tokens, 1 thread, tokens/s. Both in the reference's architecture
-(``gate_projection=True``), as the other benchmarks. Run it on an idle machine.
+batch 1, 16-token prompt, greedy, 512 new tokens, 1 thread, tokens/s, eager and compiled (``compile=True``, after
+a warm-up that compiles). Evaluation: ``evaluate`` over 4 documents x 4,097 tokens, 2 threads. All in the
+reference's architecture (``gate_projection=True``), as the other benchmarks, through the names both trees export
+at the top of the package. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -49,15 +51,33 @@ def worker(tree: str, what: str) -> dict:
             if step:
                 best = min(best, time.perf_counter() - start)
         return {"tokens_per_s": 4 * 4 * 256 / best}
-    torch.set_num_threads(1)
-    from block_recurrent.inference.generation import generate
+    if what == "eval":
+        torch.set_num_threads(2)
+        from block_recurrent import evaluate
 
+        documents = torch.randint(0, 256, (4, 4097))
+        evaluate(model, documents[:, :257])  # warm-up
+        start = time.perf_counter()
+        evaluate(model, documents)
+        return {"tokens_per_s": documents.numel() / (time.perf_counter() - start)}
+    torch.set_num_threads(1)
+    from block_recurrent import generate
+
+    compile = what == "compiled"
     model.eval()
     prompt = torch.randint(0, 256, (1, 16))
-    generate(model, prompt, 32, temperature=0)  # warm-up
+    generate(model, prompt, 32, temperature=0, compile=compile)  # warm-up (compiles)
     start = time.perf_counter()
-    generate(model, prompt, 512, temperature=0)
+    generate(model, prompt, 512, temperature=0, compile=compile)
     return {"tokens_per_s": 512 / (time.perf_counter() - start)}
+
+
+MEASURES = {
+    "train": "training, small, 4 x 4 x 256, 2 threads",
+    "decode": "eager decoding, batch 1, 1 thread",
+    "compiled": "compiled decoding, batch 1, 1 thread",
+    "eval": "evaluation, 4 x 4,097 tokens, 2 threads",
+}
 
 
 def main() -> None:
@@ -75,10 +95,10 @@ def main() -> None:
     if len(args.trees) != 2:
         parser.error("give two source trees")
     trees = [str(Path(tree).resolve()) for tree in args.trees]
-    results = {(tree, what): [] for tree in trees for what in ("train", "decode")}
+    results = {(tree, what): [] for tree in trees for what in MEASURES}
     started = time.perf_counter()
     for _ in range(args.rounds):
-        for what in ("train", "decode"):
+        for what in MEASURES:
             for tree in trees:
                 out = subprocess.run([sys.executable, __file__, "--worker", tree, what], check=True,
                                      capture_output=True, text=True, cwd="/")
@@ -86,7 +106,7 @@ def main() -> None:
     print(f"{args.rounds} rounds in {time.perf_counter() - started:.0f} s; median tokens/s (each round's value)\n")
     print(f"| what | {args.trees[0]} | {args.trees[1]} | ratio |")
     print("|---|---:|---:|---:|")
-    for what, label in (("train", "training, small, 4 x 4 x 256, 2 threads"), ("decode", "decoding, batch 1, 1 thread")):
+    for what, label in MEASURES.items():
         a, b = (statistics.median(results[(tree, what)]) for tree in trees)
         runs = lambda tree: ", ".join(f"{v:.0f}" for v in results[(tree, what)])
         print(f"| {label} | {a:.0f} ({runs(trees[0])}) | {b:.0f} ({runs(trees[1])}) | {b / a:.3f}x |")
