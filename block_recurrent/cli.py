@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -138,16 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompts", metavar="FILE",
                         help='JSON Lines, one {"prompt": "..."} per line (- reads stdin): continues every prompt, '
                              '--batch-size side by side, and writes one JSON line per prompt with its "continuation"')
-    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--max-new-tokens", type=int, default=256,
+                          help="tokens to generate (default: 256); one --prompt streams them as they come, any "
+                               "number; with --prompts at most 1048576 per prompt")
     generate.add_argument("--temperature", type=_finite_float, default=0.8, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=_finite_float, default=None)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling, in [0, 2**63 - 1] (default: 0)")
     generate.add_argument("--batch-size", type=int, default=32, help="--prompts generated side by side (default: 32)")
     generate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     generate.add_argument("--compile", action="store_true",
-                          help="decode through torch.compile: 2-2.5x faster per token on the CPU after a first call "
-                               "that compiles (tens of seconds; seconds once cached)")
+                          help="decode through torch.compile: faster per token, after a first call that compiles "
+                               "(slow the first time, quick once inductor has cached it; docs/generation.md)")
     generate.add_argument("--device", default="auto")
 
     evaluate = commands.add_parser("eval", help="bits per byte of a trained model on documents")
@@ -169,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .persistence.checkpoint import check_same_config, newest_intact_checkpoint
-    from .persistence.storage import lock_run_folder
-    from .training.trainer import TrainConfig, TrainingDiverged, resume_configs, train
+    from .training.trainer import TrainConfig, TrainingDiverged, resume, train
 
     if args.config is not None:  # the file fills what the command line left out
         from .training.run_config import apply_run_file, read_run_file
@@ -179,35 +178,21 @@ def run_train(args: argparse.Namespace) -> int:
         apply_run_file(args, read_run_file(args.config))
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in known}
-    resume, lock = False, None
     if args.recipe is not None:
         if args.resume:
             raise ValueError("--recipe sets up a new run; a resumed run keeps the settings it was started with")
         preset, settings = recipe(args.recipe)
         args.preset, options = preset, {**settings, **options}
-    if args.resume:
-        # the checkpoint is read once (settings here, state in the trainer), under the run folder's lock: a
-        # run still writing there could replace it meanwhile (under torchrun, rank 0 alone locks)
-        out_dir = options.pop("out_dir", TrainConfig.out_dir)
-        if not out_dir:
-            raise ValueError("--out-dir must not be empty")
-        if Path(out_dir).is_dir() and os.environ.get("RANK", "0") == "0":
-            lock = lock_run_folder(Path(out_dir))
-        resume = newest_intact_checkpoint(out_dir)
-        model_config, config = resume_configs(resume, out_dir=out_dir, **options)
-        asked = _model_config(args, default=None)
-        if asked is not None:
-            check_same_config(model_config, asked, resume.path)  # names every differing field
-    else:
-        model_config = _model_config(args, default=DEFAULT_PRESET)
-        config = TrainConfig(**options)
     try:
-        result = train(model_config, config, resume=resume)
+        if args.resume:  # the run's settings and model come from its checkpoint; a model given must be the same
+            out_dir = options.pop("out_dir", TrainConfig.out_dir)
+            result, config = resume(out_dir, model_config=_model_config(args, default=None), **options)
+        else:
+            config = TrainConfig(**options)
+            result = train(_model_config(args, default=DEFAULT_PRESET), config)
     except TrainingDiverged as error:
         print(f"brt: training stopped: {error}", file=sys.stderr)
         return 1
-    finally:
-        del lock  # the trainer held it too; the folder is free once both let go
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "bpb", "val_bpb") if k in result)
     summary = summary or f"nothing to do, max_steps is {config.max_steps}"
     print(f"step {result['step']}: {summary}; checkpoints in {config.out_dir}")
@@ -244,13 +229,15 @@ def _model_config(args: argparse.Namespace, default: str | None):
 
 
 def _load(checkpoint: str, device: str):
-    from .persistence.checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
+    """The model and tokenizer of --checkpoint (a run folder: its newest complete checkpoint)."""
+    from .persistence.checkpoint import TOKENIZER_FILE, load_pretrained
     from .training.data import load_tokenizer
     from .training.distributed import resolve_device
 
-    folder = resolve_checkpoint(checkpoint) if Path(checkpoint).exists() else checkpoint
-    model = from_pretrained(folder, device=resolve_device(device))
-    tokenizer_file = Path(folder) / TOKENIZER_FILE
+    if not checkpoint:
+        raise ValueError("--checkpoint must name a folder or a Hub repository id, got ''")
+    model, folder = load_pretrained(checkpoint, device=resolve_device(device))
+    tokenizer_file = folder / TOKENIZER_FILE
     return model, load_tokenizer(tokenizer_file if tokenizer_file.exists() else None)
 
 
@@ -263,10 +250,14 @@ def _autocast(enabled: bool, device):
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .inference.generation import generate, stream
     from .model.checks import check_int
-    from .inference.generation import generate
+    from .training.train_config import check_seed
 
     check_int("--batch-size", args.batch_size, 1)
+    check_seed("--seed", args.seed)
+    # one prompt streams in constant memory, so any length is fine; --prompts keeps each continuation whole
+    check_int("--max-new-tokens", args.max_new_tokens, 0, None if args.prompts is None else MAX_COLLECTED_TOKENS)
     texts = _prompts_jsonl(args.prompts) if args.prompts is not None else [_prompt_text(args)]
     model, tokenizer = _load(args.checkpoint, args.device)
     generator = torch.Generator(model.device).manual_seed(args.seed)
@@ -274,9 +265,15 @@ def run_generate(args: argparse.Namespace) -> int:
                    compile=args.compile)
     if args.prompts is None:
         prompt = torch.as_tensor(tokenizer.encode(texts[0]), dtype=torch.long, device=model.device)[None]
+        text = _TextStream(tokenizer)
         with _autocast(args.bf16, model.device):
-            new = generate(model, prompt, args.max_new_tokens, **options)
-        print(texts[0] + tokenizer.decode(new[0].tolist()))
+            tokens = stream(model, prompt, args.max_new_tokens, **options)  # checked before the first write
+            _write(texts[0])
+            try:  # each token is printed as it comes; Ctrl-C keeps what was printed (main exits with 130)
+                for token in tokens:
+                    _write(text.push(int(token[0])))
+            finally:
+                _write(text.finish() + "\n")
         return 0
     for begin in range(0, len(texts), args.batch_size):  # a list of prompts of any lengths runs side by side
         batch = texts[begin : begin + args.batch_size]
@@ -286,6 +283,50 @@ def run_generate(args: argparse.Namespace) -> int:
         for text, row in zip(batch, rows):
             print(json.dumps({"prompt": text, "continuation": tokenizer.decode(row.tolist())}), flush=True)
     return 0
+
+
+# --max-new-tokens with --prompts: every continuation is held until its JSON line is written
+MAX_COLLECTED_TOKENS = 1 << 20
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+class _TextStream:
+    """The text of a growing sequence of token ids, given out as soon as it is final, in constant memory.
+
+    Bytes go through an incremental UTF-8 decoder (a character may span tokens). Another tokenizer decodes the
+    new ids after a few ids of context, since a token can change how its neighbours decode, and holds text back
+    while it ends in an incomplete character (U+FFFD)."""
+
+    CONTEXT, HOLD = 6, 16
+
+    def __init__(self, tokenizer):
+        import codecs
+
+        from .training.data import ByteTokenizer
+
+        self.tokenizer, self.context, self.pending = tokenizer, [], []
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if isinstance(tokenizer, ByteTokenizer) else None
+
+    def push(self, token: int) -> str:
+        if self.utf8 is not None:
+            return self.utf8.decode(bytes([token])) if token < 256 else "\ufffd"
+        self.pending.append(token)
+        before, text = self.tokenizer.decode(self.context), self.tokenizer.decode(self.context + self.pending)
+        if (text.endswith("\ufffd") or not text.startswith(before)) and len(self.pending) < self.HOLD:
+            return ""
+        self.context, self.pending = (self.context + self.pending)[-self.CONTEXT:], []
+        return text[len(before):]
+
+    def finish(self) -> str:
+        if self.utf8 is not None:
+            return self.utf8.decode(b"", final=True)
+        text = self.tokenizer.decode(self.context + self.pending)[len(self.tokenizer.decode(self.context)):]
+        self.context, self.pending = [], []
+        return text
 
 
 def _read_text_input(path: str, where: str) -> str:
@@ -315,7 +356,7 @@ def _prompts_jsonl(path: str) -> list[str]:
             raise ValueError(f"{where}: line {number} is not JSON ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ValueError(f'{where}: line {number} needs a non-empty string "prompt"')
-        texts.append(record["prompt"])
+        texts.append(_utf8(record["prompt"], f"{where}: line {number}"))
     if not texts:
         raise ValueError(f"{where}: no prompt in the file")
     return texts
@@ -330,27 +371,39 @@ def _prompt_text(args: argparse.Namespace) -> str:
         text = _read_text_input(args.prompt_file, where)
     if not text:
         raise ValueError(f"{where}: the prompt is empty")
+    return _utf8(text, where)
+
+
+def _utf8(text: str, where: str) -> str:
+    """``text``, refused with a ValueError naming ``where`` when it cannot be UTF-8 (bytes that were not UTF-8 on
+    the command line come as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where}: not UTF-8 text (character {error.start} is {text[error.start]!r})") from None
     return text
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from .model.checks import check_int
-    from .training.distributed import resolve_eval_bf16
     from .training.data import TokenCorpus, builtin_documents, path_documents, split_documents
+    from .training.precision import resolve_eval_bf16
     from .training.validation import evaluate_corpus
 
     if args.task is not None:  # a long-context task (block_recurrent.tasks.commands), not bits per byte
         return run_task_eval(args)
 
+    if args.max_tokens is not None:
+        check_int("--max-tokens", args.max_tokens, 2)
+    check_int("--batch-size", args.batch_size, 1)
     model, tokenizer = _load(args.checkpoint, args.device)
     documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)
     corpus = TokenCorpus.from_documents(documents, tokenizer)
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-    check_int("--batch-size", args.batch_size, 1)
     bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.blocks_side_by_side)
     with _autocast(bf16, model.device):  # raises when nothing would be scored
         result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    if not math.isfinite(result["loss"]):  # (the weights are finite: checked on load)
+        raise ValueError(f"--checkpoint {args.checkpoint}: the loss is {result['loss']} (try without --bf16)")
     print(f"loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens "
           f"({result['documents']} of {len(corpus)} documents)")
     return 0
@@ -372,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError, OSError) as error:
         print(f"brt: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C the command did not handle itself (training handles the first)
+        print("brt: interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = shown
 

@@ -28,7 +28,7 @@ def adam_after_a_step(model):
 def test_save_pretrained_round_trip_gives_the_same_logits(tmp_path):
     model = tiny_model()
     folder = save_pretrained(model, tmp_path / "model")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     loaded = from_pretrained(folder)
     assert loaded.config == model.config
     tokens = torch.randint(0, 256, (2, 40))
@@ -119,7 +119,7 @@ def test_damaged_checkpoints_name_the_broken_file(tmp_path):
 
     folder = save_step(tmp_path, 3, model)
     (folder / "optimizer.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
+    with pytest.raises(CheckpointError, match="step-00000003 is incomplete: optimizer.safetensors missing"):
         load_training_checkpoint(folder)
 
     (tmp_path / "empty").mkdir()
@@ -128,11 +128,15 @@ def test_damaged_checkpoints_name_the_broken_file(tmp_path):
 
 
 def test_weights_of_another_model_are_refused(tmp_path):
+    from block_recurrent.persistence.storage import write_manifest
+
     save_pretrained(tiny_model(dim=32), tmp_path / "other")
     (tmp_path / "other" / "config.json").write_text(tiny_model().config.to_json())  # config lies about the weights
+    write_manifest(tmp_path / "other")  # written so, not damaged afterwards (that is checksummed)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         from_pretrained(tmp_path / "other")
     (tmp_path / "other" / "config.json").write_text('{"dim": 3}')
+    write_manifest(tmp_path / "other")
     with pytest.raises(CheckpointError, match="not a valid model config"):
         from_pretrained(tmp_path / "other")
 
@@ -145,8 +149,9 @@ def test_hub_mixin_reads_and_writes_the_same_folders(tmp_path):
     tokens = torch.randint(0, 256, (1, 40))
     hub = BlockRecurrentHubModel.from_pretrained(save_pretrained(model, tmp_path / "ours")).eval()  # local: no network
     assert torch.equal(hub.run(tokens)[0], model.run(tokens)[0])
-    hub.save_pretrained(tmp_path / "theirs")
-    assert torch.equal(from_pretrained(tmp_path / "theirs").run(tokens)[0], model.run(tokens)[0])
+    hub.save_pretrained(tmp_path / "theirs")  # (without checksums: the mixin does not write them)
+    with pytest.warns(UserWarning, match="has no checksums.json"):
+        assert torch.equal(from_pretrained(tmp_path / "theirs").run(tokens)[0], model.run(tokens)[0])
 
 
 def test_a_config_written_before_gate_projection_existed_loads_with_the_projection(tmp_path):
@@ -156,7 +161,9 @@ def test_a_config_written_before_gate_projection_existed_loads_with_the_projecti
     config = json.loads((folder / "config.json").read_text())
     del config["gate_projection"]
     (folder / "config.json").write_text(json.dumps(config))
-    loaded = from_pretrained(folder)
+    (folder / "checksums.json").unlink()  # (written before checksums too)
+    with pytest.warns(UserWarning, match="has no checksums.json, so damage to its files cannot be detected"):
+        loaded = from_pretrained(folder)
     assert loaded.config.gate_projection is True
     tokens = torch.randint(0, 256, (2, 40))
     model.eval()
@@ -232,7 +239,7 @@ def test_push_to_hub_uploads_a_save_pretrained_folder(tmp_path, monkeypatch):
     model = tiny_model()
     assert push_to_hub(model, "owner/name", token="secret") == "https://huggingface.co/owner/name/commit/0"
     assert calls == [("init", "secret"), ("create_repo", "owner/name", True, True),
-                     ("upload_folder", "owner/name", ["config.json", "model.safetensors"]), ("loaded", model.config)]
+                     ("upload_folder", "owner/name", ["checksums.json", "config.json", "model.safetensors"]), ("loaded", model.config)]
 
 
 def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):

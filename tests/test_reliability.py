@@ -145,7 +145,7 @@ def test_flipped_tensor_bytes_are_refused_naming_the_file(tmp_path):
             load_training_checkpoint(folder)
     with pytest.raises(DamagedCheckpoint, match="model.safetensors is damaged"):
         from_pretrained(run / "step-00000003")  # brt eval and generate load the same way
-    with pytest.raises(DamagedCheckpoint, match="no intact checkpoint.*step-00000003.*step-00000002.*step-00000001"):
+    with pytest.raises(DamagedCheckpoint, match="no complete checkpoint in .*run: step-00000003 .*step-00000002 .*step-00000001"):
         Trainer(tiny(), settings(tmp_path), resume=True)
 
 
@@ -155,9 +155,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path)
     with pytest.warns(UserWarning) as caught:
         resumed = Trainer(tiny(), config, resume=True)
     messages = [str(w.message) for w in caught]
-    assert any("resuming from step-00000002, the newest intact checkpoint; passed over: " in m
-               and "step-00000003/model.safetensors is damaged" in m for m in messages), messages
-    assert any("step-00000003 is damaged: renamed to step-00000003.damaged" in m for m in messages), messages
+    assert any("resuming from step-00000002, the newest complete checkpoint in " in m and "; skipped: step-00000003 ("
+               in m and "step-00000003/model.safetensors is damaged" in m for m in messages), messages
+    assert any("step-00000003 is incomplete or damaged: renamed to step-00000003.damaged" in m for m in messages), messages
     assert resumed.step == 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
         "step-00000001", "step-00000002", "step-00000003.damaged"]  # set aside: "latest" is intact again
@@ -314,7 +314,7 @@ def test_a_full_disk_while_saving_gives_one_line_and_leaves_no_partial_checkpoin
     done = brt(*tiny_run(corpus, run, "--max-steps", 2, "--checkpoint-every", 1), preexec_fn=small_disk)
     assert_one_line_error(done, f"could not write {run / 'step-00000001'}")
     assert "File too large" in done.stderr
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl", "run.toml"]
 
 
 @pytest.mark.parametrize(

@@ -271,16 +271,16 @@ def test_validation_samples_every_file_and_the_run_ends_with_the_whole_split_bes
 
 def test_evaluation_precision_auto_weighs_the_block_width(monkeypatch):
     """bf16 scoring on the CPU only for blocks of 64 or more (float32 measured faster below); explicit wins."""
-    from block_recurrent.training import distributed
+    from block_recurrent.training import precision
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(distributed, "native_bf16", lambda device: True)
-    assert distributed.resolve_eval_bf16(None, cpu, 64) is True
-    assert distributed.resolve_eval_bf16(None, cpu, 16) is False
-    assert distributed.resolve_eval_bf16(True, cpu, 16) is True
-    assert distributed.resolve_eval_bf16(False, cpu, 512) is False
-    monkeypatch.setattr(distributed, "native_bf16", lambda device: False)
-    assert distributed.resolve_eval_bf16(None, cpu, 512) is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_eval_bf16(None, cpu, 64) is True
+    assert precision.resolve_eval_bf16(None, cpu, 16) is False
+    assert precision.resolve_eval_bf16(True, cpu, 16) is True
+    assert precision.resolve_eval_bf16(False, cpu, 512) is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_eval_bf16(None, cpu, 512) is False
 
 
 def test_a_backward_pass_of_one_block_leaves_the_state_write_untrained_and_says_so(tmp_path):

@@ -122,9 +122,9 @@ class ModelState:
     # named tensors for checkpoints (None entries leave no tensor)
 
     def to_tensors(self, prefix: str) -> dict[str, Tensor]:
-        """Named tensors of this state. Every memory writes a validity mask (all True where it has none) and,
-        per row, whether it had one (``valid_given``), so that the states of micro-batches and ranks have the
-        same keys to concatenate and gather, and a resumed run gets back exactly the memories it saved."""
+        """Named tensors of this state, rows first. Every memory writes a validity mask (all True where it has
+        none) and, per row, whether it had one (``valid_given``), so that the states of micro-batches and ranks
+        have the same keys to concatenate and gather, and a resumed run gets back exactly the memories it saved."""
         tensors = {}
         for i, memory in enumerate(self.memories):
             if memory is not None:
@@ -143,17 +143,77 @@ class ModelState:
         return tensors
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str, depth: int, num_states: int) -> "ModelState":
-        """The state :meth:`to_tensors` wrote (every memory with its validity mask)."""
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str, depth: int, num_states: int,
+                     rows: Tensor | None = None) -> "ModelState":
+        """The state :meth:`to_tensors` wrote, or only its batch rows ``rows`` (an index tensor). A memory none
+        of whose rows had a validity mask (``valid_given``) comes back without one: the same computation path."""
+        def pick(tensor: Tensor) -> Tensor:
+            return tensor if rows is None else tensor[rows]
+
         memories = []
         for i in range(depth):
             key = f"{prefix}.memory.{i}"
-            if f"{key}.keys" in tensors:
-                memories.append(XLMemory(tensors[f"{key}.keys"], tensors[f"{key}.values"], tensors.get(f"{key}.valid")))
-            else:
+            if f"{key}.keys" not in tensors:
                 memories.append(None)
+                continue
+            valid = tensors.get(f"{key}.valid")
+            given = tensors.get(f"{key}.valid_given")
+            if valid is not None and given is not None and not bool(pick(given).any()):
+                valid = None
+            memories.append(XLMemory(pick(tensors[f"{key}.keys"]), pick(tensors[f"{key}.values"]),
+                                     None if valid is None else pick(valid)))
         states = tuple(tensors.get(f"{prefix}.state.{i}") for i in range(num_states))
-        return cls(tuple(memories), states)
+        return cls(tuple(memories), tuple(None if s is None else pick(s) for s in states))
+
+
+# the checkpoint format of what a trainer carries from one step to the next, for a batch of rows: the state
+# (``carry.*``) and, when the state's write is replayed, the states each recurrent layer's last write started from
+# (``written_from.{i}``). Every batch writes the same keys, so the carries of micro-batches and ranks concatenate
+# and gather along the rows
+
+CARRY = "carry"
+WRITTEN_FROM = "written_from"
+
+
+def carry_to_tensors(state: ModelState, written_from: Sequence[Tensor | None] | None,
+                     initial_states: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Named tensors (rows first) of one batch's carried ``state`` and ``written_from`` (None: not replayed).
+
+    A write that started from the learned initial state (None) is spelled out as that state, so that every batch
+    has the same tensors, and flagged in ``written_from.{i}.initial``, so that the resumed replay starts from the
+    parameter again rather than from a copy of it."""
+    tensors = state.to_tensors(CARRY)
+    if written_from is not None:
+        B = state.batch_size
+        for i, (start, initial) in enumerate(zip(written_from, initial_states)):
+            device = initial.device if start is None else start.device
+            tensors[f"{WRITTEN_FROM}.{i}"] = initial.detach()[None].expand(B, -1, -1) if start is None else start
+            tensors[f"{WRITTEN_FROM}.{i}.initial"] = torch.full((B,), start is None, device=device)
+    return tensors
+
+
+def carry_from_tensors(tensors: dict[str, Tensor], config: BlockRecurrentConfig, rows: Tensor, total_rows: int
+                       ) -> tuple[ModelState | None, tuple[Tensor | None, ...] | None]:
+    """The carry of batch rows ``rows`` (an index tensor) from what :func:`carry_to_tensors` wrote for all
+    ``total_rows`` rows: (state, written_from), each None when the tensors hold none. A ValueError names a
+    tensor whose rows are not ``total_rows``."""
+    carried = {k: v for k, v in tensors.items() if k.startswith(f"{CARRY}.") or k.startswith(f"{WRITTEN_FROM}.")}
+    for name, tensor in carried.items():
+        if tensor.ndim == 0 or tensor.shape[0] != total_rows:
+            raise ValueError(f"carried tensor {name} has shape {tuple(tensor.shape)}; expected {total_rows} rows")
+    num_states = len(config.recurrent_layers)
+    state = None
+    if any(k.startswith(f"{CARRY}.") for k in carried):
+        state = ModelState.from_tensors(carried, CARRY, config.depth, num_states, rows)
+    if f"{WRITTEN_FROM}.0" not in carried:  # (none in a run saved without the replay)
+        return state, None
+    written_from = []
+    for i in range(num_states):
+        start, initial = carried.get(f"{WRITTEN_FROM}.{i}"), carried.get(f"{WRITTEN_FROM}.{i}.initial")
+        if start is None or initial is None:
+            raise ValueError(f"carried tensors {WRITTEN_FROM}.{i} and {WRITTEN_FROM}.{i}.initial are missing")
+        written_from.append(None if bool(initial[rows].all()) else start[rows])
+    return state, tuple(written_from)
 
 
 # checks of a state given by a caller, against the config and the batch

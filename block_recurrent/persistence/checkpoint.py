@@ -2,40 +2,46 @@
 
 A trained model (``save_pretrained``) is a folder with ``config.json`` and ``model.safetensors`` (the layout of
 ``huggingface_hub.PyTorchModelHubMixin``, so it can live on the Hub), plus ``tokenizer.json`` when the model
-was trained with a ``tokenizers`` file. A training checkpoint ``step-00000100/`` adds:
+was trained with a ``tokenizers`` file, and ``checksums.json``. A training checkpoint ``step-00000100/`` adds:
 
 - ``optimizer.safetensors`` (the optimiser's per-parameter tensors) and ``trainer.json`` (training config,
   step, data positions, optimiser hyper-parameters, which carried tensors exist),
 - ``trainer.safetensors`` (the memories and states carried between steps, RNG states).
 
 Every checkpoint is written to a temporary folder, fsynced and renamed into place (:mod:`.storage`), so a
-crash mid-write never leaves a broken checkpoint behind. A training checkpoint also records the sha256 of each
-of its files (``checksums.json``), checked whenever a file is read, and its format number (``trainer.json``
-``"format"``), refused when unknown. Loading refuses pickled files and names what is wrong with a damaged one;
-:func:`newest_intact_checkpoint` steps back past damaged checkpoints of a run.
+crash mid-write never leaves a broken checkpoint behind; old ones are renamed out of sight before they are
+deleted. Each records the sha256 of its files (``checksums.json``), checked whenever a file is read (see
+:mod:`.files` for what counts as complete), and a training checkpoint its format number (``trainer.json``
+``"format"``), refused when unknown. Weights holding NaN or infinity are refused wherever they are read.
+
+Every reader of a run folder (resume, ``brt eval``, ``brt generate``, :func:`from_pretrained`) takes the newest
+complete checkpoint, says which newer ones it skipped and why, and looks again when the run's rotation removes
+the one it was reading (:func:`newest_checkpoint`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..model.config import BlockRecurrentConfig
 from ..model.model import BlockRecurrentModel
-from .storage import MANIFEST_FILE, atomic_directory, finish_file, read_manifest, write_text
+from .budget import check_model_fits
+from .files import (
+    CheckpointError, DamagedCheckpoint, check_complete, check_finite, read_json, read_tensors, refuse_pickles,
+    write_json, write_tensors,
+)
+from .optimizer_state import optimizer_from_tensors, optimizer_to_tensors
+from .storage import MANIFEST_FILE, atomic_directory, discard_directory, finish_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,71 +49,22 @@ TOKENIZER_FILE = "tokenizer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_JSON = "trainer.json"
 TRAINER_TENSORS = "trainer.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+TRAINING_FILES = (*MODEL_FILES, OPTIMIZER_FILE, TRAINER_JSON, TRAINER_TENSORS)
 FORMAT = 1  # of a training checkpoint (trainer.json "format"); a reader refuses any other
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+# a reader that keeps losing its checkpoint to the run's rotation looks again this many times
+ROTATION_RETRIES = 20
+
+__all__ = ["CheckpointError", "DamagedCheckpoint", "TrainingCheckpoint", "from_pretrained", "latest_checkpoint",
+           "load_pretrained", "load_training_checkpoint", "newest_checkpoint", "newest_intact_checkpoint",
+           "optimizer_from_tensors", "optimizer_to_tensors", "push_to_hub", "save_pretrained",
+           "save_training_checkpoint", "step_directories"]
+
+T = TypeVar("T")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, pickled, or made for another model."""
-
-
-class DamagedCheckpoint(CheckpointError):
-    """A checkpoint whose files are missing, cut short, or differ from their recorded checksums."""
-
-
-# reading and writing single files
-
-
-def _refuse_pickles(directory: Path) -> None:
-    pickles = sorted(p.name for p in directory.iterdir()
-                     if p.suffix in PICKLE_SUFFIXES and (p.suffix != ".bin" or "model" in p.name))
-    if pickles and not (directory / WEIGHTS_FILE).exists():
-        raise CheckpointError(
-            f"{directory} holds {', '.join(pickles)} (pickle files); block-recurrent never unpickles. "
-            f"Convert the weights to {WEIGHTS_FILE} with safetensors first"
-        )
-
-
-def read_bytes(path: Path) -> bytes:
-    """A checkpoint file's bytes, checked against the sha256 its folder's manifest recorded (if it has one)."""
-    if not path.is_file():
-        raise DamagedCheckpoint(f"checkpoint file {path} is missing")
-    raw = path.read_bytes()
-    sums = read_manifest(path.parent)
-    if sums is not None and sums.get(path.name) != hashlib.sha256(raw).hexdigest():
-        recorded = "no checksum recorded" if path.name not in sums else "its sha256 differs from the recorded one"
-        raise DamagedCheckpoint(f"{path} is damaged ({recorded} in {MANIFEST_FILE})")
-    return raw
-
-
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    """A safetensors file, with clear errors for a missing, pickled or damaged file."""
-    raw = read_bytes(path)
-    # safetensors: an 8-byte little-endian header length, then the JSON header (whose length may start with 0x80)
-    header_ok = len(raw) > 8 and raw[8:9] == b"{" and 8 + int.from_bytes(raw[:8], "little") <= len(raw)
-    if not header_ok and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
-        raise CheckpointError(f"{path} is a pickle (torch.save) file, not safetensors; refusing to load it")
-    try:
-        return load_bytes(raw)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise DamagedCheckpoint(f"{path} is damaged or not a safetensors file ({error})") from error
-
-
-def write_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-    finish_file(path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(read_bytes(path).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DamagedCheckpoint(f"{path} is damaged (not valid JSON: {error})") from error
-
-
-def write_json(data: Any, path: Path) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+# a folder's model: config and weights
 
 
 def read_config(directory: Path) -> BlockRecurrentConfig:
@@ -133,7 +90,7 @@ def check_same_config(saved: BlockRecurrentConfig, expected: BlockRecurrentConfi
 
 
 def load_weights(model: BlockRecurrentModel, path: Path) -> None:
-    """Load ``model.safetensors`` into ``model``, naming missing, unexpected or mis-shaped tensors."""
+    """Load ``model.safetensors`` into ``model``, naming missing, unexpected, mis-shaped or non-finite tensors."""
     load_state(model, read_tensors(path), path)
 
 
@@ -147,17 +104,47 @@ def load_state(model: BlockRecurrentModel, tensors: dict[str, Tensor], path: Pat
         raise CheckpointError(
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}"
         )
+    check_finite(tensors, path)
     model.load_state_dict(tensors)
+
+
+def _required_files(folder: Path) -> tuple[str, ...]:
+    return TRAINING_FILES if _STEP_DIR.match(folder.name) else MODEL_FILES
+
+
+def _unverified(folder: Path) -> str:
+    return (f"{folder} has no {MANIFEST_FILE}, so damage to its files cannot be detected; loaded after checking "
+            "that they parse, fit the model and hold finite weights")
+
+
+def _load_model(folder: Path, device: torch.device, *, unverified: bool = True) -> BlockRecurrentModel:
+    """The model of one checkpoint folder, after checking that the folder is complete (``unverified``: or
+    has no checksums at all, with a warning)."""
+    refuse_pickles(folder, WEIGHTS_FILE)
+    if check_complete(folder, _required_files(folder)) is None:
+        if not unverified:
+            raise _NoChecksums(f"{folder} has no {MANIFEST_FILE}")
+        warnings.warn(_unverified(folder), stacklevel=3)
+    config = read_config(folder)
+    check_model_fits(config, device, str(folder / CONFIG_FILE))
+    model = BlockRecurrentModel(config)
+    load_weights(model, folder / WEIGHTS_FILE)
+    return model
+
+
+class _NoChecksums(DamagedCheckpoint):
+    """A run's checkpoint without checksums.json: used only when no newer complete one is left."""
 
 
 # trained models: a folder of config.json + model.safetensors (Hub compatible)
 
 
 def save_pretrained(model: BlockRecurrentModel, directory: str | Path, *, tokenizer_file: str | Path | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (and ``tokenizer.json``) atomically to ``directory``."""
+    """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) and their checksums atomically."""
     if not isinstance(model, BlockRecurrentModel):
         raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
     directory = Path(directory)
+    check_finite(model.state_dict(), directory / WEIGHTS_FILE)
 
     def fill(tmp: Path) -> None:
         _write_model(model, tmp, tokenizer_file)
@@ -174,17 +161,34 @@ def _write_model(model: BlockRecurrentModel, directory: Path, tokenizer_file: st
         finish_file(directory / TOKENIZER_FILE)
 
 
-def from_pretrained(
+def load_pretrained(
     name_or_path: str | Path, *, device: str | torch.device = "cpu", revision: str | None = None
-) -> BlockRecurrentModel:
-    """A model from a local folder (``save_pretrained`` or a training checkpoint) or a Hub repository id."""
+) -> tuple[BlockRecurrentModel, Path]:
+    """(model, the folder it came from): a ``save_pretrained`` folder, a training checkpoint, a run folder (its
+    newest complete checkpoint, see :func:`newest_checkpoint`) or a Hub repository id."""
+    if not str(name_or_path):
+        raise CheckpointError("checkpoint must name a folder or a Hub repository id, got an empty string")
+    device = torch.device(device)
     directory = Path(name_or_path)
     if not directory.exists():
         directory = _download(str(name_or_path), revision)
-    directory = resolve_checkpoint(directory)
-    model = BlockRecurrentModel(read_config(directory))
-    load_weights(model, directory / WEIGHTS_FILE)
-    return model.to(device).eval()
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} is not a folder")
+    if (directory / CONFIG_FILE).exists() or _STEP_DIR.match(directory.name):
+        model = _load_model(directory, device)
+    else:
+        refuse_pickles(directory, WEIGHTS_FILE)
+        model, directory = newest_checkpoint(
+            directory, lambda path, trusted: _load_model(path, device, unverified=not trusted))
+    return model.to(device).eval(), directory
+
+
+def from_pretrained(
+    name_or_path: str | Path, *, device: str | torch.device = "cpu", revision: str | None = None
+) -> BlockRecurrentModel:
+    """A model from a local folder (``save_pretrained``, a training checkpoint, or a run folder's newest complete
+    checkpoint) or a Hub repository id."""
+    return load_pretrained(name_or_path, device=device, revision=revision)[0]
 
 
 def _looks_local(name: str) -> bool:
@@ -204,7 +208,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as error:
         raise ImportError("loading from the Hub needs huggingface_hub: pip install 'block-recurrent[hf]'") from error
-    patterns = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE]
+    patterns = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE]
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
@@ -224,7 +228,7 @@ def push_to_hub(model: BlockRecurrentModel, repo_id: str, *, private: bool = Tru
 # training checkpoints: step-XXXXXXXX folders in a run folder
 
 
-def _atomic_write(final: Path, fill, *, manifest: bool = False) -> None:
+def _atomic_write(final: Path, fill, *, manifest: bool = True) -> None:
     """:func:`atomic_directory`, with a full disk or a failing device as a CheckpointError."""
     try:
         atomic_directory(final, fill, manifest=manifest)
@@ -233,30 +237,79 @@ def _atomic_write(final: Path, fill, *, manifest: bool = False) -> None:
 
 
 def step_directories(run_dir: Path) -> list[Path]:
-    """Complete training checkpoints of a run, oldest first."""
+    """The step folders of a run, oldest first (complete or not: see :func:`newest_checkpoint`)."""
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest step folder of a run, whatever it holds."""
     found = step_directories(Path(run_dir))
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A folder holding a model: itself, or for a run folder its latest checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a folder")
-    if not (path / CONFIG_FILE).exists():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            _refuse_pickles(path)
-            raise CheckpointError(f"{path} holds no checkpoint ({CONFIG_FILE} or step-XXXXXXXX folders)")
-        path = latest
-    _refuse_pickles(path)
-    return path
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def newest_checkpoint(run_dir: str | Path, load: Callable[[Path, bool], T], *, verb: str = "reading"
+                      ) -> tuple[T, Path]:
+    """``load(folder, trusted)`` of the newest step folder of a run that loads, and that folder.
+
+    Folders that fail with DamagedCheckpoint (incomplete, damaged, non-finite) are skipped, named in one warning
+    with their reasons. A folder without checksums.json is skipped too (``trusted`` True), unless no complete
+    one is left: then the newest of those is loaded with ``trusted`` False. A folder that disappears or is
+    replaced while it is read was removed by the run's rotation, not damaged: the run is listed again.
+    """
+    run_dir = Path(run_dir)
+    skipped: dict[Path, str] = {}
+    without_checksums: list[Path] = []
+    tried: dict[Path, tuple[int, int]] = {}
+    for _ in range(ROTATION_RETRIES):
+        rotated = False
+        for path in reversed(step_directories(run_dir)):
+            identity = _identity(path)
+            if identity is None or tried.get(path) == identity:
+                continue
+            tried[path] = identity
+            try:
+                result = load(path, True)
+            except _NoChecksums:
+                without_checksums.append(path)
+                skipped[path] = f"no {MANIFEST_FILE}"
+                continue
+            except (DamagedCheckpoint, FileNotFoundError, NotADirectoryError) as error:
+                if _identity(path) != identity:  # removed or replaced by the writer while it was read
+                    skipped.pop(path, None)
+                    rotated = True
+                    break
+                skipped[path] = str(error)
+                continue
+            return _found(run_dir, result, path, skipped, verb)
+        if not rotated:
+            break
+    if without_checksums:  # (the loader warns that it could not verify the files)
+        newest = without_checksums[0]
+        skipped = {p: why for p, why in skipped.items() if p != newest}
+        return _found(run_dir, load(newest, False), newest, skipped, verb)
+    if not tried:
+        raise CheckpointError(f"{run_dir} holds no checkpoint ({CONFIG_FILE} or step-XXXXXXXX folders)")
+    reasons = "; ".join(f"{p.name} ({why})" for p, why in skipped.items()) or "every one was removed while read"
+    raise DamagedCheckpoint(f"no complete checkpoint in {run_dir}: {reasons}")
+
+
+def _found(run_dir: Path, result: T, path: Path, skipped: dict[Path, str], verb: str) -> tuple[T, Path]:
+    newer = {p: why for p, why in skipped.items() if p.name > path.name}
+    if newer:
+        warnings.warn(f"{verb} {path.name}, the newest complete checkpoint in {run_dir}; skipped: "
+                      + "; ".join(f"{p.name} ({why})" for p, why in newer.items()), stacklevel=3)
+    return result, path
 
 
 @dataclass
@@ -269,7 +322,7 @@ class TrainingCheckpoint:
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     tensors: dict[str, Tensor]
-    passed_over: tuple[Path, ...] = ()  # newer checkpoints of the run found damaged (newest_intact_checkpoint)
+    passed_over: tuple[Path, ...] = ()  # newer step folders of the run found incomplete or damaged
 
 
 def save_training_checkpoint(
@@ -295,90 +348,67 @@ def save_training_checkpoint(
         write_tensors(tensors, tmp / TRAINER_TENSORS)
         write_json({**trainer, "format": FORMAT, "step": step, "optimizer": optim_json}, tmp / TRAINER_JSON)
 
-    _atomic_write(final, fill, manifest=True)
+    _atomic_write(final, fill)
     for old in step_directories(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard_directory(old)  # out of sight first: a reader never sees it half deleted
     return final
 
 
-def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
-    """Load a ``step-XXXXXXXX`` folder (or a run folder's latest), checking that every part is readable."""
-    path = resolve_checkpoint(path)
-    if not (path / TRAINER_JSON).exists():
-        raise CheckpointError(f"{path} is a trained model, not a training checkpoint (no {TRAINER_JSON})")
+def _read_training(path: Path, trusted: bool = False) -> TrainingCheckpoint:
+    """One step folder's training checkpoint, every part read, checked and finite."""
+    refuse_pickles(path, WEIGHTS_FILE)
+    if check_complete(path, TRAINING_FILES) is None:
+        if trusted:
+            raise _NoChecksums(f"{path} has no {MANIFEST_FILE}")
+        warnings.warn(_unverified(path), stacklevel=3)
     trainer = read_json(path / TRAINER_JSON)
-    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "optimizer" not in trainer:
-        raise DamagedCheckpoint(f"{path / TRAINER_JSON} is damaged (no step or optimizer entry)")
+    where = path / TRAINER_JSON
+    if not isinstance(trainer, dict) or "optimizer" not in trainer:
+        raise DamagedCheckpoint(f"{where} is damaged (no step or optimizer entry)")
     if trainer.get("format") != FORMAT:
-        raise CheckpointError(f"{path / TRAINER_JSON} has checkpoint format {trainer.get('format')!r}; this version "
+        raise CheckpointError(f"{where} has checkpoint format {trainer.get('format')!r}; this version "
                               f"of block-recurrent reads format {FORMAT} only")
+    step = trainer.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DamagedCheckpoint(f"{where} is damaged (step must be an int >= 0, got {step!r})")
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise DamagedCheckpoint(f"{where} is damaged (step {step} inside the folder of step {int(named.group(1))})")
     optimizer = trainer.pop("optimizer")
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise DamagedCheckpoint(f"{path / TRAINER_JSON} is damaged (its optimizer entry has no param_groups)")
-    optim = {"tensors": read_tensors(path / OPTIMIZER_FILE), "json": optimizer}
-    return TrainingCheckpoint(
-        path, read_config(path), read_tensors(path / WEIGHTS_FILE), optim, trainer, read_tensors(path / TRAINER_TENSORS)
-    )
+        raise DamagedCheckpoint(f"{where} is damaged (its optimizer entry has no param_groups)")
+    optim = {"tensors": read_tensors(path / OPTIMIZER_FILE, finite=True), "json": optimizer}
+    return TrainingCheckpoint(path, read_config(path), read_tensors(path / WEIGHTS_FILE, finite=True), optim, trainer,
+                              read_tensors(path / TRAINER_TENSORS))
 
 
-def newest_intact_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
-    """The newest checkpoint of a run whose files are all present and match their checksums.
+def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
+    """Load a ``step-XXXXXXXX`` folder, or a run folder's newest complete one, checking that every part is
+    readable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder")
+    if not _STEP_DIR.match(path.name) and not (path / CONFIG_FILE).exists():
+        return newest_intact_checkpoint(path)
+    if not (path / TRAINER_JSON).exists() and not _STEP_DIR.match(path.name):
+        raise CheckpointError(f"{path} is a trained model, not a training checkpoint (no {TRAINER_JSON})")
+    return _read_training(path)
 
-    Each damaged checkpoint passed over is named in a warning; a CheckpointError when none is intact.
-    """
-    found = step_directories(Path(run_dir))
-    if not found:
+
+def newest_intact_checkpoint(run_dir: str | Path, check: Callable[[TrainingCheckpoint], None] | None = None
+                             ) -> TrainingCheckpoint:
+    """The newest training checkpoint of a run whose files are all present, verify and pass ``check`` (which
+    raises DamagedCheckpoint for a record it cannot use); the newer ones it skipped are in ``passed_over``."""
+    run_dir = Path(run_dir)
+    if not step_directories(run_dir):
         raise CheckpointError(f"resume: {run_dir} holds no checkpoint to resume from")
-    problems = []
-    for path in reversed(found):
-        try:
-            saved = load_training_checkpoint(path)
-        except DamagedCheckpoint as error:
-            problems.append(str(error))
-            continue
-        if problems:
-            warnings.warn(f"resuming from {path.name}, the newest intact checkpoint; passed over: "
-                          + "; ".join(problems), stacklevel=2)
-        saved.passed_over = tuple(p for p in found if p.name > path.name)
+
+    def load(path: Path, trusted: bool) -> TrainingCheckpoint:
+        saved = _read_training(path, trusted)
+        if check is not None:
+            check(saved)
         return saved
-    raise DamagedCheckpoint(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
 
-
-# optimiser state: tensors to safetensors, the rest to JSON
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            if isinstance(value, Tensor):
-                tensors[f"state.{index}.{name}"] = value
-            else:
-                scalars[f"{index}.{name}"] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()} for group in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load what :func:`optimizer_to_tensors` wrote into ``optimizer`` (same parameter layout)."""
-    tensors, info = saved["tensors"], saved["json"]
-    state: dict[int, dict[str, Any]] = {}
-    try:
-        for key, value in tensors.items():
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value.clone()  # never share storage with the caller's tensors
-        for key, value in info.get("scalars", {}).items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in info["param_groups"]]
-        sizes = [len(g["params"]) for g in groups]
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"the checkpoint's optimizer state is malformed ({error!r})") from error
-    own = optimizer.state_dict()["param_groups"]
-    if sizes != [len(g["params"]) for g in own]:
-        raise CheckpointError("the checkpoint's optimizer state does not fit this model's parameter groups")
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit: {error}") from error
+    saved, path = newest_checkpoint(run_dir, load, verb="resuming from")
+    saved.passed_over = tuple(p for p in step_directories(run_dir) if p.name > path.name)
+    return saved

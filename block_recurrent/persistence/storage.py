@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -71,11 +72,26 @@ def write_text(path: Path, text: str) -> None:
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Rewrite a file atomically: the new text goes to a sibling, which is fsynced and renamed over it."""
+    """Rewrite a file atomically: the new text goes to a sibling, which is fsynced and renamed over it.
+
+    A failed write (a full disk) removes the sibling and raises an OSError that names ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write_text(tmp, text)
+    try:
+        write_text(tmp, text)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"could not rewrite {path}: {error.strerror}") from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a text file; a failed write (a full disk) raises an OSError that names ``path``."""
+    try:
+        with path.open("a") as handle:
+            handle.write(line + "\n")
+    except OSError as error:
+        raise OSError(error.errno, f"could not append to {path}: {error.strerror}") from None
 
 
 # checksums
@@ -137,6 +153,18 @@ def atomic_directory(final: Path, fill: Callable[[Path], Any], *, manifest: bool
     shutil.rmtree(old, ignore_errors=True)
 
 
+def discard_directory(folder: Path) -> None:
+    """Delete a folder by first renaming it out of sight (``.tmp-discarded-NAME-PID``), so that a reader sees
+    it whole or not at all: a file missing from a folder that is still there is damage, never a deletion in
+    progress. A kill before the deletion ends leaves a ``.tmp-`` folder, cleared at the next start."""
+    hidden = folder.parent / f".tmp-discarded-{folder.name}-{os.getpid()}"
+    try:
+        folder.rename(hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def remove_leftovers(folder: Path) -> list[str]:
     """Clear what a killed writer left in ``folder`` (call it holding the folder's lock); returns the names.
 
@@ -154,10 +182,13 @@ def remove_leftovers(folder: Path) -> list[str]:
                 continue
         elif not (name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))):
             continue  # not a left-over: checkpoints, metrics, the lock file
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-        else:
+        else:  # a file, or a link (removed itself, never what it points to)
             path.unlink(missing_ok=True)
+        if os.path.lexists(path):
+            warnings.warn(f"{path}: left over from an interrupted run, and could not be removed", stacklevel=2)
+            continue
         cleared.append(name)
     if cleared:
         fsync_dir(folder)

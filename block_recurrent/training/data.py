@@ -21,7 +21,6 @@ document holds out its last 5% instead; a split that would leave either side emp
 from __future__ import annotations
 
 import gzip
-import hashlib
 import sysconfig
 import warnings
 import zlib
@@ -212,15 +211,6 @@ def load_documents(
     if data is None:
         return builtin_documents()
     return path_documents(data)
-
-
-def fingerprint(documents: Sequence[Document]) -> dict[str, Any]:
-    """What identifies a document list for a resumed run: count, bytes, and a sha256 of (name, size) pairs."""
-    digest = hashlib.sha256()
-    sizes = sorted((d.name, len(d.text.encode("utf-8"))) for d in documents)
-    for name, size in sizes:
-        digest.update(f"{name}\0{size}\n".encode("utf-8"))
-    return {"documents": len(sizes), "bytes": sum(size for _, size in sizes), "sha256": digest.hexdigest()[:16]}
 
 
 def gzip_bits_per_byte(documents: Sequence[Document]) -> float:

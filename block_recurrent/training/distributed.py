@@ -1,4 +1,6 @@
-"""Data parallelism: this process's place in a ``torchrun`` job (or a single process), and device choice."""
+"""Data parallelism: this process's place in a ``torchrun`` job (or a single process), and device choice.
+
+Where bf16 autocast is on is decided in :mod:`block_recurrent.training.precision`."""
 
 from __future__ import annotations
 
@@ -77,41 +79,3 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products run natively here: a CUDA device that supports bf16, or an x86 CPU
-    with AVX-512 BF16 or AMX (where they ran 2-4.5x faster than float32 in our measurements; elsewhere bf16
-    on the CPU is emulated and slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_bf16(setting: bool | None, device: torch.device) -> bool:
-    """bf16 autocast on or off: the setting, or with None ("auto") on exactly where bf16 is native."""
-    return native_bf16(device) if setting is None else setting
-
-
-# Scoring without gradients on the CPU gains from bf16 only when the calls are large enough for the products to
-# outweigh autocast's casts: the whole held-out split ran at 24.6 K tokens/s in bf16 against 20.4 K in float32
-# with blocks of 64, and at 16.1 K against 22.3 K with blocks of 16, one block per call (benchmarks/bench_eval.py,
-# 2 threads). With a segment's blocks side by side (the model's ``blocks_side_by_side``) every call is large: blocks of
-# 16 then scored the split in 35 s in bf16 against 50 s in float32
-CPU_EVAL_BF16_MIN_BLOCK = 64
-
-
-def resolve_eval_bf16(setting: bool | None, device: torch.device, block_width: int, blocks_side_by_side: bool = False) -> bool:
-    """bf16 autocast for evaluation: the setting, or with None ("auto") on where bf16 is native, except on the CPU
-    for blocks narrower than CPU_EVAL_BF16_MIN_BLOCK run one per call (not ``blocks_side_by_side``), where float32
-    scored faster."""
-    if setting is not None:
-        return setting
-    return native_bf16(device) and (device.type != "cpu" or block_width >= CPU_EVAL_BF16_MIN_BLOCK or blocks_side_by_side)

@@ -8,11 +8,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
 
 from .loggers import open_loggers
+from ..persistence.storage import replace_file
 from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, plot_metrics
 from .run_config import write_run_file
 
@@ -21,17 +23,22 @@ LN2 = math.log(2)
 
 class RunLoop:
     """Runs a :class:`~block_recurrent.training.trainer.Trainer` until ``max_steps`` or a stop signal; only rank 0 writes
-    files. The trainer owns its loop (``Trainer.fit``), so this module reads it without importing it."""
+    files. The trainer owns its loop (``Trainer.fit``), so this module reads it without importing it, and changes
+    it only through its methods: the loop keeps its own clock and hands the time to :meth:`Trainer.save`."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.metrics = MetricsLog(trainer.out_dir / METRICS_FILE)
         self.loggers = []  # TensorBoard, W&B: each record of metrics.jsonl goes to them too (rank 0)
         self.stop_requested = False
+        self.elapsed = trainer.elapsed  # seconds of training, from the checkpoint the trainer was restored from
 
     def log(self, record: dict[str, Any]) -> None:
         if self.trainer.is_main:
-            self.metrics.append(record)
+            try:
+                self.metrics.append(record)
+            except OSError as error:  # a full disk: name the file (the checkpoints are unharmed)
+                raise OSError(error.errno, f"could not append to {self.metrics.path}: {error.strerror}") from None
             for logger in self.loggers:
                 logger.log(record)
 
@@ -40,6 +47,29 @@ class RunLoop:
         self.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Cut the log back to ``step``. A log holding bytes that are not UTF-8 (a damaged disk block) must not
+        stop a run whose checkpoint is intact: its text lines are kept, the damaged file set aside beside it."""
+        try:
+            self.metrics.truncate(step)
+            return
+        except UnicodeDecodeError:
+            pass
+        path = self.metrics.path
+        raw = path.read_bytes()
+        kept, dropped = [], 0
+        for line in raw.splitlines():
+            try:
+                kept.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                dropped += 1
+        aside = path.with_name(path.name + ".damaged")
+        aside.write_bytes(raw)
+        replace_file(path, "".join(line + "\n" for line in kept))
+        warnings.warn(f"{path}: {dropped} lines were not UTF-8 text and were dropped (the file as it was is kept "
+                      f"as {aside.name})", stacklevel=3)
+        self.metrics.truncate(step)
 
     def _stop_everywhere(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
@@ -50,7 +80,7 @@ class RunLoop:
 
         t, config = self.trainer, self.trainer.config
         if t.is_main:
-            self.metrics.truncate(t.step)  # a resumed run forgets what was logged after its checkpoint
+            self._truncate_metrics(t.step)  # a resumed run forgets what was logged after its checkpoint
             write_run_file(t.out_dir, t.model_config, config)  # run.toml: `brt train --config` repeats the run
             self.loggers = open_loggers(config.log, t.out_dir, step=t.step, run_config={
                 "model": t.model_config.to_dict(), "train": config.to_dict()})
@@ -74,7 +104,7 @@ class RunLoop:
                 interval_loss += metrics["loss"] * metrics["tokens"]
                 interval_tokens += metrics["tokens"]
                 now = time.perf_counter()
-                t.elapsed += now - start
+                self.elapsed += now - start
                 start = now
                 bar.update(1)
                 # 2. a metrics line every log_every steps, averaged over them
@@ -84,7 +114,7 @@ class RunLoop:
                     bpb = loss / LN2 / t.train_corpus.bytes_per_token
                     tokens_since, tick, interval_loss, interval_tokens = 0, now, 0.0, 0
                     last = {"step": t.step, **metrics, "loss": loss, "bpb": bpb, "tokens_per_s": rate,
-                            "tokens_seen": t.tokens_seen, "elapsed_s": round(t.elapsed, 2)}
+                            "tokens_seen": t.tokens_seen, "elapsed_s": round(self.elapsed, 2)}
                     self.log(last)
                     bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", tok_s=f"{rate:.0f}")
                 # 3. validation and checkpoints on schedule (they do not count towards tokens/s)
@@ -134,6 +164,6 @@ class RunLoop:
         return result
 
     def checkpoint(self) -> None:
-        path = self.trainer.save()
+        path = self.trainer.save(elapsed=self.elapsed)
         if path is not None:
             plot_metrics(self.metrics.path, self.trainer.out_dir / CURVE_FILE)

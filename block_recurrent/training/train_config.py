@@ -9,7 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..model.checks import check_bool, check_choice, check_float, check_int
+from ..model.config import BlockRecurrentConfig
+from ..persistence.budget import check_fits, parameter_count
 from .data import BATCHERS
 from .loggers import check_log
 
@@ -93,8 +97,9 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         if self.backward_every > self.segments:
             raise ValueError(f"backward_every ({self.backward_every}) must be <= segments ({self.segments})")
-        for name in ("warmup_steps", "eval_every", "sample_tokens", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "sample_tokens", "checkpoint_every"):
             check_int(name, getattr(self, name), 0)
+        check_seed("seed", self.seed)
         # a validation scores next-token predictions: it needs two tokens at least, or nothing is scored
         check_int("eval_tokens", self.eval_tokens, 2)
         check_float("lr", self.lr, 0.0)
@@ -156,6 +161,38 @@ def recipe(name: str) -> tuple[str, dict[str, Any]]:
     check_choice("recipe", name, RECIPES)
     chosen = RECIPES[name]
     return chosen["preset"], dict(chosen["train"])
+
+
+# every command checks its seed the same way: torch and numpy take any int in this range
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, value: object) -> None:
+    """A seed every random generator here accepts: an int in [0, 2**63 - 1]."""
+    check_int(name, value, 0, MAX_SEED)
+
+
+def check_step_fits(model_config: BlockRecurrentConfig, config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, settings whose one training step cannot fit in ``device``'s memory,
+    naming the settings of the largest part: the step's token buffers (inputs and labels, int64), the parameters
+    with their gradients and AdamW moments (float32), and the activations one backward pass keeps (a lower
+    bound: each layer's input, attention output and feed-forward, and the logits)."""
+    c = model_config
+    tokens = config.batch_size * config.grad_accum * config.segments * c.max_seq_len
+    in_pass = config.batch_size * config.backward_every * c.max_seq_len
+    parts = {
+        "token buffers": tokens * 16,
+        "parameters, gradients and AdamW moments": parameter_count(c) * 16,
+        "activations of one backward pass": in_pass * (c.depth * (2 * c.dim + c.ff_inner_dim) + 2 * c.num_tokens) * 4,
+    }
+    settings = {
+        "token buffers": f"batch_size {config.batch_size} x grad_accum {config.grad_accum} x segments "
+                         f"{config.segments} x max_seq_len {c.max_seq_len} tokens per step",
+        "parameters, gradients and AdamW moments": f"the model (num_tokens {c.num_tokens}, dim {c.dim}, depth {c.depth})",
+        "activations of one backward pass": f"batch_size {config.batch_size} x backward_every {config.backward_every} x "
+                                            f"max_seq_len {c.max_seq_len} tokens per backward pass",
+    }
+    check_fits(parts, device, settings[max(parts, key=parts.get)])
 
 
 def lr_at(config: TrainConfig, step: int) -> float:

@@ -16,14 +16,14 @@ streams, gradients are averaged once per step (as DDP with ``no_sync`` over grad
 segment loop runs several backward passes per step, so the all-reduce is explicit), rank 0 writes
 checkpoints holding every rank's data positions and carried states.
 
-The run folder belongs to one process at a time: rank 0 locks it for the trainer's life (see
-:mod:`block_recurrent.persistence.storage`) and clears what a killed run left half-written.
+The run folder belongs to one process at a time: rank 0 locks it for the trainer's life and clears what a killed
+run left half-written; what a checkpoint holds beyond the model, and whether it belongs to this run, is
+:mod:`.checkpointing`'s (:func:`resume` locks the folder before it reads the checkpoint it continues from).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,33 +34,37 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from ..persistence.checkpoint import (
-    WEIGHTS_FILE, CheckpointError, TrainingCheckpoint, check_same_config, latest_checkpoint, load_state,
-    load_training_checkpoint, newest_intact_checkpoint, optimizer_from_tensors, save_training_checkpoint,
-)
 from ..model.config import BlockRecurrentConfig
-from .data import (
-    BATCHERS, TokenCorpus, fingerprint, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents,
-    split_documents,
-)
-from .distributed import Distributed, resolve_bf16, resolve_device, resolve_eval_bf16
-from .validation import evaluate_corpus
 from ..model.model import BlockRecurrentModel
+from ..model.state import ModelState, carry_from_tensors, carry_to_tensors
+from ..persistence.checkpoint import (
+    WEIGHTS_FILE, CheckpointError, TrainingCheckpoint, latest_checkpoint, load_state, load_training_checkpoint,
+    newest_intact_checkpoint, optimizer_from_tensors, save_training_checkpoint,
+)
+from .checkpointing import (
+    RunFolder, check_record, check_same_run, fingerprint, open_resumed, rank_data_state, resolved_path,
+    resume_configs,
+)
+from .data import (
+    BATCHERS, TokenCorpus, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents, split_documents,
+)
+from .distributed import Distributed, resolve_device
+from .precision import resolve_bf16, resolve_eval_bf16
 from .run_loop import RunLoop
 from .segments import SegmentRunner, check_replay_write, passes_one_block
-from ..model.state import ModelState, XLMemory
-from ..persistence.storage import lock_run_folder, prepare_folder, remove_leftovers
-from .train_config import TrainConfig, lr_at
+from .train_config import TrainConfig, check_step_fits, lr_at
+from .validation import evaluate_corpus
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "parameter_groups", "resume_configs", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "parameter_groups", "resume", "resume_configs",
+           "train"]
 
 LN2 = math.log(2)
 
 
 def fused_adamw_supported(device: torch.device) -> bool:
     """Whether AdamW's fused kernel runs on ``device``: one kernel for every parameter instead of a dozen ops per
-    parameter group (the `mini` model's step 2.0 -> 0.5 ms on two CPU cores, `small`'s 9 -> 1.6 ms). CUDA has it,
-    the CPU from torch 2.4."""
+    parameter group, which matters most for small models, whose step is mostly that overhead. CUDA has it, the
+    CPU from torch 2.4."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4"
@@ -86,15 +90,18 @@ class Trainer:
     """Model, optimiser, data streams and carried state of one training run (one rank of it)."""
 
     def __init__(self, model_config: BlockRecurrentConfig, config: TrainConfig, *,
-                 resume: bool | TrainingCheckpoint = False, distributed: Distributed | None = None):
-        """``resume``: True continues from the run folder's newest intact checkpoint; a loaded
-        :class:`TrainingCheckpoint` (see :func:`resume_configs`) continues from that one."""
+                 resume: bool | TrainingCheckpoint = False, distributed: Distributed | None = None,
+                 run: RunFolder | None = None):
+        """``resume``: True continues from the run folder's newest complete checkpoint; a loaded
+        :class:`TrainingCheckpoint` (see :func:`resume`) continues from that one. ``run``: the run folder,
+        already opened (and locked) by the caller; by default the trainer opens it."""
         if not isinstance(model_config, BlockRecurrentConfig):
             raise TypeError(f"model_config must be a BlockRecurrentConfig, got {type(model_config).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.dist = distributed or Distributed.from_env()
         self.device = resolve_device(config.device, self.dist.local_rank)
+        check_step_fits(model_config, config, self.device)  # before anything is allocated
         self.bf16 = resolve_bf16(config.bf16, self.device)  # None: on where bf16 is native
         # validation follows an explicit setting; auto also weighs the block width (scoring has no backward pass)
         self.eval_bf16 = resolve_eval_bf16(config.bf16, self.device, model_config.block_width,
@@ -105,17 +112,8 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.is_main = self.dist.rank == 0
 
-        # 0. the run folder: rank 0 creates and locks it (held until close()), then clears a killed run's leftovers
-        if resume is True and not self.out_dir.is_dir():
-            raise ValueError(f"resume: {self.out_dir} holds no checkpoint to resume from")
-        self._lock = None
-        if self.is_main:
-            prepare_folder(self.out_dir)
-            self._lock = lock_run_folder(self.out_dir)
-            cleared = remove_leftovers(self.out_dir)
-            if cleared:
-                warnings.warn(f"{self.out_dir}: cleared what an interrupted run left: {', '.join(cleared)}",
-                              stacklevel=2)
+        # 0. the run folder: created and locked by rank 0 (held until close()), a killed run's leftovers cleared
+        self.run = run or RunFolder.open(self.out_dir, main=self.is_main, resume=resume is True)
 
         # 1. data: tokenizer, documents, the fixed split, the streams of this rank's rows
         self.tokenizer = load_tokenizer(config.tokenizer)
@@ -131,7 +129,7 @@ class Trainer:
         else:
             train_docs, val_docs = documents, path_documents(config.val_data)
         self.data_source = {
-            "paths": {name: _resolved(getattr(config, name)) for name in TrainConfig.PATHS},
+            "paths": {name: resolved_path(getattr(config, name)) for name in TrainConfig.PATHS},
             "train": fingerprint(train_docs), "validation": fingerprint(val_docs),
         }
         self.train_corpus = TokenCorpus.from_documents(train_docs, self.tokenizer)
@@ -183,7 +181,7 @@ class Trainer:
         # with replay_write, per micro-batch: the states the last block's write started from (SegmentResult)
         self.written_from: list[tuple[Tensor | None, ...] | None] = [None] * config.grad_accum
         if resume is not False:
-            self.restore(newest_intact_checkpoint(self.out_dir) if resume is True else resume)
+            self.restore(newest_intact_checkpoint(self.out_dir, check_record) if resume is True else resume)
         elif latest_checkpoint(self.out_dir) is not None:
             raise ValueError(f"out_dir {self.out_dir} already holds checkpoints; resume, or choose another out_dir")
 
@@ -281,16 +279,9 @@ class Trainer:
         """
         if self.config.mode != "stream" or any(state is None for state in self.carry):
             return {}
-        per_micro = [state.to_tensors("carry") for state in self.carry]
-        if self.replay_write:
-            for tensors, state, written in zip(per_micro, self.carry, self.written_from):
-                B = state.batch_size
-                for i, (cell, start) in enumerate(zip(self.model.cells, written)):
-                    # the learned initial state (None) is spelled out, so that every micro-batch has the same
-                    # tensors, and flagged, so that the resumed replay starts from the parameter again
-                    initial = start is None
-                    tensors[f"written_from.{i}"] = cell.initial_state.detach()[None].expand(B, -1, -1) if initial else start
-                    tensors[f"written_from.{i}.initial"] = torch.full((B,), initial, device=self.device)
+        initial = self.model.initial_states()
+        per_micro = [carry_to_tensors(state, written if self.replay_write else None, initial)
+                     for state, written in zip(self.carry, self.written_from)]
         tensors = {key: torch.cat([t[key] for t in per_micro]) for key in per_micro[0]}  # (rows of this rank, ...)
         # every rank holds the same keys and shapes; gathered: (all rows, ...)
         return {key: self.dist.all_gather(tensor) for key, tensor in sorted(tensors.items())}
@@ -302,8 +293,9 @@ class Trainer:
         positions = self.dist.all_gather(torch.tensor(state["positions"], dtype=torch.int64))
         return {**state, "row_offset": 0, "positions": positions.tolist()}
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the state after ``self.step`` steps (rank 0 writes; all ranks must call).
+    def save(self, *, elapsed: float | None = None) -> Path | None:
+        """Write a checkpoint of the state after ``self.step`` steps (rank 0 writes; all ranks must call), with
+        ``elapsed`` seconds of training (by default the time the run had when it was restored).
 
         Raises TrainingDiverged, writing nothing, when a weight is NaN or infinite (every rank holds the same
         weights, so every rank stops).
@@ -320,106 +312,48 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         trainer = {
-            "train_config": self.config.to_dict(), "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
-            "world_size": self.dist.world_size, "data": data, "data_source": self.data_source,
-            "tokenizer": self.tokenizer.describe(),
+            "train_config": self.config.to_dict(), "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed if elapsed is None else elapsed, "world_size": self.dist.world_size,
+            "data": data, "data_source": self.data_source, "tokenizer": self.tokenizer.describe(),
         }
         return save_training_checkpoint(
             self.out_dir, self.step, model=self.model, optimizer=self.optimizer, trainer=trainer, tensors=tensors,
             keep_last=self.config.keep_last, tokenizer_file=self.config.tokenizer,
         )
 
-    def _check_same_run(self, saved: TrainingCheckpoint) -> None:
-        """Refuse (or with allow_data_change, warn about) a checkpoint of other settings or other data."""
-        check_same_config(saved.config, self.model_config, saved.path)
-        settings = saved.trainer.get("train_config")
-        if not isinstance(settings, dict):
-            raise CheckpointError(f"{saved.path}: trainer.json is damaged (no train_config)")
-        settings = {**TrainConfig.LEGACY, **settings}
-        mine = self.config.to_dict()
-        fixed = [k for k in sorted(mine) if k not in TrainConfig.RESUMABLE + TrainConfig.PATHS]
-        differs = [f"{k}: checkpoint {settings.get(k)!r}, now {mine[k]!r}" for k in fixed if settings.get(k) != mine[k]]
-        if differs:
-            raise CheckpointError(f"cannot resume {saved.path} with other training settings ({'; '.join(differs)})")
-        # the data: the folders and files it names (resolved), and the documents found there (names, sizes)
-        source = saved.trainer.get("data_source")
-        if not isinstance(source, dict):  # written before data fingerprints: its paths, resolved from here
-            source = {"paths": {k: _resolved(settings.get(k)) for k in TrainConfig.PATHS}}
-        changed = [f"{k}: checkpoint {source['paths'].get(k)}, now {v}" for k, v in self.data_source["paths"].items()
-                   if source["paths"].get(k) != v]
-        changed += [f"{k} documents: checkpoint {_described(source[k])}, now {_described(self.data_source[k])}"
-                    for k in ("train", "validation") if k in source and source[k] != self.data_source[k]]
-        if changed and self.config.allow_data_change:
-            warnings.warn(f"resuming {saved.path} on changed data ({'; '.join(changed)})", stacklevel=3)
-        elif changed:
-            raise CheckpointError(f"cannot resume {saved.path}: the data changed ({'; '.join(changed)}); "
-                                  "pass allow_data_change (--allow-data-change) to continue anyway")
-
     def restore(self, saved: TrainingCheckpoint | str | Path) -> None:
         """Continue from a checkpoint: weights, optimiser, step, data positions, carried states, RNG."""
         if not isinstance(saved, TrainingCheckpoint):
             saved = load_training_checkpoint(saved)
-        self._check_same_run(saved)
-        if self.is_main:
-            for damaged in saved.passed_over:  # set aside (kept for a look), so "latest" never means a damaged one
-                damaged.rename(damaged.with_name(damaged.name + ".damaged"))
-                warnings.warn(f"{damaged} is damaged: renamed to {damaged.name}.damaged", stacklevel=3)
+        check_record(saved)
+        check_same_run(saved, self.model_config, self.config, self.data_source)
+        self.run.set_aside(saved.passed_over)  # so that the run's newest step folder is a readable one again
         load_state(self.model, saved.weights, saved.path / WEIGHTS_FILE)
         optimizer_from_tensors(self.optimizer, saved.optimizer)
-        self.step = saved.trainer["step"]
-        self.tokens_seen = saved.trainer.get("tokens_seen", 0)
-        self.elapsed = saved.trainer.get("elapsed_s", 0.0)
+        self.step, self.tokens_seen = saved.trainer["step"], saved.trainer.get("tokens_seen", 0)
+        self.elapsed = float(saved.trainer.get("elapsed_s", 0.0))
 
         # this rank's rows of the global data positions and carried states
-        data = saved.trainer.get("data")
-        if not isinstance(data, dict) or data.get("mode") not in BATCHERS:
-            raise CheckpointError(f"{saved.path}: trainer.json is damaged (no data positions)")
-        data = dict(data)
-        rows = self.batcher.rows
-        if data["mode"] == "stream":
-            positions = data.get("positions")
-            if not isinstance(positions, list):
-                raise CheckpointError(f"{saved.path}: trainer.json is damaged (no data positions)")
-            if len(positions) != self.batcher.total_rows:
-                raise CheckpointError(
-                    f"the checkpoint streams {len(positions)} rows; this run has {self.batcher.total_rows} "
-                    "(batch_size * grad_accum * ranks must match)"
-                )
-            data["positions"] = positions[self.batcher.row_offset : self.batcher.row_offset + rows]
+        batcher, rows = self.batcher, self.config.batch_size
+        if len(saved.trainer["data"].get("positions", ())) not in (0, batcher.total_rows):
+            raise CheckpointError(f"the checkpoint streams {len(saved.trainer['data']['positions'])} rows; this run "
+                                  f"has {batcher.total_rows} (batch_size * grad_accum * ranks must match)")
         try:
-            self.batcher.load_state_dict(data)
+            batcher.load_state_dict(rank_data_state(saved, batcher.row_offset, batcher.rows))
+            for m in range(self.config.grad_accum):
+                start = batcher.row_offset + m * rows
+                state, written = carry_from_tensors(saved.tensors, self.model_config, torch.arange(start, start + rows),
+                                                    batcher.total_rows)
+                self.carry[m] = None if state is None else state.to(self.device)
+                if self.replay_write and written is not None:
+                    self.written_from[m] = tuple(None if w is None else w.to(self.device) for w in written)
         except ValueError as error:
             raise CheckpointError(f"{saved.path}: {error}") from error
-        tensors = saved.tensors
-        carried = {k: v for k, v in tensors.items() if k.startswith("carry.")}
-        if carried:
-            depth, num_states = self.model_config.depth, len(self.model_config.recurrent_layers)
-            every_row = ModelState.from_tensors(carried, "carry", depth, num_states)
-            if every_row.batch_size != self.batcher.total_rows:
-                raise CheckpointError(f"{saved.path}: carried states have {every_row.batch_size} rows, expected "
-                                      f"{self.batcher.total_rows}")
-            given = [carried.get(f"carry.memory.{i}.valid_given") for i in range(depth)]
-            for m in range(self.config.grad_accum):
-                start = self.batcher.row_offset + m * self.config.batch_size
-                rows_of_micro = torch.arange(start, start + self.config.batch_size)
-                state = every_row.select_rows(rows_of_micro)
-                # a micro-batch whose memory had no validity mask gets none back (same computation path)
-                memories = tuple(
-                    XLMemory(memory.keys, memory.values, None)
-                    if memory is not None and had is not None and not had[rows_of_micro].any() else memory
-                    for memory, had in zip(state.memories, given)
-                )
-                self.carry[m] = ModelState(memories, state.states).to(self.device)
-                if self.replay_write and "written_from.0" in tensors:  # (none in a run saved without it)
-                    self.written_from[m] = tuple(
-                        None if tensors[f"written_from.{i}.initial"][rows_of_micro].all()
-                        else tensors[f"written_from.{i}"][rows_of_micro].to(self.device)
-                        for i in range(num_states))
-        if "rng.torch" not in tensors:
+        if "rng.torch" not in saved.tensors:
             raise CheckpointError(f"{saved.path}: trainer.safetensors holds no rng.torch state")
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        torch.set_rng_state(saved.tensors["rng.torch"])
+        if "rng.cuda" in saved.tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved.tensors["rng.cuda"], self.device)
 
     # the loop
 
@@ -429,57 +363,41 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run folder (its lock is released once no trainer of this process holds it)."""
-        self._lock = None
-
-
-def _described(fingerprint: Any) -> str:
-    try:
-        return f"{fingerprint['documents']} documents, {fingerprint['bytes']} bytes, sha256 {fingerprint['sha256']}"
-    except (TypeError, KeyError):
-        return repr(fingerprint)
-
-
-def _resolved(path: str | None) -> str | None:
-    # "./data/d", "data/d/" and "/abs/data/d" name one folder; a run resumed elsewhere names another
-    return None if path is None else os.path.realpath(path)
-
-
-def resume_configs(run: str | Path | TrainingCheckpoint, **overrides: Any) -> tuple[BlockRecurrentConfig, TrainConfig]:
-    """The model and training configs of a run (its newest intact checkpoint, or ``run`` when loaded), with
-    ``overrides``. Pass the same checkpoint to :func:`train` as ``resume`` so it is read once.
-
-    Overriding a setting outside ``TrainConfig.RESUMABLE`` is refused when the run is restored.
-    """
-    saved = run if isinstance(run, TrainingCheckpoint) else newest_intact_checkpoint(run)
-    settings = saved.trainer.get("train_config")
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{saved.path}: trainer.json is damaged (no train_config)")
-    out_dir = overrides.pop("out_dir", saved.path.parent if isinstance(run, TrainingCheckpoint) else run)
-    try:
-        # allow_data_change holds for one invocation: a run resumed once on changed data stays checked after
-        config = TrainConfig.from_dict({**TrainConfig.LEGACY, **settings, "allow_data_change": False, **overrides,
-                                        "out_dir": str(out_dir)})
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{saved.path}: trainer.json holds unusable training settings ({error})") from error
-    return saved.config, config
+        self.run.close()
 
 
 def train(model_config: BlockRecurrentConfig, config: TrainConfig, *,
-          resume: bool | TrainingCheckpoint = False) -> dict[str, Any]:
+          resume: bool | TrainingCheckpoint = False, run: RunFolder | None = None) -> dict[str, Any]:
     """Train (or with ``resume``, continue) a model; returns the last logged metrics.
 
     Under ``torchrun`` every rank calls this; the process group is left when training ends.
     """
-    trainer = Trainer(model_config, config, resume=resume)
+    trainer = Trainer(model_config, config, resume=resume, run=run)
     try:
         result = trainer.fit()
         if trainer.dist.active:
             # every rank leaves together: a rank that tore its gloo connections down while rank 0 was still
-            # writing the last checkpoint was seen to abort (SIGABRT, 1 torchrun test run in 12). Only on success:
-            # a rank that failed must not wait here for ranks that are still training
+            # writing the last checkpoint was seen to abort. Only on success: a rank that failed must not wait
+            # here for ranks that are still training
             dist.barrier()
         return result
     finally:
         trainer.close()
         if trainer.dist.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def resume(out_dir: str | Path, *, model_config: BlockRecurrentConfig | None = None,
+           **overrides: Any) -> tuple[dict[str, Any], TrainConfig]:
+    """Continue the run in ``out_dir`` from its newest complete checkpoint, with ``overrides`` of the settings
+    that may change (``TrainConfig.RESUMABLE``); returns the last logged metrics and the settings it ran with.
+
+    The folder is locked before the checkpoint is read, and stays locked until training ends. ``model_config``,
+    when given, must be the run's.
+    """
+    main = Distributed.from_env().rank == 0
+    run, saved, saved_model, config = open_resumed(out_dir, main=main, model_config=model_config, **overrides)
+    try:
+        return train(saved_model, config, resume=saved, run=run), config
+    finally:
+        run.close()
