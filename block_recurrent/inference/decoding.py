@@ -36,7 +36,8 @@ from ..model.checks import check_tokens
 from ..model.layer import LayerCache, block_keys, copy_buffers, per_row, place_block, position, reopen_rows
 from ..model.model import BlockRecurrentModel
 from ..model.recurrent import StateView
-from ..model.state import ModelState, XLMemory, checked_state
+from ..model.state import ModelState, checked_state
+from .rows import full_length_state, set_rows, stack_rows, view_rows
 
 
 # prefill runs a prompt's whole blocks side by side in pieces of at most this many tokens (bounding its memory)
@@ -112,64 +113,6 @@ def eval_no_grad(model: nn.Module, inference: bool = False):
             model.train()
 
 
-# rows of states with different histories in one batch
-
-
-def full_length_state(model, state: ModelState, batch_size: int) -> ModelState:
-    """``state`` with every memory left-padded to max_memory_len (invalid slots) and every state a tensor: the
-    same shapes for every row and every block, whatever each row's history (a fresh document's memory is all
-    invalid, which its attention never sees)."""
-    config = model.config
-    length, width, device = config.max_memory_len, config.kv_dim, model.device
-    memories = []
-    for memory in state.memories:
-        if memory is None:
-            empty = torch.zeros(batch_size, 0, width, dtype=model.dtype, device=device)
-            memory = XLMemory(empty, empty)
-        valid = memory.valid
-        if valid is None:
-            valid = torch.ones(memory.keys.shape[:2], dtype=torch.bool, device=device)
-        missing = length - memory.length
-        if missing:
-            pad = torch.zeros(batch_size, missing, width, dtype=memory.keys.dtype, device=device)
-            memory = XLMemory(
-                torch.cat((pad, memory.keys), dim=1), torch.cat((pad, memory.values), dim=1),
-                torch.cat((valid.new_zeros(batch_size, missing), valid), dim=1),
-            )
-        else:
-            memory = XLMemory(memory.keys, memory.values, valid)
-        memories.append(memory)
-    states = tuple(
-        cell.initial_state.expand(batch_size, -1, -1).clone() if s is None else s
-        for cell, s in zip(model.cells, state.states)
-    )
-    return ModelState(tuple(memories), states)
-
-
-def _set_rows(state: ModelState, rows: Tensor, part: ModelState) -> ModelState:
-    """``state`` (full length) with ``rows`` replaced by ``part`` (full length), as new tensors."""
-    memories = tuple(
-        XLMemory(m.keys.index_copy(0, rows, p.keys), m.values.index_copy(0, rows, p.values),
-                 m.valid.index_copy(0, rows, p.valid))
-        for m, p in zip(state.memories, part.memories)
-    )
-    return ModelState(memories, tuple(s.index_copy(0, rows, p) for s, p in zip(state.states, part.states)))
-
-
-def _stack_rows(parts: Sequence[ModelState], order: Tensor) -> ModelState:
-    """Full-length states of several groups of rows as one batch, row ``order[i]`` of the concatenation first."""
-    cat = lambda tensors: torch.cat(tensors)[order]
-    memories = tuple(
-        XLMemory(cat([m.keys for m in ms]), cat([m.values for m in ms]), cat([m.valid for m in ms]))
-        for ms in zip(*(p.memories for p in parts))
-    )
-    return ModelState(memories, tuple(cat(list(ss)) for ss in zip(*(p.states for p in parts))))
-
-
-def _view_rows(views: Sequence[StateView], rows: Tensor) -> tuple[StateView, ...]:
-    return tuple(StateView(*(t[rows] for t in view)) for view in views)
-
-
 # opening, feeding and committing blocks
 
 
@@ -188,7 +131,7 @@ def _rows_apart(model, parts: Sequence[tuple[Tensor, DecodeState]], batch_size: 
     """One decode state whose rows keep their own positions, from decode states of groups of rows that each
     share a position: ``parts`` holds (the group's rows in the batch, its decode state)."""
     order = torch.cat([rows for rows, _ in parts]).argsort()  # batch row -> its place in the concatenation
-    committed = _stack_rows(
+    committed = stack_rows(
         [full_length_state(model, ds.committed, ds.batch_size) for _, ds in parts], order.to(model.device)
     )
     views, caches = model.open_block(committed, batch_size, token_by_token=True)  # the views of each row's block
@@ -225,14 +168,14 @@ def _commit_full_blocks(model, ds: DecodeState, caches: tuple[LayerCache, ...], 
     if full.numel() == 0:
         return dataclasses.replace(ds, caches=caches, generation=generation, newest=newest)
     done = model.commit_block(
-        ds.committed.select_rows(full), _view_rows(ds.views, full), tuple(block_keys(c, full, W) for c in caches)
+        ds.committed.select_rows(full), view_rows(ds.views, full), tuple(block_keys(c, full, W) for c in caches)
     )
     done = full_length_state(model, done, full.shape[0])
     views, opened = model.open_block(done, full.shape[0], token_by_token=True)
     views = tuple(StateView(*(t.index_copy(0, full, new) for t, new in zip(view, fresh)))
                   for view, fresh in zip(ds.views, views))
     caches = tuple(reopen_rows(cache, full, new) for cache, new in zip(caches, opened))
-    return DecodeState(_set_rows(ds.committed, full, done), views, caches, ds.batch_size, generation, newest)
+    return DecodeState(set_rows(ds.committed, full, done), views, caches, ds.batch_size, generation, newest)
 
 
 def _fed(model, ds: DecodeState, tokens: Tensor, token_pass: Callable) -> tuple[Tensor, DecodeState]:
@@ -300,10 +243,10 @@ def commit_partial(model, decode_state: DecodeState) -> ModelState:
     for fed in sorted(set(ds.positions.tolist()) - {0}):
         rows = (ds.positions == fed).nonzero()[:, 0]
         done = model.commit_block(
-            ds.committed.select_rows(rows), _view_rows(ds.views, rows),
+            ds.committed.select_rows(rows), view_rows(ds.views, rows),
             tuple(block_keys(cache, rows, fed) for cache in ds.caches),
         )
-        committed = _set_rows(committed, rows, full_length_state(model, done, rows.shape[0]))
+        committed = set_rows(committed, rows, full_length_state(model, done, rows.shape[0]))
     return committed
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..model.checks import check_float, check_int
+from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState
 from .decoding import (
     DecodeState, as_batch, as_decode_state, check_model, check_prompts, commit_partial, decode_step, eval_no_grad,
@@ -116,7 +117,7 @@ class SamplingOptions:
 
 
 def _decode_loop(
-    model: "BlockRecurrentModel", prompt: Tensor | list[Tensor], max_new_tokens: int, options: SamplingOptions,
+    model: BlockRecurrentModel, prompt: Tensor | list[Tensor], max_new_tokens: int, options: SamplingOptions,
     state: ModelState | DecodeState | None, final: list, compile: bool,
 ) -> Iterator[Tensor]:
     """Yield (B,) tokens; ``final`` receives the decode state covering everything fed (all but the last token).
@@ -160,7 +161,7 @@ def _checked(model, prompt, max_new_tokens, options: SamplingOptions, state, com
 
 
 def stream(
-    model: "BlockRecurrentModel",
+    model: BlockRecurrentModel,
     prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,
@@ -183,7 +184,7 @@ def stream(
 
 
 def generate(
-    model: "BlockRecurrentModel",
+    model: BlockRecurrentModel,
     prompt: Tensor | Sequence[Tensor],
     max_new_tokens: int,
     *,

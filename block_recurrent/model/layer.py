@@ -169,7 +169,7 @@ class AttentionBlock(nn.Module):
         B, N, _ = x.shape
         H, dh, C = self.heads, self.dim_head, self.kv_dim
         Q = H * dh
-        M, P = cache.memory_len, cache.filled
+        P = cache.filled
         per_row = isinstance(P, Tensor)
         if per_row and N != 1:
             raise ValueError(f"rows at different positions take one token each, got {N}")
