@@ -16,10 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "block_recurrent"
 ROOMS = {
     "model": set(),
     "inference": {"model"},
-    "persistence": {"model"},
+    "persistence": {"model", "inference"},  # files of models and of decode states
     "training": {"model", "inference", "persistence"},
     "reference": {"model", "inference", "training"},
     "tasks": {"model", "inference", "training", "persistence"},
+    # transformers' adapter, at the edge: it may import every other room, none imports it
+    "hf": {"model", "inference", "persistence", "training", "reference", "tasks"},
 }
 
 

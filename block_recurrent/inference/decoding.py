@@ -250,6 +250,52 @@ def commit_partial(model, decode_state: DecodeState) -> ModelState:
     return committed
 
 
+# a decode state as plain tensors and back (to save it)
+
+
+def decode_state_parts(ds: DecodeState) -> tuple[ModelState, Tensor, tuple[tuple[Tensor, Tensor], ...]]:
+    """What a decode state is made of: (the committed state, each row's position (B,), per layer the raw keys
+    and values of the rows' blocks so far, (B, longest position, kv_dim) each, row b's first positions[b] valid).
+    The rest (views, prepared keys, masks) follows from these: :func:`decode_state_from_parts`."""
+    if not ds.per_row:
+        P = ds.position
+        positions = torch.full((ds.batch_size,), P, dtype=torch.long)
+        blocks = tuple(block_keys(cache) for cache in ds.caches) if P else ()
+        return ds.committed, positions, blocks
+    positions = ds.positions.cpu()
+    longest = int(positions.max())
+    rows = torch.arange(ds.batch_size, device=ds.positions.device)
+    blocks = tuple(block_keys(cache, rows, longest) for cache in ds.caches) if longest else ()
+    return ds.committed, positions, blocks
+
+
+def decode_state_from_parts(
+    model, committed: ModelState, positions: Tensor, blocks: Sequence[tuple[Tensor, Tensor]], per_row: bool,
+) -> DecodeState:
+    """The decode state :func:`decode_state_parts` took apart (``per_row``: whether its rows kept their own
+    positions), its blocks refilled from their raw keys and values."""
+    B = positions.shape[0]
+    committed = checked_state(model.config, committed, B)
+
+    def refilled(state: ModelState, rows: Tensor, P: int) -> DecodeState:
+        ds = _opened(model, state, rows.shape[0])
+        if not P:
+            return ds
+        caches = tuple(
+            layer.attn.refill(cache, keys[rows, :P], values[rows, :P], model.rotary)
+            for layer, cache, (keys, values) in zip(model.layers, ds.caches, blocks)
+        )
+        return dataclasses.replace(ds, caches=caches)
+
+    if not per_row:
+        return refilled(committed, torch.arange(B, device=model.device), int(positions[0]))
+    parts = []
+    for P in sorted(set(positions.tolist())):
+        rows = (positions == P).nonzero()[:, 0]
+        parts.append((rows, refilled(committed.select_rows(rows.to(model.device)), rows.to(model.device), P)))
+    return _rows_apart(model, parts, B)
+
+
 # checks and prefill
 
 

@@ -143,6 +143,12 @@ class AttentionBlock(nn.Module):
             in_proj, ff_in = in_proj.contiguous(), ff_in.contiguous()
         return LayerCache(keys, values, None, M, 0, mask, bias, empty, read_keys, in_proj, ff_in)
 
+    def refill(self, cache: LayerCache, raw_keys: Tensor, values: Tensor, rotary: RotaryXPos) -> LayerCache:
+        """``cache``, a block just opened, with the P tokens whose raw keys and values (B, P, kv_dim) are given
+        written as feeding them wrote them: a saved decode state, rebuilt without running its tokens again."""
+        tables = rotary.keys(0, raw_keys.shape[1]) if self.use_rotary else None
+        return self._write(cache, self.attn.prepare_keys(raw_keys, tables), values, raw_keys)
+
     def input_projection(self) -> Tensor:
         """The input projections side by side, transposed: (D, H dh + 2 kv_dim + reads * H dh), a view."""
         weights = [self.to_q.weight, self.to_kv.weight, *(r.to_queries.weight for r in self.state_reads)]
