@@ -4,6 +4,7 @@
 import json
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -153,11 +154,22 @@ def test_tensorboard_logs_what_metrics_jsonl_holds_and_a_resumed_run_continues_i
 # Weights & Biases, offline
 
 
-def wandb_history(path):
-    """The history rows of an offline W&B run file (LevelDB-style log of protobuf records, after a 7-byte header)."""
+def wandb_history(path, wait_s=20.0):
+    """The history rows of an offline W&B run file (LevelDB-style log of protobuf records, after a 7-byte header),
+    once W&B's service has written the run's exit record (it writes after ``finish`` returns)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, ended = _wandb_records(path)
+        if ended or time.monotonic() > deadline:
+            assert ended, f"{path}: no exit record after {wait_s} s"
+            return rows
+        time.sleep(0.1)
+
+
+def _wandb_records(path):
     from wandb.proto import wandb_internal_pb2
 
-    data, rows, pieces = path.read_bytes(), [], b""
+    data, rows, pieces, ended = path.read_bytes(), [], b"", False
     assert data[:4] == b":W&B"
     block, offset = 32768, 7
     while offset + 7 <= len(data):
@@ -174,7 +186,8 @@ def wandb_history(path):
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+            ended = ended or record.WhichOneof("record_type") == "exit"
+    return rows, ended
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path, corpus, monkeypatch):
@@ -198,7 +211,8 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path, corpus, monkeypatch):
     sample = [r for r in logged if "sample" in r][-1]["sample"]
     assert table["data"] == [[2, sample["prompt"], sample["continuation"]]]
 
-    # a resumed run continues the same W&B run
+    # a resumed run continues the same W&B run (offline: a second folder of the same run id, for `wandb sync`)
     assert brt("train", "--resume", "--out-dir", run, "--max-steps", 3, "--no-progress", "--no-final-eval") == 0
     assert (run / "wandb-run-id").read_text().strip() == run_id
-    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+    [resumed] = set((run / "wandb").glob(f"offline-run-*-{run_id}*")) - {folder}
+    assert [row["_step"] for row in wandb_history(resumed / f"run-{run_id}.wandb")] == [3]
