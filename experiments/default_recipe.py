@@ -123,7 +123,7 @@ def run(unit: tuple[str, int, int, str, str | None, int | None]) -> dict:
     from block_recurrent import BlockRecurrentConfig
     from block_recurrent.inference.evaluation import evaluate_documents, position_curve
     from block_recurrent.persistence.checkpoint import from_pretrained
-    from block_recurrent.training.distributed import resolve_eval_bf16
+    from block_recurrent.training.precision import resolve_eval_bf16
     from block_recurrent.training.trainer import TrainConfig, train
 
     torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ import torch
 from block_recurrent.inference.evaluation import curve_range, evaluate_documents, position_curve
 from block_recurrent.model.state import ModelState
 from block_recurrent.persistence.checkpoint import from_pretrained
-from block_recurrent.training.distributed import native_bf16
+from block_recurrent.training.precision import native_bf16
 from harness import held_out_documents
 
 BUCKET = 1024
