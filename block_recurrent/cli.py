@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="decode through torch.compile: faster per token, after a first call that compiles "
                                "(slow the first time, quick once inductor has cached it; docs/generation.md)")
     generate.add_argument("--device", default="auto")
+    generate.add_argument("--state-in", metavar="FILE", default=None,
+                          help="continue the document whose decode state --state-out saved (same model only): the "
+                               "prompt follows what that run fed")
+    generate.add_argument("--state-out", metavar="FILE", default=None,
+                          help="after generating, save the decode state (the prompt and every generated token fed) "
+                               "to FILE (safetensors), to continue the document later with --state-in")
 
     evaluate = commands.add_parser("eval", help="bits per byte of a trained model on documents")
     evaluate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
@@ -203,7 +209,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _model_config(args: argparse.Namespace, default: str | None):
+    import torch
+
     from .model.config import BlockRecurrentConfig
+    from .persistence.budget import check_model_fits
 
     fields = getattr(args, "model_fields", None)  # a run file's [model] table: changes, or a whole config alone
     base = None
@@ -219,6 +228,8 @@ def _model_config(args: argparse.Namespace, default: str | None):
             raise ValueError(f"--model-config {path} is not a UTF-8 text file") from None
         except (TypeError, ValueError) as error:
             raise ValueError(f"--model-config {path}: {error}") from None
+        # every model is built on the CPU first: its parameters must fit there, whatever the device
+        check_model_fits(base, torch.device("cpu"), f"--model-config {path}", bytes_per_parameter=4)
     elif args.preset or (default and fields is None):
         base = BlockRecurrentConfig.from_name(args.preset or default)
     if fields is not None:
@@ -265,16 +276,26 @@ def run_generate(args: argparse.Namespace) -> int:
                    compile=args.compile)
     if args.prompts is None:
         prompt = torch.as_tensor(tokenizer.encode(texts[0]), dtype=torch.long, device=model.device)[None]
-        text = _TextStream(tokenizer)
+        state = None
+        if args.state_in is not None:
+            from .persistence.decode_state import load_decode_state
+
+            state = load_decode_state(model, args.state_in)
+        text, last = _TextStream(tokenizer), None
         with _autocast(args.bf16, model.device):
-            tokens = stream(model, prompt, args.max_new_tokens, **options)  # checked before the first write
+            tokens = stream(model, prompt, args.max_new_tokens, state=state, **options)  # checked before writing
             _write(texts[0])
             try:  # each token is printed as it comes; Ctrl-C keeps what was printed (main exits with 130)
-                for token in tokens:
-                    _write(text.push(int(token[0])))
+                for last in tokens:
+                    _write(text.push(int(last[0])))
             finally:
                 _write(text.finish() + "\n")
+            if args.state_out is not None:
+                _save_state(model, tokens.state, last, args.state_out)
         return 0
+    if args.state_in is not None or args.state_out is not None:
+        raise ValueError("--state-in and --state-out continue one document: give --prompt or --prompt-file, "
+                         "not --prompts")
     for begin in range(0, len(texts), args.batch_size):  # a list of prompts of any lengths runs side by side
         batch = texts[begin : begin + args.batch_size]
         prompts = [torch.as_tensor(tokenizer.encode(t), dtype=torch.long, device=model.device) for t in batch]
@@ -283,6 +304,17 @@ def run_generate(args: argparse.Namespace) -> int:
         for text, row in zip(batch, rows):
             print(json.dumps({"prompt": text, "continuation": tokenizer.decode(row.tolist())}), flush=True)
     return 0
+
+
+def _save_state(model, state, last, path: str) -> None:
+    """Save the decode state after the prompt and every printed token (the last one fed first)."""
+    from .inference.decoding import eval_no_grad, step
+    from .persistence.decode_state import save_decode_state
+
+    if last is not None:
+        with eval_no_grad(model):
+            _, state = step(model, last, state)
+    save_decode_state(model, state, path)
 
 
 # --max-new-tokens with --prompts: every continuation is held until its JSON line is written

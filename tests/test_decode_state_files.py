@@ -82,3 +82,30 @@ def test_states_of_other_models_and_bad_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="folder"):
         save_decode_state(model, ds, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors", "s.safetensors"]  # no temp left
+
+
+def test_brt_generate_saves_and_continues_a_document(tmp_path, capsys):
+    """--state-out after one prompt, --state-in with the next: the text a single run over everything gives."""
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.cli import main
+
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny")).eval()
+    save_pretrained(model, tmp_path / "model")
+    state = tmp_path / "doc.safetensors"
+    common = ["generate", "--checkpoint", str(tmp_path / "model"), "--temperature", "0"]
+    assert main([*common, "--prompt", "ab", "--max-new-tokens", "5", "--state-out", str(state)]) == 0
+    first = capsys.readouterr().out
+    assert main([*common, "--prompt", "cd", "--max-new-tokens", "4", "--state-in", str(state)]) == 0
+    second = capsys.readouterr().out
+
+    ids = lambda text: torch.tensor(list(text.encode()))
+    generated = generate(model, ids("ab"), 5, temperature=0)[0]
+    after = generate(model, torch.cat((ids("ab"), generated, ids("cd"))), 4, temperature=0)[0]
+    text = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")
+    assert first == "ab" + text(generated) + "\n"
+    assert second == "cd" + text(after) + "\n"
+    torch.manual_seed(1)
+    save_pretrained(BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny")), tmp_path / "other")
+    assert main(["generate", "--checkpoint", str(tmp_path / "other"), "--prompt", "x", "--state-in", str(state)]) == 2
+    assert "other weights" in capsys.readouterr().err

@@ -21,8 +21,8 @@ from .decoding import (
     prefill, step,
 )
 
-__all__ = ["DecodeState", "SamplingOptions", "commit_partial", "decode_step", "generate", "prefill", "sample",
-           "stream"]
+__all__ = ["DecodeState", "SamplingOptions", "TokenStream", "commit_partial", "decode_step", "generate", "prefill",
+           "sample", "stream"]
 
 
 # sampling
@@ -128,6 +128,7 @@ def _decode_loop(
     eos = options.eos_token
     with eval_no_grad(model):
         logits, ds = prefill(model, prompt, state, rows_own=compile)
+    final[:] = [ds]
     done = None
     for index in range(max_new_tokens):
         token = options.sample(logits)  # (B,)
@@ -176,11 +177,32 @@ def stream(
     """Like :func:`generate`, but yields each new token (B,) as soon as it is sampled (with a list of prompts,
     row b is prompt b; rows that ended are padded with ``eos_token``).
 
-    Arguments are checked when this is called, before the first token is asked for.
+    Arguments are checked when this is called, before the first token is asked for. The returned
+    :class:`TokenStream`'s ``state`` is the decode state after everything fed so far.
     """
     options = SamplingOptions(temperature, top_k, top_p, eos_token, generator)
     prompt, state = _checked(model, prompt, max_new_tokens, options, state, compile)
-    return _decode_loop(model, prompt, max_new_tokens, options, state, [], compile)
+    final: list = []
+    return TokenStream(_decode_loop(model, prompt, max_new_tokens, options, state, final, compile), final)
+
+
+class TokenStream:
+    """The tokens (B,) of :func:`stream`, as they come; ``state``: the DecodeState covering everything fed so far
+    (the prompt and every token yielded but the last, which is fed only when the next one is asked for)."""
+
+    def __init__(self, tokens: Iterator[Tensor], final: list):
+        self._tokens, self._final = tokens, final
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> Tensor:
+        return next(self._tokens)
+
+    @property
+    def state(self) -> DecodeState | None:
+        """None until the prompt has been fed (at the first token asked for)."""
+        return self._final[0] if self._final else None
 
 
 def generate(
