@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..persistence.checkpoint import TOKENIZER_FILE, from_pretrained, resolve_checkpoint
+from ..persistence.checkpoint import TOKENIZER_FILE, load_pretrained
 from .modeling import BlockRecurrentForCausalLM
 from .tokenization import PAD_BYTE, byte_tokenizer, file_tokenizer
 
@@ -32,10 +32,9 @@ AUTO_MAP = {
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of ``checkpoint`` (a run folder: its newest checkpoint; a step folder; a save_pretrained
-    folder) and its tokenizer to ``out_dir`` in transformers' layout. Returns ``out_dir``."""
-    folder = resolve_checkpoint(checkpoint)
-    model = from_pretrained(folder)
+    """Write the model of ``checkpoint`` (a run folder: its newest complete checkpoint; a step folder; a
+    save_pretrained folder) and its tokenizer to ``out_dir`` in transformers' layout. Returns ``out_dir``."""
+    model, folder = load_pretrained(checkpoint)
     tokenizer_file = folder / TOKENIZER_FILE
     tokenizer = file_tokenizer(tokenizer_file) if tokenizer_file.exists() else byte_tokenizer()
     pad = tokenizer.pad_token_id if tokenizer_file.exists() else PAD_BYTE

@@ -9,7 +9,7 @@ and xLSTM carry their recurrent state: the generation cache is the library's own
   chooses the tokens (greedy, sampling, its logits processors); the model only scores, exactly as the library's
   own ``generate`` does, with no limit on the length (the cost per token does not grow).
 - A left-padded batch (``attention_mask``): each row starts its document at its first real token, exactly as it
-  would alone; rows of equal length are prefilled and decoded together.
+  would alone (the library's ragged decoding: a list of prompts of different lengths, side by side).
 
 The decode state is used through the library's public decoding API only (``prefill``, ``decode_step``), as an
 opaque value.
@@ -31,16 +31,14 @@ from .configuration import BlockRecurrentHFConfig
 
 
 class BlockRecurrentCache:
-    """Generation cache: per group of rows that entered with prompts of one length, the library's DecodeState.
-
-    groups: (rows (n,) long, decode state of those n rows), every batch row in exactly one group.
-    seen: input positions consumed, padding included (what transformers' ``get_seq_length`` asks for).
-    """
+    """Generation cache: the library's DecodeState of every row (rows of different prompt lengths each at their own
+    position, as ``prefill`` gives them for a list of prompts), and the input positions consumed, padding included
+    (what transformers' ``get_seq_length`` asks for)."""
 
     is_compileable = False
 
-    def __init__(self, groups: list[tuple[Tensor, Any]], batch_size: int, seen: int):
-        self.groups, self.batch_size, self.seen = groups, batch_size, seen
+    def __init__(self, decode_state: Any, batch_size: int, seen: int):
+        self.decode_state, self.batch_size, self.seen = decode_state, batch_size, seen
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -53,13 +51,7 @@ class BlockRecurrentCache:
                              "(beam search and other row reordering are not supported)")
         out = []
         for t in range(n):
-            logits = None
-            for i, (rows, state) in enumerate(self.groups):
-                group_logits, state = decode_step(model, tokens[rows, t], state)  # (n_rows, V)
-                self.groups[i] = (rows, state)
-                if logits is None:
-                    logits = group_logits.new_empty(B, group_logits.shape[-1])
-                logits[rows] = group_logits
+            logits, self.decode_state = decode_step(model, tokens[:, t], self.decode_state)  # (B, V)
             out.append(logits)
         self.seen += n
         return torch.stack(out if keep_all else out[-1:], dim=1)
@@ -201,22 +193,18 @@ class BlockRecurrentForCausalLM(BlockRecurrentPreTrainedModel, GenerationMixin):
         return logits
 
     def _prefill_rows(self, input_ids: Tensor, spans: list[tuple[int, int]]) -> tuple[BlockRecurrentCache, Tensor]:
-        """A cache for the rows' prompts and the logits (B, V) after each prompt; padding after a prompt (right
+        """A cache for the rows' prompts and the logits (B, V) after each prompt. Prompts of different lengths
+        (left padding) go to the library's ragged prefill, each row exactly as alone; padding after a prompt (right
         padding) cannot be continued from and is refused."""
         B, T = input_ids.shape
         if any(end != T for _, end in spans):
             raise ValueError("generation needs left padding (tokenizer.padding_side = 'left'): a row's prompt must "
                              "end at the last position")
-        lengths = torch.tensor([end - begin for begin, end in spans])
-        groups, last = [], None
-        for length in sorted(set(lengths.tolist())):
-            rows = (lengths == length).nonzero()[:, 0].to(input_ids.device)
-            logits, state = prefill(self.model, input_ids[rows, T - length :])  # (n_rows, V)
-            if last is None:
-                last = logits.new_empty(B, logits.shape[-1])
-            last[rows] = logits
-            groups.append((rows, state))
-        return BlockRecurrentCache(groups, B, T), last
+        if all(begin == 0 for begin, _ in spans):
+            logits, state = prefill(self.model, input_ids)
+        else:
+            logits, state = prefill(self.model, [row[begin:] for row, (begin, _) in zip(input_ids, spans)])
+        return BlockRecurrentCache(state, B, T), logits
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask,
