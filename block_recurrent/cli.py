@@ -38,6 +38,9 @@ TRAIN_HELP = {
     "text_field": "text column of --hf-dataset",
     "tokenizer": "a `tokenizers` JSON file (needs [tokenizers]); default: bytes",
     "mode": "stream: rows continue whole documents step after step; crop: random windows",
+    "documents": "file: every file is a document; package: every folder at --package-depth is one, its files "
+                 "concatenated, held out by package (default: file)",
+    "package_depth": "with --documents package: the depth of the folders that are documents (default: 1)",
     "allow_data_change": "--resume: warn, instead of refusing, when the data's paths or documents changed",
     "batch_size": "rows per micro-batch (per rank)",
     "segments": "segments of max_seq_len tokens per row per step",
@@ -161,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
     evaluate.add_argument("--data", default=None,
                           help="text file, .gz or folder; default: the built-in corpus's validation documents")
+    evaluate.add_argument("--documents", choices=("file", "package"), default="file",
+                          help="file: every file is a document; package: every folder at --package-depth is one "
+                               "(the built-in corpus's held-out packages without --data)")
+    evaluate.add_argument("--package-depth", type=int, default=1, help="with --documents package (default: 1)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
     evaluate.add_argument("--batch-size", type=int, default=16, help="documents scored side by side (default: 16)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -418,7 +425,8 @@ def _utf8(text: str, where: str) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .model.checks import check_int
-    from .training.data import TokenCorpus, builtin_documents, path_documents, split_documents
+    from .training.data import TokenCorpus
+    from .training.packages import source_documents, split_source
     from .training.precision import resolve_eval_bf16
     from .training.validation import evaluate_corpus
 
@@ -429,7 +437,9 @@ def run_eval(args: argparse.Namespace) -> int:
         check_int("--max-tokens", args.max_tokens, 2)
     check_int("--batch-size", args.batch_size, 1)
     model, tokenizer = _load(args.checkpoint, args.device)
-    documents = split_documents(builtin_documents())[1] if args.data is None else path_documents(args.data)
+    documents = source_documents(args.data, documents=args.documents, package_depth=args.package_depth)
+    if args.data is None:  # the built-in corpus: its held-out files or packages
+        documents = split_source(documents, args.documents)[1]
     corpus = TokenCorpus.from_documents(documents, tokenizer)
     bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.blocks_side_by_side)
     with _autocast(bf16, model.device):  # raises when nothing would be scored

@@ -220,12 +220,14 @@ def gzip_bits_per_byte(documents: Sequence[Document]) -> float:
     return 8 * sum(len(gzip.compress(b, 9)) for b in raw) / max(sum(len(b) for b in raw), 1)
 
 
-def is_validation(name: str) -> bool:
-    return zlib.crc32(name.encode("utf-8")) % 100 < VALIDATION_PERCENT
+def is_validation(name: str, percent: int = VALIDATION_PERCENT) -> bool:
+    return zlib.crc32(name.encode("utf-8")) % 100 < percent
 
 
-def split_documents(documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
-    """The fixed train/validation split described in the module docstring."""
+def split_documents(
+    documents: Sequence[Document], percent: int = VALIDATION_PERCENT
+) -> tuple[list[Document], list[Document]]:
+    """The fixed train/validation split described in the module docstring (``percent``: the share held out)."""
     if not documents:
         raise ValueError("data: no documents to split")
     if len(documents) == 1:
@@ -234,8 +236,8 @@ def split_documents(documents: Sequence[Document]) -> tuple[list[Document], list
         if cut < 1:
             raise ValueError(f"data: {doc.name} is too short to split into training and validation text")
         return [Document(doc.name, doc.text[:cut])], [Document(doc.name + "#validation", doc.text[cut:])]
-    train = [d for d in documents if not is_validation(d.name)]
-    val = [d for d in documents if is_validation(d.name)]
+    train = [d for d in documents if not is_validation(d.name, percent)]
+    val = [d for d in documents if is_validation(d.name, percent)]
     if not val:
         train, val = train[:-1], train[-1:]
     if not train:

@@ -16,6 +16,7 @@ from ..model.config import BlockRecurrentConfig
 from ..persistence.budget import check_fits, parameter_count
 from .data import BATCHERS
 from .loggers import check_log
+from .packages import DOCUMENT_KINDS
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class TrainConfig:
     text_field: str = "text"
     tokenizer: str | None = None  # a `tokenizers` JSON file; bytes (vocabulary 256) when None
     mode: str = "stream"  # "stream": rows continue their documents; "crop": random windows, fresh each step
+    # "file": every file is a document; "package": every folder at package_depth is one, its files concatenated,
+    # held out by package (training/packages.py)
+    documents: str = "file"
+    package_depth: int = 1
     # a resumed run refuses data whose documents (names, sizes) or resolved paths changed; True: warn and go on
     allow_data_change: bool = False
 
@@ -93,6 +98,10 @@ class TrainConfig:
         if self.data is not None and self.hf_dataset is not None:
             raise ValueError("data and hf_dataset are both set; give one training source")
         check_choice("mode", self.mode, BATCHERS)
+        check_choice("documents", self.documents, DOCUMENT_KINDS)
+        check_int("package_depth", self.package_depth, 1)
+        if self.documents == "package" and self.hf_dataset is not None:
+            raise ValueError("documents='package' groups the files of folders; hf_dataset rows have none")
         for name in ("batch_size", "segments", "backward_every", "grad_accum", "max_steps", "keep_last", "log_every"):
             check_int(name, getattr(self, name), 1)
         if self.backward_every > self.segments:

@@ -49,6 +49,7 @@ from .data import (
     BATCHERS, TokenCorpus, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents, split_documents,
 )
 from .distributed import Distributed, resolve_device
+from .packages import source_documents, split_source
 from .precision import resolve_bf16, resolve_eval_bf16
 from .run_loop import RunLoop
 from .segments import SegmentRunner, check_replay_write, passes_one_block
@@ -122,12 +123,14 @@ class Trainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's num_tokens is "
                 f"{model_config.num_tokens}; set num_tokens >= {self.tokenizer.vocab_size}"
             )
-        documents = load_documents(config.data, hf_dataset=config.hf_dataset, hf_split=config.hf_split,
-                                   text_field=config.text_field)
+        documents = source_documents(config.data, hf_dataset=config.hf_dataset, hf_split=config.hf_split,
+                                     text_field=config.text_field, documents=config.documents,
+                                     package_depth=config.package_depth)
         if config.val_data is None:
-            train_docs, val_docs = split_documents(documents)
+            train_docs, val_docs = split_source(documents, config.documents)
         else:
-            train_docs, val_docs = documents, path_documents(config.val_data)
+            train_docs, val_docs = documents, source_documents(config.val_data, documents=config.documents,
+                                                               package_depth=config.package_depth)
         self.data_source = {
             "paths": {name: resolved_path(getattr(config, name)) for name in TrainConfig.PATHS},
             "train": fingerprint(train_docs), "validation": fingerprint(val_docs),
