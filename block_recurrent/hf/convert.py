@@ -1,7 +1,7 @@
 """A brt checkpoint as a transformers folder: ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load it.
 
-    python -m block_recurrent.hf.convert runs/brt hf/brt-mini
+    python -m block_recurrent.hf runs/brt hf/brt-mini
 
 The folder holds ``config.json`` (model type ``block_recurrent``), ``model.safetensors``, ``generation_config.json``,
 the tokenizer (``tokenizer.json``: bytes, or the run's ``--tokenizer`` file) and two one-line modules that
@@ -51,7 +51,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m block_recurrent.hf.convert",
+    parser = argparse.ArgumentParser(prog="python -m block_recurrent.hf",
                                      description="a brt checkpoint as a transformers model folder")
     parser.add_argument("checkpoint", help="run folder (its newest checkpoint), step folder or save_pretrained folder")
     parser.add_argument("out_dir", help="the transformers folder to write")
@@ -63,7 +63,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({"written": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
