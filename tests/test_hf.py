@@ -171,3 +171,21 @@ metric_list:
         result = evaluate(model, torch.tensor(context + continuation), bucket_size=1)
         own = -sum(loss for _, loss, _ in result.bucket_losses[-len(continuation):])
         assert float(scored[doc["context"]]) == pytest.approx(own, rel=1e-5)
+
+
+def test_a_run_with_a_tokenizer_file_converts_with_that_tokenizer(tmp_path):
+    from test_data import write_bpe
+
+    from block_recurrent.training.data import load_tokenizer
+
+    texts = ["def function(argument):\n    return argument\n"] * 50
+    bpe = write_bpe(tmp_path / "bpe.json", texts)
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", num_tokens=300)).eval()
+    save_pretrained(model, tmp_path / "checkpoint", tokenizer_file=bpe)
+    folder = brt_hf.convert_checkpoint(tmp_path / "checkpoint", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("def function(x):", return_tensors="pt").input_ids
+    assert ids[0].tolist() == load_tokenizer(bpe).encode("def function(x):").tolist()
+    out = AutoModelForCausalLM.from_pretrained(folder).generate(ids, max_new_tokens=40, do_sample=False)
+    assert torch.equal(out[:, ids.shape[1]:], generate(model, ids, 40, temperature=0))
