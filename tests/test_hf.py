@@ -135,7 +135,7 @@ def test_a_text_generation_pipeline_runs(loaded):
     assert result["generated_text"] == expected
 
 
-def test_lm_evaluation_harness_scores_a_local_task_as_the_library_does(loaded, tmp_path):
+def test_lm_evaluation_harness_scores_a_local_task_as_the_library_does(loaded, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval)")
     pytest.importorskip("accelerate", reason="lm_eval's hf model needs accelerate")
     from lm_eval import simple_evaluate
@@ -160,7 +160,7 @@ doc_to_target: "{{{{continuation}}}}"
 metric_list:
   - metric: acc
 """)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=2, device="cpu")
     results = simple_evaluate(model=lm, tasks=["brt_local"], task_manager=TaskManager(include_path=str(tmp_path)),
                               log_samples=True)
