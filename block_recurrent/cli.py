@@ -270,6 +270,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .inference.generation import generate, stream
     from .model.checks import check_int
+    from .training.text_stream import TextStream
     from .training.train_config import check_seed
 
     check_int("--batch-size", args.batch_size, 1)
@@ -288,7 +289,7 @@ def run_generate(args: argparse.Namespace) -> int:
             from .persistence.decode_state import load_decode_state
 
             state = load_decode_state(model, args.state_in)
-        text, last = _TextStream(tokenizer), None
+        text, last = TextStream(tokenizer), None
         with _autocast(args.bf16, model.device):
             tokens = stream(model, prompt, args.max_new_tokens, state=state, **options)  # checked before writing
             _write(texts[0])
@@ -331,41 +332,6 @@ MAX_COLLECTED_TOKENS = 1 << 20
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-class _TextStream:
-    """The text of a growing sequence of token ids, given out as soon as it is final, in constant memory.
-
-    Bytes go through an incremental UTF-8 decoder (a character may span tokens). Another tokenizer decodes the
-    new ids after a few ids of context, since a token can change how its neighbours decode, and holds text back
-    while it ends in an incomplete character (U+FFFD)."""
-
-    CONTEXT, HOLD = 6, 16
-
-    def __init__(self, tokenizer):
-        import codecs
-
-        from .training.data import ByteTokenizer
-
-        self.tokenizer, self.context, self.pending = tokenizer, [], []
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if isinstance(tokenizer, ByteTokenizer) else None
-
-    def push(self, token: int) -> str:
-        if self.utf8 is not None:
-            return self.utf8.decode(bytes([token])) if token < 256 else "\ufffd"
-        self.pending.append(token)
-        before, text = self.tokenizer.decode(self.context), self.tokenizer.decode(self.context + self.pending)
-        if (text.endswith("\ufffd") or not text.startswith(before)) and len(self.pending) < self.HOLD:
-            return ""
-        self.context, self.pending = (self.context + self.pending)[-self.CONTEXT:], []
-        return text[len(before):]
-
-    def finish(self) -> str:
-        if self.utf8 is not None:
-            return self.utf8.decode(b"", final=True)
-        text = self.tokenizer.decode(self.context + self.pending)[len(self.tokenizer.decode(self.context)):]
-        self.context, self.pending = [], []
-        return text
 
 
 def _read_text_input(path: str, where: str) -> str:

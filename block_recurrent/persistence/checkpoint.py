@@ -113,8 +113,8 @@ def _required_files(folder: Path) -> tuple[str, ...]:
 
 
 def _unverified(folder: Path) -> str:
-    return (f"{folder} has no {MANIFEST_FILE}, so damage to its files cannot be detected; loaded after checking "
-            "that they parse, fit the model and hold finite weights")
+    return (f"{folder} has no {MANIFEST_FILE}, so damage to its files cannot be detected; checking instead that "
+            "they parse, fit the model and hold finite weights")
 
 
 def _load_model(folder: Path, device: torch.device, *, unverified: bool = True) -> BlockRecurrentModel:

@@ -194,12 +194,13 @@ def check_step_fits(model_config: BlockRecurrentConfig, config: TrainConfig, dev
         "parameters, gradients and AdamW moments": parameter_count(c) * 16,
         "activations of one backward pass": in_pass * (c.depth * (2 * c.dim + c.ff_inner_dim) + 2 * c.num_tokens) * 4,
     }
+    model = f"the model (num_tokens {c.num_tokens}, dim {c.dim}, depth {c.depth})"
     settings = {
         "token buffers": f"batch_size {config.batch_size} x grad_accum {config.grad_accum} x segments "
                          f"{config.segments} x max_seq_len {c.max_seq_len} tokens per step",
-        "parameters, gradients and AdamW moments": f"the model (num_tokens {c.num_tokens}, dim {c.dim}, depth {c.depth})",
+        "parameters, gradients and AdamW moments": model,
         "activations of one backward pass": f"batch_size {config.batch_size} x backward_every {config.backward_every} x "
-                                            f"max_seq_len {c.max_seq_len} tokens per backward pass",
+                                            f"max_seq_len {c.max_seq_len} tokens per backward pass through {model}",
     }
     check_fits(parts, device, settings[max(parts, key=parts.get)])
 
