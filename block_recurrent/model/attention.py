@@ -100,7 +100,9 @@ def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
                    dropout_p: float) -> Tensor:
     """Folded attention, q (B, K, G * N, D) over k, v (B, K, J, D), as two matrix products; the softmax is taken
     in float32 at least (as the fused kernels accumulate) and its weights cast back for the second product."""
-    sim = (q @ k.transpose(-1, -2)) * scale  # (B, K, G * N, J)
+    sim = q @ k.transpose(-1, -2)  # (B, K, G * N, J)
+    if scale != 1.0:  # (L2-normalised attention has its temperature in the queries)
+        sim = sim * scale
     if bias is not None:
         sim = sim + bias
     if mask is not None:
@@ -168,6 +170,15 @@ class Attention(nn.Module):
         if self.qk_norm:
             return q * self.temperature.to(q.dtype)[:, None, None], 1.0  # (H, 1, 1): per-head temperature
         return q, self.scale
+
+    def prepare_laid_out_queries(self, q: Tensor) -> Tensor:
+        """Queries without positions as projected, (B, N, H, D), as the dot product sees them at scale 1: with
+        qk_norm normalised and multiplied by the gains and the per-head temperature in one product (H, D)."""
+        if not self.qk_norm:
+            return q * self.scale
+        factor = self.temperature[:, None] if self.q_gain is None else self.temperature[:, None] * self.q_gain
+        # in the queries' precision: under bf16 autocast they stay bf16 for the product that follows
+        return F.normalize(q, dim=-1) * factor.to(q.dtype)  # (H, D) or (H, 1)
 
     def prepare_keys(self, k: Tensor, tables: RotaryTables | None) -> Tensor:
         """Raw keys (B, J, kv_heads * D) as the dot product sees them, (B, kv_heads, J, D): split into heads,

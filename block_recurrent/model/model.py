@@ -246,8 +246,10 @@ def _views_of_blocks(
     """A state's views for n blocks side by side, stacked to (B * n, ...), and the last block's view, from the
     writing layer's raw keys/values (B, n, W, kv_dim): the state is written after each block but the last (whose
     write is the commit's)."""
-    B, n = keys.shape[:2]
+    B, n, W, C = keys.shape
+    prepared = cell.prepare_block_keys(keys[:, :-1].reshape(B, (n - 1) * W, C))  # every write's keys in one call
     views = [cell.view(state, B)]
     for i in range(n - 1):
-        views.append(cell.view(cell.write(views[-1], keys[:, i], values[:, i]), B))
+        written = cell.write(views[-1], keys[:, i], values[:, i], prepared[:, :, i * W : (i + 1) * W])
+        views.append(cell.view(written, B))
     return StateView(*(torch.stack(parts, dim=1).flatten(0, 1) for parts in zip(*views))), views[-1]

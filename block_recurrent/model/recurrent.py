@@ -15,9 +15,10 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, FeedForward, attend, merge_heads, split_heads, split_kv_heads
+from .attention import Attention, FeedForward, attend, split_kv_heads
 from .config import BlockRecurrentConfig
 
 
@@ -54,12 +55,15 @@ class FixedGate(nn.Module):
             keep_bias = torch.full((dim,), float(keep_init))
         self.keep_bias = nn.Parameter(keep_bias)
 
+    def keep(self, update: Tensor, dtype: torch.dtype) -> Tensor:
+        """The share of the old state kept, per channel (dim,): the same for every row and slot."""
+        return torch.sigmoid(self.keep_bias.to(dtype))
+
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
         candidate = update if self.to_candidate is None else self.to_candidate(update)
         # in the state's precision (float32 under bf16 autocast): a keep of 0.99 is 0.98828 in bf16, which
-        # would shorten the memory the gate was trained to hold
-        candidate, keep = candidate.to(state.dtype), torch.sigmoid(self.keep_bias.to(state.dtype))
-        return state * keep + candidate * (1 - keep)
+        # would shorten the memory the gate was trained to hold. c * g + z * (1 - g) as one op: z + g * (c - z)
+        return torch.lerp(candidate.to(state.dtype), state, self.keep(update, state.dtype))
 
 
 class LSTMGate(nn.Module):
@@ -78,16 +82,28 @@ class LSTMGate(nn.Module):
         self.projection = projection
         self.forget_offset = 1.0 if keep_init is None else float(keep_init)
         self.to_gates = nn.Linear(dim, dim * (3 if projection else 2))  # [z,] i, f in one projection
+        # added to the input and forget gates' logits: -1, then the forget offset (a constant, not a parameter)
+        self.register_buffer("offsets", torch.tensor([-1.0, self.forget_offset]).repeat_interleave(dim),
+                             persistent=False)
+
+    def _gates(self, update: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(candidate z before its tanh, input gate i, forget gate f), in ``dtype``."""
+        gates = self.to_gates(update)
+        if self.projection:
+            candidate, gates = gates.split((gates.shape[-1] // 3, gates.shape[-1] * 2 // 3), dim=-1)
+        else:
+            candidate = update
+        # the gates in the state's precision (as FixedGate): the offsets' add casts them, then one sigmoid for both
+        input_gate, keep = torch.sigmoid((gates + self.offsets.to(dtype)).to(dtype)).chunk(2, dim=-1)
+        return candidate.to(dtype), input_gate, keep
+
+    def keep(self, update: Tensor, dtype: torch.dtype) -> Tensor:
+        """The share of the old state kept, per row, slot and channel: the forget gate."""
+        return self._gates(update, dtype)[2]
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
-        gates = self.to_gates(update).to(state.dtype)  # the gates in the state's precision, as FixedGate
-        if self.projection:
-            candidate, input_gate, forget_gate = gates.chunk(3, dim=-1)
-        else:
-            candidate = update.to(state.dtype)
-            input_gate, forget_gate = gates.chunk(2, dim=-1)
-        keep = torch.sigmoid(forget_gate + self.forget_offset)
-        return state * keep + torch.tanh(candidate) * torch.sigmoid(input_gate - 1)
+        candidate, input_gate, keep = self._gates(update, state.dtype)
+        return state * keep + torch.tanh(candidate) * input_gate
 
 
 GATES: dict[str, type[nn.Module]] = {"fixed": FixedGate, "lstm": LSTMGate}
@@ -100,6 +116,22 @@ class StateView(NamedTuple):
     normed: Tensor  # (B, S, D), pre-normed state plus state IDs
     keys: Tensor  # (B, S, kv_heads * dim_head), raw
     values: Tensor  # (B, S, kv_heads * dim_head)
+
+
+def attend_state(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Attention without mask or positions, queries laid out as projected: (B, N, H, dh) raw queries over keys
+    prepared by ``attn.prepare_keys`` (B, K, J, dh) and raw values (B, J, K * dh) -> (B, N, H, dh).
+
+    With one key/value head the N * H queries are one axis as they lie in memory (no transpose either way; with
+    no mask the order of the queries is free); with K heads each takes its own H / K query heads."""
+    B, N, H, dh = queries.shape
+    K = attn.kv_heads
+    q = attn.prepare_laid_out_queries(queries)  # (B, N, H, dh)
+    v = split_kv_heads(values, K)  # (B, K, J, dh)
+    if K == 1:
+        return attend(q.reshape(B, 1, N * H, dh), keys, v, scale=1.0, implementation=attn.implementation).view(B, N, H, dh)
+    out = attend(q.transpose(1, 2), keys, v, scale=1.0, implementation=attn.implementation)  # (B, H, N, dh)
+    return out.transpose(1, 2)
 
 
 def state_attention(config: BlockRecurrentConfig) -> dict:
@@ -128,11 +160,8 @@ class StateRead(nn.Module):
     def forward(self, queries: Tensor, keys: Tensor, view: StateView) -> Tensor:
         """queries: projected (B, N, heads * dim_head); keys: from :meth:`prepare_keys`. -> (B, N, heads * dim_head)."""
         B, N, _ = queries.shape
-        q = queries.view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, dh)
-        q, scale = self.attn.prepare_queries(q, None)
-        values = split_kv_heads(view.values, self.attn.kv_heads)
-        out = attend(q, keys, values, scale=scale, implementation=self.attn.implementation)  # (B, H, N, dh)
-        return out.transpose(1, 2).reshape(B, N, -1)
+        out = attend_state(self.attn, queries.view(B, N, self.heads, -1), keys, view.values)  # (B, N, H, dh)
+        return out.reshape(B, N, -1)
 
 
 class RecurrentStateCell(nn.Module):
@@ -170,19 +199,31 @@ class RecurrentStateCell(nn.Module):
             state = self.initial_state[None]
         normed = self.norm(state) + self.state_ids.to(state.dtype)
         keys, values = self.to_state_kv(normed).chunk(2, dim=-1)
+        view = StateView(state, normed, keys, values)
         if state.shape[0] != batch_size:
-            expand = lambda t: t.expand(batch_size, *t.shape[1:])
-            state, normed, keys, values = map(expand, (state, normed, keys, values))
-        return StateView(state, normed, keys, values)
+            view = StateView(*(t.expand(batch_size, *t.shape[1:]) for t in view))
+        return view
 
-    def write(self, view: StateView, block_keys: Tensor, block_values: Tensor) -> Tensor:
+    def prepare_block_keys(self, block_keys: Tensor) -> Tensor:
+        """Raw keys (B, J, kv_heads * dim_head) of the writing layer as the write's attention sees them,
+        (B, kv_heads, J, dh): for several blocks at once when they run side by side."""
+        return self.write_attn.prepare_keys(block_keys, None)
+
+    def write(self, view: StateView, block_keys: Tensor, block_values: Tensor, prepared_keys: Tensor | None = None
+              ) -> Tensor:
         """The next state (B, S, D), from the block's raw keys/values (B, N, kv_heads * dim_head) of the
-        writing layer."""
-        self_queries = split_heads(self.to_self_queries(view.normed), self.heads)  # (B, H, S, dh)
-        cross_queries = split_heads(self.to_cross_queries(view.normed), self.heads)
-        from_state = self.self_attn(self_queries, view.keys, view.values)
-        from_tokens = self.write_attn(cross_queries, block_keys, block_values)
-        update = merge_heads(torch.cat((from_state, from_tokens), dim=-1))  # (B, S, H * 2 dh), per head [self, cross]
+        writing layer (``prepared_keys``: :meth:`prepare_block_keys` of them, when the caller has it)."""
+        B, S, _ = view.state.shape
+        if prepared_keys is None:
+            prepared_keys = self.prepare_block_keys(block_keys)
+        # both query sets in one product (not with the view's keys and values: a write that no loss reaches must
+        # leave its parameters without a gradient, which AdamW then skips)
+        weight = torch.cat((self.to_self_queries.weight, self.to_cross_queries.weight))
+        queries = F.linear(view.normed, weight).view(B, S, 2, self.heads, -1)  # (B, S, [self, cross], H, dh)
+        from_state = attend_state(self.self_attn, queries[:, :, 0], self.self_attn.prepare_keys(view.keys, None),
+                                  view.values)  # (B, S, H, dh)
+        from_tokens = attend_state(self.write_attn, queries[:, :, 1], prepared_keys, block_values)
+        update = torch.cat((from_state, from_tokens), dim=-1).view(B, S, -1)  # (B, S, H * 2 dh), per head [self, cross]
         state = self.gate(view.state, self.to_update(update))
         if self.state_ff is not None:
             state = self.ff_gate(state, self.state_ff(state))
