@@ -154,6 +154,19 @@ def test_a_newest_checkpoint_without_checksums_is_skipped_and_resume_steps_back(
     resumed.close()
 
 
+def test_a_run_written_before_checksums_still_resumes_from_its_newest_checkpoint_and_says_so(run):
+    for number in (1, 2, 3):
+        (step(run, number) / "checksums.json").unlink()
+    overwrite_weight_bytes(step(run, 3) / "model.safetensors", value=b"\x00\x00\xc0\x7f")  # a float32 NaN
+    with pytest.warns(UserWarning, match="step-00000002 has no checksums.json"):
+        model, folder = load_pretrained(run)  # step 3 checked for what can be checked: NaN, so stepped past
+    assert folder.name == "step-00000002"
+    with pytest.warns(UserWarning, match="resuming from step-00000002.*step-00000003 \\(no checksums.json, and .*NaN"):
+        resumed = Trainer(tiny(), settings(run.parent, max_steps=3), resume=True)
+    assert resumed.step == 2
+    resumed.close()
+
+
 def test_a_folder_without_checksums_is_checked_for_what_it_can_be_and_said_so(tmp_path, capsys):
     torch.manual_seed(0)
     model = BlockRecurrentTransformer(tiny())

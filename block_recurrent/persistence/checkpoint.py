@@ -250,12 +250,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path, *, modified: bool = False) -> tuple[int, ...] | None:
+    """Which folder ``path`` is (and with ``modified``, when its entries last changed); None when it is gone."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns) if modified else (stat.st_dev, stat.st_ino)
 
 
 def newest_checkpoint(run_dir: str | Path, load: Callable[[Path, bool], T], *, verb: str = "reading"
@@ -265,14 +266,16 @@ def newest_checkpoint(run_dir: str | Path, load: Callable[[Path, bool], T], *, v
     Folders that fail with DamagedCheckpoint (incomplete, damaged, non-finite) are skipped, named in one warning
     with their reasons. A folder without checksums.json is skipped too (``trusted`` True), unless no complete
     one is left: then the newest of those is loaded with ``trusted`` False. A folder that disappears or is
-    replaced while it is read was removed by the run's rotation, not damaged: the run is listed again.
+    replaced while it is read was removed by the run's rotation, not damaged: the run is listed again, as it is
+    when the run folder changed while it was listed (a listing is no snapshot: it can miss both the folder just
+    rotated away and the one just written).
     """
     run_dir = Path(run_dir)
     skipped: dict[Path, str] = {}
     without_checksums: list[Path] = []
-    tried: dict[Path, tuple[int, int]] = {}
+    tried: dict[Path, tuple[int, ...]] = {}
     for _ in range(ROTATION_RETRIES):
-        rotated = False
+        rotated, listed = False, _identity(run_dir, modified=True)
         for path in reversed(step_directories(run_dir)):
             identity = _identity(path)
             if identity is None or tried.get(path) == identity:
@@ -292,22 +295,27 @@ def newest_checkpoint(run_dir: str | Path, load: Callable[[Path, bool], T], *, v
                 skipped[path] = str(error)
                 continue
             return _found(run_dir, result, path, skipped, verb)
-        if not rotated:
+        if not rotated and _identity(run_dir, modified=True) == listed:
             break
-    if without_checksums:  # (the loader warns that it could not verify the files)
-        newest = without_checksums[0]
-        skipped = {p: why for p, why in skipped.items() if p != newest}
-        return _found(run_dir, load(newest, False), newest, skipped, verb)
+    for path in without_checksums:  # newest first; the loader warns that it could not verify the files
+        try:
+            result = load(path, False)
+        except DamagedCheckpoint as error:
+            skipped[path] = f"no {MANIFEST_FILE}, and {error}"
+            continue
+        return _found(run_dir, result, path, {p: why for p, why in skipped.items() if p != path}, verb,
+                      "the newest checkpoint that reads (none is complete)")
     if not tried:
         raise CheckpointError(f"{run_dir} holds no checkpoint ({CONFIG_FILE} or step-XXXXXXXX folders)")
     reasons = "; ".join(f"{p.name} ({why})" for p, why in skipped.items()) or "every one was removed while read"
     raise DamagedCheckpoint(f"no complete checkpoint in {run_dir}: {reasons}")
 
 
-def _found(run_dir: Path, result: T, path: Path, skipped: dict[Path, str], verb: str) -> tuple[T, Path]:
+def _found(run_dir: Path, result: T, path: Path, skipped: dict[Path, str], verb: str,
+           what: str = "the newest complete checkpoint") -> tuple[T, Path]:
     newer = {p: why for p, why in skipped.items() if p.name > path.name}
     if newer:
-        warnings.warn(f"{verb} {path.name}, the newest complete checkpoint in {run_dir}; skipped: "
+        warnings.warn(f"{verb} {path.name}, {what} in {run_dir}; skipped: "
                       + "; ".join(f"{p.name} ({why})" for p, why in newer.items()), stacklevel=3)
     return result, path
 
