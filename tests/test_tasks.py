@@ -261,6 +261,12 @@ def test_tune_lowers_the_answer_loss(tiny):
     records = tune(model, task, config)
     assert [r["step"] for r in records] == [10, 20, 30]
     assert records[-1]["loss"] < records[0]["loss"] and not model.training
+    # segments of one block, back-propagated one at a time: the write is replayed so that it trains (as brt train's
+    # mini preset does); it runs, and the state cells get a gradient
+    one_block = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", max_seq_len=32))
+    before = [p.detach().clone() for p in one_block.cells[0].parameters()]
+    tune(one_block, task, TuneConfig(max_steps=2, batch_size=2, max_distance=80, backward_every=1, warmup_steps=0))
+    assert any(not torch.equal(a, b) for a, b in zip(before, one_block.cells[0].parameters()))
 
 
 def test_heatmap_without_matplotlib(tiny, tmp_path, monkeypatch):
@@ -298,3 +304,17 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
     assert main(["eval", "--task", "mqar", "--checkpoint", str(init), "--task-option", "pairs=3"]) == 2
     err = capsys.readouterr().err
     assert "holds something other than" in err and "unexpected keyword argument 'pairs'" in err
+
+
+def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "long_context_tasks.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", "--task", "passkey", "--task-option", "digits=2",
+         "--seeds", "1", "--steps", "2", "--batch-size", "2", "--train-distances", "0", "20", "--distances", "10",
+         "--samples", "2", "--jobs", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "rec seed 0" in out and "xl seed 0" in out and (tmp_path / "results.json").exists()
