@@ -162,3 +162,28 @@ def test_a_decode_state_continued_twice_is_exact_both_times():
         continue_with(ds, 3)
         got = continue_with(ds, 7)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("own_positions", [False, True])
+def test_reordered_rows_continue_as_the_rows_they_came_from(own_positions):
+    """Beam search reorders its beams: ds.select_rows([1, 1, 0]) continues rows 1, 1 and 0 exactly."""
+    model = make_model(**CONFIGS["grouped_query"])
+    texts = random_tokens(2, W + 2 + 2 * W)
+    prompt, rest = texts[:, : W + 2], texts[:, W + 2 :]
+    with torch.no_grad():
+        _, ds = prefill(model, prompt, rows_own=own_positions)
+        expected = []
+        for t in range(rest.shape[1]):
+            logits, ds = decode_step(model, rest[:, t], ds)
+            expected.append(logits)
+        expected = torch.stack(expected, dim=1)
+        _, ds = prefill(model, prompt, rows_own=own_positions)
+        order = torch.tensor([1, 1, 0])
+        ds = ds.select_rows(order)
+        got = []
+        for t in range(rest.shape[1]):
+            logits, ds = decode_step(model, rest[order, t], ds)
+            got.append(logits)
+    torch.testing.assert_close(torch.stack(got, dim=1), expected[order], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 2\]"):
+        ds.select_rows(torch.tensor([3]))

@@ -33,7 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ..model.checks import check_tokens
-from ..model.layer import LayerCache, block_keys, copy_buffers, per_row, place_block, position, reopen_rows
+from ..model.layer import (
+    LayerCache, block_keys, copy_buffers, per_row, place_block, position, reopen_rows, select_rows,
+)
 from ..model.model import BlockRecurrentModel
 from ..model.recurrent import StateView
 from ..model.state import ModelState, checked_state
@@ -82,6 +84,20 @@ class DecodeState:
         if self.per_row:
             raise ValueError("the rows of this decode state stand at their own positions: use .positions")
         return self.positions
+
+    def select_rows(self, rows: Tensor) -> "DecodeState":
+        """The decode state of batch rows ``rows`` (an index tensor over the batch; rows may repeat or move, as
+        beam search reorders its beams), on tensors of its own."""
+        if not isinstance(rows, Tensor) or rows.ndim != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"rows must be a 1-D integer tensor of batch rows, got {getattr(rows, 'shape', rows)!r}")
+        if rows.numel() and not bool(((rows >= 0) & (rows < self.batch_size)).all()):
+            raise ValueError(f"rows must be in [0, {self.batch_size - 1}], got {rows.tolist()}")
+        committed = ModelState(
+            tuple(None if m is None else m.select_rows(rows) for m in self.committed.memories),
+            tuple(None if s is None or s.shape[0] != self.batch_size else s[rows] for s in self.committed.states),
+        )
+        views = tuple(StateView(*(t[rows] for t in view)) for view in self.views)
+        return DecodeState(committed, views, tuple(select_rows(c, rows) for c in self.caches), rows.shape[0])
 
     @property
     def partial(self) -> tuple[tuple[Tensor, Tensor], ...] | None:

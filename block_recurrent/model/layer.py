@@ -385,6 +385,18 @@ def reopen_rows(cache: LayerCache, rows: Tensor, opened: LayerCache) -> LayerCac
     )
 
 
+def select_rows(cache: LayerCache, rows: Tensor) -> LayerCache:
+    """The cache of batch rows ``rows`` (an index tensor; a row may repeat, as beam search reorders its beams), on
+    new tensors."""
+    take = lambda t: None if t is None else t[rows]
+    batched = lambda t: t if t is None or t.ndim < 4 else t[rows]  # masks without a batch axis are shared
+    return cache._replace(
+        keys=take(cache.keys), values=take(cache.values), raw_keys=take(cache.raw_keys),
+        filled=cache.filled[rows] if isinstance(cache.filled, Tensor) else cache.filled,
+        mask=batched(cache.mask), empty=batched(cache.empty), read_keys=tuple(k[rows] for k in cache.read_keys),
+    )
+
+
 def copy_buffers(cache: LayerCache) -> LayerCache:
     """``cache`` on copies of the buffers that feeding writes in place: for a decode state continued again
     after a newer one has written into the buffers they share."""
