@@ -92,6 +92,18 @@ def test_sampling_with_transformers_processors(loaded):
     assert not torch.equal(penalised, greedy)
 
 
+def test_beam_search_with_the_cache_equals_beam_search_without_it(loaded):
+    """Beam search reorders the cache's rows (DecodeState.select_rows); without a cache every step reruns the
+    whole text, the specification."""
+    _, hf_model, tokenizer = loaded
+    batch = tokenizer(["x", "import os\n" * 4], return_tensors="pt", padding=True)  # left padding too
+    options = dict(max_new_tokens=40, do_sample=False, num_beams=3, num_return_sequences=2)  # 40: past a block
+    cached = hf_model.generate(**batch, **options)
+    uncached = hf_model.generate(**batch, use_cache=False, **options)
+    assert cached.shape == (4, batch.input_ids.shape[1] + 40)
+    assert torch.equal(cached, uncached)
+
+
 def test_a_left_padded_batch_equals_each_row_alone(loaded):
     model, hf_model, tokenizer = loaded
     texts = ["x", "def main():\n    return 0  # thirty-three", "import os\n" * 7]  # 1, 33 and 70 bytes

@@ -47,8 +47,7 @@ class BlockRecurrentCache:
         """Feed tokens (B, n), one position at a time; the logits (B, n or 1, V) after each (or after the last)."""
         B, n = tokens.shape
         if B != self.batch_size:
-            raise ValueError(f"the cache holds {self.batch_size} rows, the input has {B} "
-                             "(beam search and other row reordering are not supported)")
+            raise ValueError(f"the cache holds {self.batch_size} rows, the input has {B}")
         out = []
         for t in range(n):
             logits, self.decode_state = decode_step(model, tokens[:, t], self.decode_state)  # (B, V)
@@ -57,7 +56,9 @@ class BlockRecurrentCache:
         return torch.stack(out if keep_all else out[-1:], dim=1)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        raise NotImplementedError("beam search reorders rows of the cache; the block-recurrent cache does not support it")
+        """Beam search: row i continues the beam ``beam_idx[i]`` (DecodeState.select_rows)."""
+        self.decode_state = self.decode_state.select_rows(beam_idx.to(torch.long))
+        self.batch_size = beam_idx.shape[0]
 
 
 @dataclass
