@@ -26,6 +26,10 @@ from pathlib import Path
 from . import __version__
 from .model.config import PRESETS
 from .tasks.commands import add_eval_task_options, add_tune_command, run_task_eval, run_tune
+from .training.diagnose import (
+    add_document_options, add_eval_diagnostics, add_inspect_command, load_documents_for, run_eval_diagnostics,
+    run_inspect,
+)
 from .training.train_config import RECIPES, recipe
 
 DEFAULT_PRESET = RECIPES["default"]["preset"]
@@ -164,10 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
     evaluate.add_argument("--data", default=None,
                           help="text file, .gz or folder; default: the built-in corpus's validation documents")
-    evaluate.add_argument("--documents", choices=("file", "package"), default="file",
-                          help="file: every file is a document; package: every folder at --package-depth is one "
-                               "(the built-in corpus's held-out packages without --data)")
-    evaluate.add_argument("--package-depth", type=int, default=1, help="with --documents package (default: 1)")
+    add_document_options(evaluate)
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score documents until this many tokens")
     evaluate.add_argument("--batch-size", type=int, default=16, help="documents scored side by side (default: 16)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -175,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "tokens, where float32 is faster; scores move in the third decimal)")
     evaluate.add_argument("--device", default="auto")
     add_eval_task_options(evaluate)
+    add_eval_diagnostics(evaluate)
     add_tune_command(commands)
+    add_inspect_command(commands)
     return parser
 
 
@@ -392,7 +395,6 @@ def _utf8(text: str, where: str) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     from .model.checks import check_int
     from .training.data import TokenCorpus
-    from .training.packages import source_documents, split_source
     from .training.precision import resolve_eval_bf16
     from .training.validation import evaluate_corpus
 
@@ -403,11 +405,10 @@ def run_eval(args: argparse.Namespace) -> int:
         check_int("--max-tokens", args.max_tokens, 2)
     check_int("--batch-size", args.batch_size, 1)
     model, tokenizer = _load(args.checkpoint, args.device)
-    documents = source_documents(args.data, documents=args.documents, package_depth=args.package_depth)
-    if args.data is None:  # the built-in corpus: its held-out files or packages
-        documents = split_source(documents, args.documents)[1]
-    corpus = TokenCorpus.from_documents(documents, tokenizer)
+    corpus = TokenCorpus.from_documents(load_documents_for(args), tokenizer)  # --data, or the held-out split
     bf16 = resolve_eval_bf16(args.bf16, model.device, model.config.block_width, model.blocks_side_by_side)
+    if args.ablate or args.positions:  # block_recurrent.training.diagnose
+        return run_eval_diagnostics(args, model, corpus, _autocast(bf16, model.device))
     with _autocast(bf16, model.device):  # raises when nothing would be scored
         result = evaluate_corpus(model, corpus, max_tokens=args.max_tokens, batch_size=args.batch_size)
     if not math.isfinite(result["loss"]):  # (the weights are finite: checked on load)
@@ -417,7 +418,8 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval, "tune": run_tune}
+COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval, "tune": run_tune,
+            "inspect": lambda args: run_inspect(args, _load)}
 
 
 def main(argv: list[str] | None = None) -> int:

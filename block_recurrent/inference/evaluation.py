@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -172,12 +172,12 @@ class _Lanes:
 
 def _score_lanes(
     model: BlockRecurrentModel, lanes: _Lanes, predicted: Sequence[int], segment_len: int, bucket_size: int | None,
-    state: ModelState | None,
+    state: ModelState | None, carry: Callable[[ModelState], ModelState] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The evaluation loop: every lane segment by segment from ``state``, rows reset where their next document
     starts, lanes whose documents are done leaving the batch. Returns the summed loss of each document
     (``predicted`` holds their lengths) and, with ``bucket_size``, the summed loss of each document's buckets,
-    document after document."""
+    document after document. ``carry``: applied to the state each segment leaves, before the next one reads it."""
     device = lanes.inputs.device
     sums = torch.zeros(len(predicted), dtype=torch.float64, device=device)
     bucket_sums = bucket_base = None
@@ -194,6 +194,8 @@ def _score_lanes(
             window = slice(step * segment_len, (step + 1) * segment_len)
             reset = lanes.starts[:, step] if bool(lanes.starts[:, step].any()) else None
             logits, state = model.run(lanes.inputs[:, window], state, reset=reset)  # the only large tensor
+            if carry is not None:
+                state = carry(state)
             labels = lanes.labels[:, window]
             losses = model.loss(logits, labels, reduction="none").view(labels.shape).double()
             owner = lanes.owner[:, window]
@@ -213,9 +215,13 @@ def evaluate_documents(
     segment_len: int | None = None,
     bytes_per_token: float = 1.0,
     bucket_size: int | None = None,
+    carry: Callable[[ModelState], ModelState] | None = None,
 ) -> list[EvalResult]:
     """Score documents of different lengths side by side; one result per document, each equal (to rounding)
     to ``evaluate(model, document)``: every document is scored from a fresh state.
+
+    ``carry`` (for diagnostics, :mod:`.diagnostics`): applied to the state every segment leaves, before the next
+    segment reads it; give ``segment_len=block_width`` to apply it after every block.
 
     The documents are dealt to ``batch_size`` lanes (the longest first, each to the least loaded lane); a lane
     reads its documents one after another, each padded to a whole number of segments, and its row is reset
@@ -262,7 +268,7 @@ def evaluate_documents(
 
     # 3. the evaluation loop, then one result per document
     predicted = [len(doc) - 1 for doc in docs]
-    sums, bucket_sums = _score_lanes(model, lanes, predicted, segment_len, bucket_size, None)
+    sums, bucket_sums = _score_lanes(model, lanes, predicted, segment_len, bucket_size, None, carry)
     results, first = [], 0  # first: the document's first bucket
     for index, n in enumerate(predicted):
         buckets = None

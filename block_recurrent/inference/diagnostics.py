@@ -1,0 +1,207 @@
+"""Diagnostics of a trained model on its own documents: what the carried XL memory and recurrent state each
+contribute, the loss by position to the end of the longest document, and the keep values of the trained gates.
+
+- :func:`drop_carried` / :func:`evaluate_ablated`: evaluation that drops what is carried from block to block.
+  ``"state"``: every block reads the learned initial state (the XL memory still carried); ``"memory"``: every
+  block's memory slots are invalid, so its tokens see only their own block (the state still carried);
+  ``"both"``: each block alone. The difference with the carried score is what the dropped part contributes.
+- :func:`log_curve`: bits per byte in log-spaced ranges of positions ([0, 1 K), [1 K, 2 K), ... up to 1 M, then
+  1 M and beyond), every document pooled, from results scored with ``bucket_size``.
+- :func:`keep_values`: per gate of every recurrent layer, the share of the old state kept per channel: the fixed
+  gate's sigmoid(b), the LSTM gate's forget gate averaged over the documents' blocks, and the half-lives in blocks
+  they mean (k ** h = 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..model.checks import check_choice, check_int
+from ..model.model import BlockRecurrentModel
+from ..model.recurrent import FixedGate
+from ..model.state import ModelState, XLMemory
+from .decoding import eval_no_grad
+from .evaluation import EvalResult, curve_range, evaluate_documents, position_curve
+
+DROPS = ("state", "memory", "both")
+LN2 = math.log(2)
+
+
+# what is carried, dropped
+
+
+def drop_carried(state: ModelState, drop: str) -> ModelState:
+    """``state`` without what ``drop`` names: ``"state"`` every recurrent state back to the learned initial one
+    (None), ``"memory"`` every memory slot invalid (the block that follows sees none of them), ``"both"``."""
+    check_choice("drop", drop, DROPS)
+    memories, states = state.memories, state.states
+    if drop in ("memory", "both"):
+        memories = tuple(
+            None if m is None else XLMemory(m.keys, m.values, torch.zeros(m.keys.shape[:2], dtype=torch.bool,
+                                                                          device=m.keys.device))
+            for m in memories
+        )
+    if drop in ("state", "both"):
+        states = (None,) * len(states)
+    return ModelState(memories, states)
+
+
+def evaluate_ablated(
+    model: BlockRecurrentModel, documents: Sequence[Tensor], drop: str | None, *, batch_size: int = 16,
+    bytes_per_token: float = 1.0, bucket_size: int | None = None,
+) -> list[EvalResult]:
+    """:func:`~.evaluation.evaluate_documents` with what ``drop`` names (see :func:`drop_carried`; None: nothing)
+    dropped after every block: one result per document, each scored from a fresh state, one block per call."""
+    if drop is None:
+        return evaluate_documents(model, documents, batch_size=batch_size, bytes_per_token=bytes_per_token,
+                                  bucket_size=bucket_size)
+    check_choice("drop", drop, DROPS)
+    return evaluate_documents(model, documents, batch_size=batch_size, segment_len=model.config.block_width,
+                              bytes_per_token=bytes_per_token, bucket_size=bucket_size,
+                              carry=lambda state: drop_carried(state, drop))
+
+
+# loss by position, in log-spaced ranges
+
+
+def log_edges(first: int = 1024, last: int = 1 << 20) -> list[int]:
+    """Range starts 0, ``first``, 2 ``first``, 4 ``first``, ... up to ``last`` (powers of two of ``first``)."""
+    check_int("first", first, 1)
+    check_int("last", last, first)
+    edges, edge = [0], first
+    while edge <= last:
+        edges.append(edge)
+        edge *= 2
+    return edges
+
+
+def log_curve(results: Sequence[EvalResult], edges: Sequence[int] | None = None, bytes_per_token: float = 1.0
+              ) -> list[tuple[int, int | None, float, int]]:
+    """(begin, end or None for the last, open range, bits per byte, predictions) per range between ``edges``
+    (default :func:`log_edges`), every document pooled; ranges no document reaches are left out. The results must
+    be scored with a ``bucket_size`` that divides every edge."""
+    edges = log_edges() if edges is None else list(edges)
+    curve = position_curve(results, bytes_per_token)
+    size = curve[1][0] if len(curve) > 1 else None
+    if size is not None and any(edge % size for edge in edges):
+        raise ValueError(f"edges {edges} are not multiples of the results' bucket_size {size}")
+    ranges = []
+    for begin, end in zip(edges, [*edges[1:], None]):
+        bits, count = curve_range(curve, begin, end)
+        if count:
+            ranges.append((begin, end, bits, count))
+    return ranges
+
+
+def _size(n: int) -> str:
+    if n and n % (1 << 20) == 0:
+        return f"{n >> 20} M"
+    return f"{n >> 10} K" if n and n % 1024 == 0 else str(n)
+
+
+def range_label(begin: int, end: int | None) -> str:
+    return f"{_size(begin)}+" if end is None else f"{_size(begin)}-{_size(end)}"
+
+
+def whole(results: Sequence[EvalResult], bytes_per_token: float = 1.0) -> float:
+    """Bits per byte over every prediction of ``results`` pooled."""
+    return sum(r.loss_sum for r in results) / sum(r.tokens for r in results) / LN2 / bytes_per_token
+
+
+def format_curves(rows: dict[str, tuple[float, list]]) -> str:
+    """A markdown table: per row name, the whole score and each :func:`log_curve` range, and the bytes per range."""
+    ranges = max((curve for _, curve in rows.values()), key=len)
+    lines = ["| | whole | " + " | ".join(range_label(b, e) for b, e, _, _ in ranges) + " |",
+             "|---|---:|" + "---:|" * len(ranges)]
+    for name, (total, curve) in rows.items():
+        by_range = {(b, e): bits for b, e, bits, _ in curve}
+        cells = [f"{by_range[(b, e)]:.3f}" if (b, e) in by_range else "-" for b, e, _, _ in ranges]
+        lines.append(f"| {name} | {total:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| predictions | | " + " | ".join(f"{n:,}" for _, _, _, n in ranges) + " |")
+    return "\n".join(lines)
+
+
+# the gates' keep values
+
+
+@dataclass(frozen=True)
+class KeepSummary:
+    """The keep values of one gate: the share of its old state kept per channel, ``keep`` (dim,)."""
+
+    layer: int  # the recurrent layer (1-based)
+    gate: str  # "gate", or "ff_gate" (the second gate of state_update="dual")
+    kind: str  # "fixed" or "lstm"
+    keep: Tensor  # (dim,) float64: sigmoid(b) for the fixed gate, the forget gate's mean over blocks for the LSTM
+    blocks: int  # slot updates (rows x slots x blocks) the LSTM's keep was averaged over (0: none)
+
+    def half_lives(self) -> Tensor:
+        """Blocks until half of a written value is left, per channel: log(1/2) / log(keep) (inf at keep 1)."""
+        keep = self.keep.clamp(1e-12, 1.0)
+        return torch.where(keep < 1, math.log(0.5) / torch.log(keep), torch.full_like(keep, math.inf))
+
+
+def _gates(model: BlockRecurrentModel):
+    for layer, cell in zip(model.config.recurrent_layers, model.cells):
+        yield layer, "gate", cell.gate
+        if cell.ff_gate is not None:
+            yield layer, "ff_gate", cell.ff_gate
+
+
+def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None = None, *, batch_size: int = 16
+                ) -> list[KeepSummary]:
+    """The keep values of every gate (see :class:`KeepSummary`). An LSTM gate's keep depends on what is written:
+    it is averaged over every block of ``documents`` (scored as :func:`evaluate_documents` scores them), or taken at
+    a zero update when none are given."""
+    sums: dict[tuple[int, str], list] = {}
+    hooks = []
+    for layer, name, gate in _gates(model):
+        if isinstance(gate, FixedGate) or not documents:
+            continue
+        sums[layer, name] = [torch.zeros(model.config.dim, dtype=torch.float64), 0]
+
+        def record(module, inputs, output, key=(layer, name)):
+            state, update = inputs
+            keep = module.keep(update, state.dtype).double()
+            sums[key][0] += keep.reshape(-1, keep.shape[-1]).sum(dim=0).cpu()
+            sums[key][1] += keep.numel() // keep.shape[-1]
+
+        hooks.append(gate.register_forward_hook(record))
+    try:
+        if hooks:  # one block per call: no block of padding alone is written, so none counts
+            evaluate_documents(model, list(documents), batch_size=batch_size, segment_len=model.config.block_width)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    summaries = []
+    with eval_no_grad(model):
+        for layer, name, gate in _gates(model):
+            kind = "fixed" if isinstance(gate, FixedGate) else "lstm"
+            if (layer, name) in sums and sums[layer, name][1]:
+                total, count = sums[layer, name]
+                keep, blocks = total / count, count
+            else:
+                zero = torch.zeros(1, model.config.dim, device=model.device, dtype=model.dtype)
+                keep, blocks = gate.keep(zero, torch.float64).reshape(-1, model.config.dim)[0], 0
+            summaries.append(KeepSummary(layer, name, kind, keep.double().cpu(), blocks))
+    return summaries
+
+
+def format_keep(summaries: Sequence[KeepSummary]) -> str:
+    """A markdown table of keep values and half-lives: minimum, 10 %, median, 90 %, maximum over channels."""
+    def quantiles(t: Tensor) -> list[float]:
+        return torch.quantile(t, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=t.dtype)).tolist()
+
+    lines = ["| layer | gate | keep: min | 10 % | median | 90 % | max | half-life in blocks: median | 90 % | max "
+             "| measured on |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in summaries:
+        keep, lives = quantiles(s.keep), quantiles(s.half_lives())
+        where = (f"{s.blocks:,} slot updates" if s.blocks else "its biases" if s.kind == "fixed"
+                 else "a zero update (no documents)")
+        lines.append(f"| {s.layer} | {s.gate} ({s.kind}) | " + " | ".join(f"{k:.3f}" for k in keep) + " | "
+                     + " | ".join(f"{h:.1f}" for h in lives[2:]) + f" | {where} |")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""``brt inspect`` and ``brt eval --ablate / --positions``: the diagnostics of
+:mod:`block_recurrent.inference.diagnostics` on a checkpoint, from the command line.
+
+    brt inspect --checkpoint runs/brt                                   # the gates' keep values, half-lives
+    brt eval --checkpoint runs/brt --documents package --ablate state memory --positions
+
+The parsers and the command functions live here so that ``block_recurrent.cli`` only registers them; everything
+heavy is imported inside the functions (importing this module loads no trainer).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from ..model.checks import check_int
+
+DROPS = ("state", "memory", "both")
+INSPECT_TOKENS = 65536  # held-out tokens an LSTM gate's keep values are averaged over
+
+
+def add_document_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--documents", choices=("file", "package"), default="file",
+                        help="file: every file is a document; package: every folder at --package-depth is one "
+                             "(the built-in corpus's held-out packages without --data)")
+    parser.add_argument("--package-depth", type=int, default=1, help="with --documents package (default: 1)")
+
+
+def add_eval_diagnostics(evaluate: argparse.ArgumentParser) -> None:
+    """``brt eval``'s diagnostics: what the carried state and memory contribute, and the per-position curve."""
+    group = evaluate.add_argument_group("diagnostics (block_recurrent.inference.diagnostics)")
+    group.add_argument("--ablate", nargs="+", choices=DROPS, default=None,
+                       help="also score with what is carried dropped after every block: state (every block reads "
+                            "the learned initial state), memory (no block sees the previous one), both")
+    group.add_argument("--positions", action="store_true",
+                       help="print bits per byte by position in the document, in log-spaced ranges to 1 MB")
+
+
+def add_inspect_command(commands) -> None:
+    """Register ``brt inspect`` on the ``brt`` subparsers."""
+    inspect = commands.add_parser("inspect", help="a checkpoint's recurrent gates: keep values and half-lives")
+    inspect.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
+    inspect.add_argument("--data", default=None,
+                         help="text file, .gz or folder an LSTM gate's keep is averaged over; default: the built-in "
+                              "corpus's held-out documents")
+    add_document_options(inspect)
+    inspect.add_argument("--max-tokens", type=int, default=INSPECT_TOKENS,
+                         help=f"tokens of those documents to run (default: {INSPECT_TOKENS})")
+    inspect.add_argument("--batch-size", type=int, default=16, help="documents side by side (default: 16)")
+    inspect.add_argument("--device", default="auto")
+
+
+def load_documents_for(args: argparse.Namespace):
+    """The documents ``brt eval`` and ``brt inspect`` score: ``--data`` whole, else the built-in corpus's held out
+    files or packages."""
+    from .packages import source_documents, split_source
+
+    documents = source_documents(args.data, documents=args.documents, package_depth=args.package_depth)
+    return split_source(documents, args.documents)[1] if args.data is None else documents
+
+
+def _token_documents(model, corpus, max_tokens: int | None) -> list:
+    """The corpus's documents as token tensors on the model's device, in order, until ``max_tokens``."""
+    import torch
+
+    docs, budget = [], corpus.token_count if max_tokens is None else max_tokens
+    for i in range(len(corpus)):
+        doc = corpus.document(i)[:budget]
+        if len(doc) >= 2:
+            docs.append(torch.from_numpy(doc.astype("int64")).to(model.device))
+            budget -= len(doc)
+        if budget < 2:
+            break
+    if not docs:
+        raise ValueError(f"nothing was scored: no document of at least 2 tokens within max_tokens={max_tokens}")
+    return docs
+
+
+def run_eval_diagnostics(args: argparse.Namespace, model, corpus, autocast) -> int:
+    """Score the corpus as carried, and with each ``--ablate`` drop; print the whole score and, with
+    ``--positions`` (or any ablation), the log-spaced per-position table."""
+    from ..inference.diagnostics import evaluate_ablated, format_curves, log_curve, whole
+
+    docs = _token_documents(model, corpus, args.max_tokens)
+    rows = {}
+    for drop in [None, *(args.ablate or [])]:
+        with autocast:
+            results = evaluate_ablated(model, docs, drop, batch_size=args.batch_size,
+                                       bytes_per_token=corpus.bytes_per_token, bucket_size=1024)
+        name = "carried (as trained)" if drop is None else f"{drop} dropped after every block"
+        rows[name] = (whole(results, corpus.bytes_per_token), log_curve(results, bytes_per_token=corpus.bytes_per_token))
+    print(f"bits per byte over {sum(len(d) for d in docs)} tokens of {len(docs)} documents, whole and by position:\n")
+    print(format_curves(rows))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace, load: Callable) -> int:
+    """Print the checkpoint's model and the keep values of its gates (an LSTM gate's over held-out text)."""
+    from ..inference.diagnostics import format_keep, keep_values
+    from .data import TokenCorpus
+
+    check_int("--max-tokens", args.max_tokens, 2)
+    check_int("--batch-size", args.batch_size, 1)
+    model, tokenizer = load(args.checkpoint, args.device)
+    c = model.config
+    print(f"{args.checkpoint}: {model.num_parameters():,} parameters, width {c.dim}, {c.depth} layers, blocks of "
+          f"{c.block_width}, segments of {c.max_seq_len}, recurrent layers {list(c.recurrent_layers)} with "
+          f"{c.num_state_vectors} state vectors, gate {c.gate!r}")
+    if not c.recurrent_layers:
+        print("no recurrent layer: nothing is kept but the XL memory")
+        return 0
+    docs = None
+    if c.gate == "lstm":
+        corpus = TokenCorpus.from_documents(load_documents_for(args), tokenizer)
+        docs = _token_documents(model, corpus, args.max_tokens)
+        print(f"the LSTM gates' keep values averaged over every block of {sum(len(d) for d in docs)} tokens of "
+              f"{len(docs)} documents")
+    print()
+    print(format_keep(keep_values(model, docs, batch_size=args.batch_size)))
+    return 0

@@ -1,0 +1,128 @@
+"""Diagnostics: ablations that change exactly what they say, the log-spaced per-position curve, the gates' keep
+values, and `brt eval --ablate --positions` / `brt inspect` on a tiny checkpoint."""
+
+import math
+
+import pytest
+import torch
+
+from block_recurrent import save_pretrained
+from block_recurrent.cli import main
+from block_recurrent.inference.diagnostics import (
+    drop_carried, evaluate_ablated, format_curves, format_keep, keep_values, log_curve, log_edges, whole,
+)
+from block_recurrent.inference.evaluation import evaluate_documents
+from block_recurrent.model.state import ModelState, XLMemory
+from conftest import TINY, make_model, random_tokens
+
+W = TINY["block_width"]
+
+
+def by_hand(model, document, drop):
+    """The summed loss of ``document`` run one block per call, with the state after every block changed by hand:
+    the initial state (None) for "state", every memory slot invalid for "memory"."""
+    inputs, labels = document[None, :-1], document[None, 1:]
+    state, total = None, 0.0
+    with torch.no_grad():
+        for begin in range(0, inputs.shape[1], W):
+            logits, state = model.run(inputs[:, begin : begin + W], state)
+            total += model.loss(logits, labels[:, begin : begin + W], reduction="sum").item()
+            memories, states = state.memories, state.states
+            if drop in ("state", "both"):
+                states = (None,) * len(states)
+            if drop in ("memory", "both"):
+                memories = tuple(XLMemory(m.keys, m.values, torch.zeros(m.keys.shape[:2], dtype=torch.bool))
+                                 for m in memories)
+            state = ModelState(memories, states)
+    return total
+
+
+@pytest.mark.parametrize("drop", ["state", "memory", "both"])
+def test_dropping_what_is_carried_equals_doing_it_by_hand_every_block(model, drop):
+    documents = [random_tokens(1, n, seed=n)[0] for n in (5 * W + 3, 2 * W + 1, 9)]
+    results = evaluate_ablated(model, documents, drop, batch_size=2)
+    for document, result in zip(documents, results):
+        assert math.isclose(result.loss_sum, by_hand(model, document, drop), rel_tol=1e-12)
+    carried = evaluate_documents(model, documents)
+    assert not math.isclose(results[0].loss_sum, carried[0].loss_sum, rel_tol=1e-6)  # it changes something
+    assert [r.tokens for r in results] == [r.tokens for r in carried]
+
+
+def test_dropping_the_state_is_the_initial_state_every_block_and_the_memory_invalid_slots(model):
+    """The same as the test above, from the other side: the state handed to every block is exactly the initial
+    one (None), and a memory whose slots are all invalid is seen by no token (the block alone)."""
+    tokens = random_tokens(1, 3 * W)
+    _, state = model.run(tokens)
+    dropped = drop_carried(state, "both")
+    assert dropped.states == (None,) and all(not m.valid.any() for m in dropped.memories)
+    block = random_tokens(1, W, seed=7)
+    alone, _ = model.run(block, ModelState(tuple([None] * len(state.memories)), (None,)))
+    after, _ = model.run(block, dropped)
+    torch.testing.assert_close(after, alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="drop must be one of"):
+        drop_carried(state, "gate")
+
+
+def test_log_curve_pools_buckets_into_log_spaced_ranges(model):
+    assert log_edges(1024, 1 << 20)[:4] == [0, 1024, 2048, 4096] and log_edges()[-1] == 1 << 20
+    documents = [random_tokens(1, n, seed=n)[0] for n in (40, 17)]
+    results = evaluate_documents(model, documents, bucket_size=4)
+    curve = log_curve(results, [0, 8, 16, 32])
+    assert [(b, e, n) for b, e, _, n in curve] == [(0, 8, 16), (8, 16, 16), (16, 32, 16), (32, None, 7)]
+    losses = [evaluate_documents(model, [d], bucket_size=1)[0].bucket_losses for d in documents]
+    first = sum(loss for doc in losses for start, loss, _ in doc if start < 8) / 16 / math.log(2)
+    assert math.isclose(curve[0][2], first, rel_tol=1e-9)
+    assert math.isclose(whole(results), sum(r.loss_sum for r in results) / 55 / math.log(2), rel_tol=1e-12)
+    table = format_curves({"carried": (whole(results), curve)})
+    assert "| carried |" in table and "32+" in table and "8-16" in table
+    with pytest.raises(ValueError, match="multiples"):
+        log_curve(results, [0, 6])
+
+
+def test_keep_values_of_both_gates():
+    fixed = make_model(gate="fixed")
+    summary = keep_values(fixed)[0]
+    torch.testing.assert_close(summary.keep, torch.sigmoid(fixed.cells[0].gate.keep_bias.double()))
+    assert (summary.layer, summary.kind, summary.blocks) == (2, "fixed", 0)
+    torch.testing.assert_close(summary.half_lives(), math.log(0.5) / torch.log(summary.keep))
+
+    lstm = make_model(gate="lstm", gate_keep_init=3.0, state_update="dual")
+    gate = lstm.cells[0].gate
+    zero = keep_values(lstm)
+    assert [(s.gate, s.kind) for s in zero] == [("gate", "lstm"), ("ff_gate", "lstm")]
+    torch.testing.assert_close(zero[0].keep, torch.sigmoid(gate.to_gates.bias[TINY["dim"]:] + 3.0))
+
+    # with documents: the forget gate sigmoid(W_f h + b_f + 3) of every update written, averaged
+    updates = []
+    hook = gate.register_forward_hook(lambda module, inputs, output: updates.append(inputs[1].detach()))
+    documents = [random_tokens(1, n, seed=n)[0] for n in (3 * W + 1, W + 2)]
+    evaluate_documents(lstm, documents, segment_len=W)
+    hook.remove()
+    with torch.no_grad():
+        W_f, b_f = gate.to_gates.weight[TINY["dim"]:], gate.to_gates.bias[TINY["dim"]:]
+        forget = torch.cat([torch.sigmoid(u.clone() @ W_f.T + b_f + 3.0).reshape(-1, TINY["dim"]) for u in updates])
+    measured = keep_values(lstm, documents)[0]
+    assert measured.blocks == forget.shape[0] == 5 * TINY["num_state_vectors"]  # 3 + 2 blocks
+    torch.testing.assert_close(measured.keep, forget.mean(dim=0), rtol=1e-12, atol=1e-12)
+    assert "| 2 | gate (lstm) |" in format_keep([measured]) and "ff_gate" in format_keep(zero)
+
+
+def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
+    data = tmp_path / "data"
+    for package in ("alpha", "beta"):
+        (data / package).mkdir(parents=True)
+        for i in range(2):
+            (data / package / f"m{i}.py").write_text(f"def {package}_{i}(x):\n    return x * {i}\n" * 20)
+    checkpoint = tmp_path / "model"
+    save_pretrained(make_model(dtype=torch.float32, num_tokens=256, gate="lstm"), checkpoint)
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--documents", "package",
+                 "--ablate", "state", "memory", "--positions"]) == 0
+    out = capsys.readouterr().out
+    assert "of 2 documents" in out and "| carried (as trained) |" in out and "| memory dropped after every block |" in out
+    assert "| 0-1 K |" in out
+    assert main(["inspect", "--checkpoint", str(checkpoint), "--data", str(data), "--max-tokens", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "recurrent layers [2]" in out and "| 2 | gate (lstm) |" in out and "slot updates" in out
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--ablate", "gates"])
+    assert exit.value.code == 2 and "invalid choice: 'gates'" in capsys.readouterr().err
