@@ -394,3 +394,45 @@ def test_a_run_saved_before_the_newer_settings_resumes_as_it_ran(tmp_path):
         warnings.simplefilter("ignore")  # the warning that the write stays untrained
         resumed = Trainer(one_block, resumed_config, resume=saved)
     assert not resumed.replay_write and resumed.step == 1
+
+
+def test_the_run_loop_keeps_its_own_clock_and_a_resumed_run_counts_on_from_the_checkpoint(tmp_path):
+    """RunLoop hands the training time to Trainer.save instead of changing the trainer's fields; a resumed run's
+    time starts from what its checkpoint recorded."""
+    config = settings(tmp_path, max_steps=2, checkpoint_every=2)
+    trainer = Trainer(tiny(), config)
+    trainer.fit()
+    trainer.close()
+    assert trainer.elapsed == 0.0  # the loop did not reach into the trainer
+    first = load_training_checkpoint(tmp_path / "run").trainer["elapsed_s"]
+    assert first > 0
+    resumed = Trainer(tiny(), config.replace(max_steps=4), resume=True)
+    assert resumed.elapsed == first
+    resumed.fit()
+    resumed.close()
+    assert load_training_checkpoint(tmp_path / "run").trainer["elapsed_s"] > first
+
+
+def test_the_carried_state_format_round_trips_any_split_of_the_rows():
+    """state.carry_to_tensors / carry_from_tensors: the one checkpoint format of a trainer's carry. Rows of any
+    micro-batch come back as saved; a memory without a validity mask and a write that started from the learned
+    initial state come back as None, so the resumed run takes the same computation path."""
+    from block_recurrent import BlockRecurrentTransformer
+    from block_recurrent.model.state import ModelState, XLMemory, carry_from_tensors, carry_to_tensors
+
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(tiny())
+    _, state = model.run(torch.randint(0, 256, (4, 40)))
+    state = ModelState(tuple(XLMemory(m.keys, m.values, None) for m in state.memories), state.states)
+    written = (state.states[0][:2], None)  # two micro-batches of two rows: one written from a state, one initial
+    parts = [carry_to_tensors(state.select_rows(torch.arange(2 * m, 2 * m + 2)), (written[m],), model.initial_states())
+             for m in range(2)]
+    tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    for m in range(2):
+        rows = torch.arange(2 * m, 2 * m + 2)
+        back, written_from = carry_from_tensors(tensors, model.config, rows, total_rows=4)
+        assert all(b.valid is None and torch.equal(b.keys, s.keys[rows]) for b, s in zip(back.memories, state.memories))
+        assert torch.equal(back.states[0], state.states[0][rows])
+        assert (written_from[0] is None) == (m == 1)
+    with pytest.raises(ValueError, match="expected 8 rows"):
+        carry_from_tensors(tensors, model.config, torch.arange(2), total_rows=8)
