@@ -85,11 +85,17 @@ def log_curve(results: Sequence[EvalResult], edges: Sequence[int] | None = None,
     """(begin, end or None for the last, open range, bits per byte, predictions) per range between ``edges``
     (default :func:`log_edges`), every document pooled; ranges no document reaches are left out. The results must
     be scored with a ``bucket_size`` that divides every edge."""
+    return pool_ranges(position_curve(results, bytes_per_token), edges)
+
+
+def pool_ranges(curve: Sequence[tuple[int, float, int]], edges: Sequence[int] | None = None
+                ) -> list[tuple[int, int | None, float, int]]:
+    """A :func:`~.evaluation.position_curve` (bucket start, bits per byte, predictions) pooled into the ranges
+    between ``edges`` (default :func:`log_edges`), as :func:`log_curve` returns them."""
     edges = log_edges() if edges is None else list(edges)
-    curve = position_curve(results, bytes_per_token)
-    size = curve[1][0] if len(curve) > 1 else None
+    size = curve[1][0] - curve[0][0] if len(curve) > 1 else None
     if size is not None and any(edge % size for edge in edges):
-        raise ValueError(f"edges {edges} are not multiples of the results' bucket_size {size}")
+        raise ValueError(f"edges {edges} are not multiples of the curve's bucket size {size}")
     ranges = []
     for begin, end in zip(edges, [*edges[1:], None]):
         bits, count = curve_range(curve, begin, end)

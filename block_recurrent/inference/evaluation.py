@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..model.checks import check_float, check_int, check_tokens
+from ..model.checks import check_float, check_int
 from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState, checked_state
 from .decoding import eval_no_grad
+from .inputs import as_batch, check_model
 
 
 
@@ -51,11 +52,8 @@ class EvalResult:
 
 
 def _check_tokens(model, tokens) -> Tensor:
-    if not isinstance(model, BlockRecurrentModel):
-        raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
-    if isinstance(tokens, Tensor) and tokens.ndim == 1:
-        tokens = tokens[None]  # one document
-    check_tokens(tokens, model.config.num_tokens, "tokens")
+    check_model(model)
+    tokens = as_batch(tokens, model.config.num_tokens, "tokens")  # a 1-D tensor is one document
     if tokens.shape[1] < 2:
         raise ValueError(f"tokens must have at least 2 per document (an input and its next token), got {tokens.shape[1]}")
     return tokens

@@ -16,10 +16,8 @@ from torch import Tensor
 from ..model.checks import check_float, check_int
 from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState
-from .decoding import (
-    DecodeState, as_batch, as_decode_state, check_model, check_prompts, commit_partial, decode_step, eval_no_grad,
-    prefill, step,
-)
+from .decoding import DecodeState, as_decode_state, commit_partial, decode_step, eval_no_grad, prefill, step
+from .inputs import as_batch, check_model, check_prompts
 
 __all__ = ["DecodeState", "SamplingOptions", "TokenStream", "commit_partial", "decode_step", "generate", "prefill",
            "sample", "stream"]

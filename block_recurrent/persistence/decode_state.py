@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..inference.decoding import DecodeState, check_model, decode_state_from_parts, decode_state_parts
+from ..inference.decoding import DecodeState, decode_state_from_parts, decode_state_parts
+from ..inference.inputs import check_model
 from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState
 from .files import CheckpointError, check_finite
