@@ -58,8 +58,8 @@ def summarize(folder: Path, reach: int) -> None:
     pooled: dict[str, list] = {}
     for r in results:
         pooled.setdefault(r["model"], []).append(r)
-    print(f"| model | seed | exact match by distance {results[0]['scores']['distances']} | answers at least {reach} tokens "
-          f"back: exact match (answers) |")
+    print(f"| model | seed | exact match by distance {results[0]['scores']['distances']} | answers at least {reach} "
+          "tokens back: exact match (answers) |")
     print("|---|---:|---|---|")
     for model, runs in pooled.items():
         first = runs[0]["scores"]

@@ -87,7 +87,8 @@ def test_answers_are_right():
     for e in PasskeyTask().examples(5, 500, 3):
         key = answer_text(e).strip()
         assert re.fullmatch(r"\d{5}", key)
-        assert decode(e.tokens[slice(*e.needles[0])]) == f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+        needle = decode(e.tokens[slice(*e.needles[0])])
+        assert needle == f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
         assert decode(e.tokens).startswith("There is an important info hidden")
         assert decode(e.tokens).endswith(f"\nWhat is the pass key? The pass key is{answer_text(e)}")
     for e in MQARTask(num_pairs=6, key_len=1, value_len=2).examples(5, 500, 3):

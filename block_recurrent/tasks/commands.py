@@ -66,7 +66,8 @@ def add_tune_command(commands) -> None:
     for field in dataclasses.fields(TuneConfig):
         kind = _number if isinstance(field.default, float) else type(field.default)
         group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
-                           metavar=field.name.upper(), help=f"{TUNE_HELP.get(field.name, '')} (default: {field.default})")
+                           metavar=field.name.upper(),
+                           help=f"{TUNE_HELP.get(field.name, '')} (default: {field.default})")
 
 
 def add_eval_task_options(evaluate: argparse.ArgumentParser) -> None:
@@ -124,11 +125,13 @@ def run_tune(args: argparse.Namespace) -> int:
     from .tuning import TuneConfig, tune
 
     out_dir = Path(args.out_dir)
+    # save_pretrained replaces the folder whole: never a run folder or a checkpoint by mistake
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / TUNE_FILE).exists():
         raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
                          "give a new folder")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
     model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
+    # the corpus haystack of training comes from the training files; brt eval --task reads the held-out ones
     task = make_task(args.task, tokenizer, args.haystack, "train", **task_options(args.task_option))
     print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
           f"{config.max_distance}, {config.max_steps} steps")

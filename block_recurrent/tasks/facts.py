@@ -43,10 +43,12 @@ def two_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str],
     """qa2: (facts, question, answer, indices of the two facts the answer needs). Draws stories until one asks about
     an object whose place is known (at least one pick-up happened)."""
     while True:
-        facts, moved, holder, dropped = [], {}, {}, {}  # moved: person -> (fact, place); holder: object -> (person, fact)
+        # moved: person -> (fact, place); holder: object -> (person, fact); dropped: object -> (fact, move, place)
+        facts, moved, holder, dropped = [], {}, {}, {}
         for i in range(num_facts):
             free = [o for o in OBJECTS if o not in holder]
             placed = [p for p in PEOPLE if p in moved]
+            # a pick-up needs a placed person and a free object; where none is possible the fact is a move
             kind = rng.choice(["move", "pick", "drop"], p=[0.5, 0.3, 0.2])
             if kind == "pick" and free and placed:
                 person, thing = placed[rng.integers(len(placed))], free[rng.integers(len(free))]
@@ -62,6 +64,7 @@ def two_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str],
                 person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
                 facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
                 moved[person] = (i, place)
+        # an object's place: its holder's latest move, or where it was dropped (the holder's place then)
         known = {thing: (moved[person][1], (fact, moved[person][0])) for thing, (person, fact) in holder.items()}
         known.update({thing: (place, (drop, move)) for thing, (drop, move, place) in dropped.items()})
         if known:
@@ -92,6 +95,7 @@ class FactsTask(TextTask):
 
     def _example(self, distance, rng, depth, segment_len) -> Example:
         facts, question, answer, supports = STORIES[self.kind](self.num_facts, rng)
+        # spaces around each fact: it never fuses with the haystack's words
         needles = [self.encode(f" {fact} ") for fact in facts]
         offsets = spread_offsets(len(needles), distance, rng)
         haystack = self.haystack.take(distance, rng)

@@ -44,6 +44,7 @@ class MQARTask(TextTask):
         return "".join(letters)
 
     def _example(self, distance, rng, depth, segment_len) -> Example:
+        # distinct keys (a repeated key would have two answers); values independent of keys: chance 10 ** -value_len
         keys = [self._key(int(i)) for i in rng.choice(len(LETTERS) ** self.key_len, self.num_pairs, replace=False)]
         values = ["".join(str(d) for d in rng.integers(0, 10, size=self.value_len)) for _ in keys]
         needles = [self.encode(f" {k}={v} ") for k, v in zip(keys, values)]

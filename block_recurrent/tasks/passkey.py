@@ -42,11 +42,13 @@ class PasskeyTask(TextTask):
         return 10.0 ** -self.digits
 
     def _example(self, distance, rng, depth, segment_len) -> Example:
+        # uniform digits, leading zeros included, so that chance is exactly 10 ** -digits
         key = "".join(str(d) for d in rng.integers(0, 10, size=self.digits))
         needle = self.encode(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
-        if depth is None:
+        if depth is None:  # training: anywhere in the haystack
             depth = float(rng.random())
         haystack = self.haystack.take(distance, rng)
+        # the answer starts with the space, as a subword tokenizer would encode " 71432" after "is"
         query = Query(self.question, self.encode(" " + key), supports=(0,))
         return compose(self.prefix, haystack, [needle], [round(depth * distance)], [query], segment_len)
 

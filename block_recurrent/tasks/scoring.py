@@ -136,8 +136,9 @@ def score(
         raise ValueError(f"the task's tokenizer has {task.tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.num_tokens}")
     shape = (len(depths), len(distances))
-    scores = TaskScores(task.describe(), task.chance, distances, depths, np.zeros(shape, dtype=np.int64),
-                        np.zeros(shape, dtype=np.int64), np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64))
+    counts = np.zeros(shape, dtype=np.int64)
+    scores = TaskScores(task.describe(), task.chance, distances, depths, counts, counts.copy(),
+                        np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64))
     grid = np.asarray(depths)
     for j, distance in enumerate(distances):
         check_int("seed", seed, 0)

@@ -96,17 +96,21 @@ def tune(
     runner = SegmentRunner(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.state_lr_scale), lr=config.lr,
                                   betas=(config.beta1, config.beta2))
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed)  # the examples; the weights' randomness is the caller's
     model.train()
     records, window, began = [], [], time.perf_counter()
     for step in range(config.max_steps):
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        # one distance per step: the rows then have the same length (for bytes), with no padding to run
         distance = int(rng.integers(config.min_distance, config.largest_distance(step) + 1))
+        # needles kept clear of segment boundaries: a segment's backward pass never sees half a needle
         examples = task.examples(config.batch_size, distance, rng, segment_len=mc.max_seq_len)
         batch = collate(examples, multiple=mc.max_seq_len, ignore_index=mc.ignore_index, lm_loss=config.loss == "all")
         segments = batch.inputs.shape[1] // mc.max_seq_len
+        # by default the whole example is one backward pass, so the answer's loss reaches every write back to the
+        # needle; with one-block passes the write is replayed instead (as the trainer does), or it would not train
         every = min(config.backward_every or segments, segments)
         optimizer.zero_grad(set_to_none=True)
         result = runner.forward_backward(batch.inputs.to(model.device), labels=batch.labels.to(model.device),
