@@ -104,16 +104,11 @@ def task_options(items: list[str]) -> dict[str, Any]:
 
 def load_model(checkpoint: str, device: str):
     """(model, tokenizer, the tokenizer's file or None) of a checkpoint (a run folder: its newest complete one)."""
-    from ..persistence import checkpoint as saved
+    from ..persistence.checkpoint import TOKENIZER_FILE, load_pretrained
     from ..training.data import load_tokenizer
     from ..training.distributed import resolve_device
 
-    if hasattr(saved, "load_pretrained"):
-        model, folder = saved.load_pretrained(checkpoint, device=resolve_device(device))
-    else:  # (until persistence's load_pretrained lands: the same in two calls)
-        folder = saved.resolve_checkpoint(checkpoint)
-        model = saved.from_pretrained(folder, device=resolve_device(device))
-    TOKENIZER_FILE = saved.TOKENIZER_FILE
+    model, folder = load_pretrained(checkpoint, device=resolve_device(device))
     tokenizer_file = Path(folder) / TOKENIZER_FILE
     tokenizer_file = tokenizer_file if tokenizer_file.exists() else None
     return model, load_tokenizer(tokenizer_file), tokenizer_file
