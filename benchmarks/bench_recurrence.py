@@ -56,7 +56,7 @@ def build(preset: str, changes: dict, setup: str) -> BlockRecurrentModel:
     model = BlockRecurrentModel(config)
     if setup == "read":
         for cell in model.cells:
-            cell.write = lambda view, keys, values: view.state  # the state kept as it is: no write at all
+            cell.write = lambda view, *block: view.state  # the state kept as it is: no write at all
     return model
 
 

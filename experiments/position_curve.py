@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from block_recurrent.inference.evaluation import curve_range
+from block_recurrent.inference.diagnostics import pool_ranges, range_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RANGES = [(0, 1024), (1024, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
+EDGES = [0, 1024, 4096, 8192, 16384, 32768]  # the ranges of docs/experiments/rec-xl-slide.md
 
 
 def load(path: Path, names: list[str]) -> dict[tuple[str, int], dict]:
@@ -33,22 +33,18 @@ def load(path: Path, names: list[str]) -> dict[tuple[str, int], dict]:
     return runs
 
 
-def label(begin: int, end: int) -> str:
-    return f"{begin // 1024}-{end // 1024} K"
-
-
 def tables(runs: dict[tuple[str, int], dict], names: list[str]) -> str:
     lines = ["| run | seed | steps | parameters | train s (threads) | held-out bits per byte |", "|---|---:|---:|---:|---:|---:|"]
     for (name, seed), r in sorted(runs.items(), key=lambda item: (names.index(item[0][0]), item[0][1])):
         lines.append(f"| {name} | {seed} | {r['steps']} | {r['parameters'] / 1e6:.2f} M | {r['train_s']:.0f} "
                      f"({r.get('threads', '?')}) | {r['held_out_bpb']:.4f} |")
-    lines += ["", "| run | seed | " + " | ".join(label(b, e) for b, e in RANGES) + " |",
-              "|---|---:|" + "---:|" * len(RANGES)]
+    first = pool_ranges(next(iter(runs.values()))["positions"], EDGES[:-1])  # (the last edge closes the table)
+    lines += ["", "| run | seed | " + " | ".join(range_label(b, e) for b, e, _, _ in first) + " |",
+              "|---|---:|" + "---:|" * len(first)]
     for (name, seed), r in sorted(runs.items(), key=lambda item: (names.index(item[0][0]), item[0][1])):
-        cells = [f"{curve_range(r['positions'], b, e)[0]:.3f}" for b, e in RANGES]
+        cells = [f"{bits:.3f}" for _, _, bits, _ in pool_ranges(r["positions"], EDGES[:-1])]
         lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
-    bytes_row = [f"{curve_range(next(iter(runs.values()))['positions'], b, e)[1]:,}" for b, e in RANGES]
-    lines.append("| bytes scored | | " + " | ".join(bytes_row) + " |")
+    lines.append("| bytes scored | | " + " | ".join(f"{n:,}" for _, _, _, n in first) + " |")
     return "\n".join(lines)
 
 

@@ -1,44 +1,42 @@
-"""Does a trained model use its recurrent state? Held-out bits per byte with the state carried, and with it reset
-to the learned initial state after every block (the XL memory is carried in both).
+"""Does a trained model use what it carries? Held-out bits per byte with the recurrent state and the XL memory
+carried, and with one or both dropped after every block (block_recurrent.inference.diagnostics).
 
     python experiments/state_ablation.py --checkpoint runs/brt
+    python experiments/state_ablation.py --checkpoint runs/long-docs/rec-8blocks-seed0 --documents package --drop state memory
 
-The record: docs/experiments/state-ablation.md.
+The record: docs/experiments/state-ablation.md, docs/experiments/2026-12-05-long-documents.md.
 
-Scores every held-out file of the built-in corpus from a fresh state (``evaluate_documents``, 16 side by side,
-bf16 autocast where native), twice: as trained, and with ``commit_block`` replaced by one that returns the
-learned initial state instead of the written one, so the tokens of every block read the same state whatever
-came before. The difference is what the state carries across blocks. Also reported by position in the file
-(bytes 0-1 K, 1-4 K, 4-16 K, 16-32 K, 32 K+): the state can only help where there is something before the
-attention window, and should help more the more there is.
+Scores every held-out document of the built-in corpus (files, or packages with ``--documents package``) from a
+fresh state (``evaluate_ablated``, 16 side by side, bf16 autocast where native): as trained, then for each
+``--drop``: "state" hands every block the learned initial state (the XL memory carried), "memory" invalidates every
+memory slot (the state carried), "both" runs every block alone. Also by position in the document, in log-spaced
+ranges to 1 MB: the state can only help where there is something before the attention window.
+(Until 2026-12-05 this script swapped ``commit_block``, which left the writes between blocks that run side by side
+in one call in place: its "reset" kept the state within evaluation segments of up to 1,024 tokens.)
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from contextlib import nullcontext
 
 import torch
 
-from block_recurrent.inference.evaluation import curve_range, evaluate_documents, position_curve
-from block_recurrent.model.state import ModelState
+from block_recurrent.inference.diagnostics import DROPS, evaluate_ablated, format_curves, log_curve, whole
 from block_recurrent.persistence.checkpoint import from_pretrained
+from block_recurrent.training.data import ByteTokenizer, TokenCorpus
+from block_recurrent.training.packages import source_documents, split_source
 from block_recurrent.training.precision import native_bf16
-from harness import held_out_documents
 
-BUCKET = 1024
-RANGES = [(0, 1), (1, 4), (4, 16), (16, 32), (32, None)]  # in buckets of 1 K
+NAMES = {None: "carried (as trained)", "state": "reset after every block", "memory": "memory dropped after every block",
+         "both": "both dropped after every block"}
 
 
-def score(model, docs, autocast) -> tuple[float, list[tuple[float, int]]]:
-    """(bits per byte over everything, per range of positions (bits per byte, bytes))."""
-    with autocast:
-        results = evaluate_documents(model, docs, bucket_size=BUCKET)
-    total = sum(r.loss_sum for r in results) / sum(r.tokens for r in results) / math.log(2)
-    curve = position_curve(results)
-    return total, [curve_range(curve, low * BUCKET, None if high is None else high * BUCKET) for low, high in RANGES]
+def held_out(data: str | None, documents: str) -> list[torch.Tensor]:
+    docs = source_documents(data, documents=documents)
+    corpus = TokenCorpus.from_documents(split_source(docs, documents)[1], ByteTokenizer())
+    return [torch.from_numpy(corpus.document(i).astype("int64")) for i in range(len(corpus))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,32 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="runs/brt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=None, help="a text file or folder instead of the built-in corpus")
+    parser.add_argument("--documents", choices=("file", "package"), default="file")
+    parser.add_argument("--drop", nargs="+", choices=DROPS, default=["state"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = from_pretrained(args.checkpoint).eval()
-    docs = held_out_documents(args.data)
+    docs = held_out(args.data, args.documents)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if native_bf16(torch.device("cpu")) else nullcontext()
 
-    began = time.perf_counter()
-    carried = score(model, docs, autocast)
-    commit = model.commit_block
-
-    def commit_without_state(state, views, caches):
-        after = commit(state, views, caches)
-        return ModelState(after.memories, (None,) * len(after.states))  # None: the learned initial state
-
-    model.commit_block = commit_without_state
-    reset = score(model, docs, autocast)
-    model.commit_block = commit
-
-    print(f"{args.checkpoint}: {len(docs)} held-out files, {sum(len(d) for d in docs)} bytes, "
+    began, rows = time.perf_counter(), {}
+    for drop in [None, *args.drop]:
+        with autocast:
+            results = evaluate_ablated(model, docs, drop, bucket_size=1024)
+        rows[NAMES[drop]] = (whole(results), log_curve(results))
+    print(f"{args.checkpoint}: {len(docs)} held-out documents, {sum(len(d) for d in docs)} bytes, "
           f"{time.perf_counter() - began:.0f} s\n")
-    header = " | ".join(f"bytes {low}-{high} K" if high else f"bytes {low} K+" for low, high in RANGES)
-    print(f"| state | whole split | {header} |")
-    print("|---|---:|" + "---:|" * len(RANGES))
-    for name, (total, ranges) in (("carried (as trained)", carried), ("reset after every block", reset)):
-        print(f"| {name} | {total:.4f} | " + " | ".join(f"{bpb:.4f}" for bpb, _ in ranges) + " |")
-    print("| bytes in range | | " + " | ".join(f"{n:,}" for _, n in carried[1]) + " |")
+    print(format_curves(rows))
 
 
 if __name__ == "__main__":

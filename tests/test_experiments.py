@@ -103,6 +103,27 @@ def test_default_recipe_then_position_curve_then_state_ablation(corpus, tmp_path
     assert rows[1].startswith("| carried (as trained) |") and rows[2].startswith("| reset after every block |")
 
 
+@pytest.mark.filterwarnings("ignore:data. left out")
+def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, capsys):
+    data = tmp_path / "packages"
+    for package in "abcdef":
+        (data / package).mkdir(parents=True)
+        for i in range(2):
+            (data / package / f"m{i}.py").write_text("".join(f"def {package}{j}(x):\n    return x + {i}\n" for j in range(40)))
+    ld, out = experiment("long_documents"), tmp_path / "out"
+    common = ["--data", str(data), "--out", str(out)]
+    ld.main(["measure", "--runs", "rec-8blocks", "xl-8blocks", "--rounds", "4", *common])
+    assert "| rec-8blocks | 0.90 M |" in capsys.readouterr().out
+    ld.main(["train", "--runs", "rec-8blocks", "xl-8blocks", "--max-steps", "2", *common])
+    ld.main(["diagnose", "--runs", "rec-8blocks", "--drop", "state", *common])
+    ld.main(["report", "--plot", str(tmp_path / "positions.png"), *common])
+    out_text = capsys.readouterr().out
+    assert "| rec-8blocks | 0 | 0.90 M | 2 |" in out_text and "| state dropped after every block |" in out_text
+    assert "| 2 | gate (lstm) |" in out_text and (tmp_path / "positions.png").exists()
+    experiment("document_lengths").main(["--data", str(data)])
+    assert "| held out | 1 |" in capsys.readouterr().out
+
+
 def test_harness_optimizer_takes_the_trainers_groups_and_the_recall_levers():
     import torch
 

@@ -1,0 +1,272 @@
+"""Rec against Transformer-XL and the sliding window on long documents (the built-in corpus's packages, each one
+document), at equal wall-clock: the paper's comparison in miniature.
+
+    python experiments/long_documents.py measure                       # step times side by side, one process
+    python experiments/long_documents.py train --runs rec-8blocks xl-8blocks --seeds 0 1 --budget 420 --jobs 2
+    python experiments/long_documents.py diagnose --runs rec-8blocks --seeds 0 --drop state memory
+    python experiments/long_documents.py report --plot docs/experiments/long_documents_positions.png
+
+The record: docs/experiments/2026-12-05-long-documents.md.
+
+Variants, all at the ``mini`` preset's width (128, 4 layers of 4 heads of 32, blocks of 16 bytes) and brt train's
+settings (AdamW at 3e-3, the state cells at 0.1x, the write replayed where a pass is one block, bf16 autocast):
+``rec`` (16 state vectors in layer 2, the LSTM gate +3), ``xl`` (the same model without recurrence: the previous
+block cached) and ``slide`` (no recurrence and no cache: each token sees exactly the 16 before it, and one layer
+more, as the paper's Slide:13 against 12). Shapes: ``1block`` (128 rows of one block per step, the segments of
+every recipe so far) and ``8blocks`` (16 rows of eight blocks: the state's gradient spans eight writes, as the
+paper's segments do); both read 2,048 bytes per step.
+
+1. ``measure`` times each variant's training step (the trainer's own ``train_step``) side by side in one process,
+   one thread, alternating, in CPU time, and writes runs/long-docs/step_times.json.
+2. ``train`` gives each run ``--budget`` CPU seconds: max_steps = budget / its step time, so that runs match in
+   wall-clock on a machine of equal load whatever other load there is while they run; each is then scored on the
+   held-out packages (whole split and by position in the document, log-spaced to 1 MB) and appended to
+   runs/long-docs/results.jsonl.
+3. ``diagnose`` scores trained runs with the state / the memory dropped after every block, and the keep values.
+4. ``report`` prints the tables and plots the per-position curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from harness import map_units
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "long-docs"
+
+VARIANTS = {
+    "rec": {},
+    "xl": dict(recurrent_layers=(), read_recurrent_layers=None),
+    "slide": dict(depth=5, recurrent_layers=(), read_recurrent_layers=None, attention_window="sliding"),
+}
+SHAPES = {"1block": (128, 1), "4blocks": (32, 4), "8blocks": (16, 8)}  # rows, blocks per segment
+BUCKET = 1024  # positions are scored in buckets of this many bytes, pooled into log-spaced ranges
+
+
+def configs(run: str, seed: int, steps: int, out: Path, data: str | None):
+    """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE")."""
+    from block_recurrent import BlockRecurrentConfig, TrainConfig
+
+    variant, shape = run.split("-")
+    rows, blocks = SHAPES[shape]
+    model = BlockRecurrentConfig.from_name("mini", max_seq_len=16 * blocks, **VARIANTS[variant])
+    train = TrainConfig(data=data, documents="package", batch_size=rows, max_steps=steps, seed=seed, bf16=True,
+                        out_dir=str(out / f"{run}-seed{seed}"), eval_every=0, checkpoint_every=0, sample_tokens=0,
+                        final_eval=False, progress=False, keep_last=1, log_every=50)
+    return model, train
+
+
+def held_out(data: str | None):
+    import torch
+
+    from block_recurrent.training.data import ByteTokenizer, TokenCorpus
+    from block_recurrent.training.packages import source_documents, split_source
+
+    corpus = TokenCorpus.from_documents(split_source(source_documents(data, documents="package"), "package")[1],
+                                        ByteTokenizer())
+    return [torch.from_numpy(corpus.document(i).astype("int64")) for i in range(len(corpus))]
+
+
+# 1. step times, side by side
+
+
+def measure(runs: list[str], rounds: int, data: str | None, out: Path) -> dict:
+    import torch
+
+    from block_recurrent.training.trainer import Trainer
+
+    torch.set_num_threads(1)
+    trainers = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for run in runs:
+            model, train = configs(run, 0, 10**6, Path(folder), data)
+            trainers[run] = Trainer(model, train)
+        times = {run: [] for run in runs}
+        for round_ in range(rounds):
+            for run, trainer in trainers.items():
+                began = time.process_time()
+                trainer.train_step()
+                if round_ >= 3:
+                    times[run].append(time.process_time() - began)
+        result = {}
+        for run, trainer in trainers.items():
+            spent = sorted(times[run])
+            result[run] = {"step_s": spent[len(spent) // 2], "parameters": trainer.model.num_parameters()}
+            trainer.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_times.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# 2. training at equal budgets, then the held-out score by position
+
+
+def train_one(unit: tuple) -> dict:
+    run, seed, steps, out, data = unit
+    import torch
+
+    from block_recurrent.inference.diagnostics import log_curve, whole
+    from block_recurrent.inference.evaluation import evaluate_documents, position_curve
+    from block_recurrent.persistence.checkpoint import from_pretrained
+    from block_recurrent.training.trainer import train
+
+    torch.set_num_threads(1)
+    model_config, config = configs(run, seed, steps, Path(out), data)
+    began, cpu = time.perf_counter(), time.process_time()
+    last = train(model_config, config)
+    trained, trained_cpu = time.perf_counter() - began, time.process_time() - cpu
+    model = from_pretrained(config.out_dir)
+    docs = held_out(data)
+    began = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (blocks side by side: brt eval's auto is bf16 here)
+        results = evaluate_documents(model, docs, bucket_size=BUCKET)
+    record = {"run": run, "seed": seed, "steps": last["step"], "train_s": round(trained, 1),
+              "train_cpu_s": round(trained_cpu, 1), "eval_s": round(time.perf_counter() - began, 1),
+              "train_bpb": last.get("bpb"), "held_out_bpb": whole(results), "parameters": model.num_parameters(),
+              "ranges": log_curve(results), "curve": position_curve(results), "documents": len(docs),
+              "bytes": sum(len(d) for d in docs)}
+    append(Path(out) / "results.jsonl", record)  # as soon as it is done: a later failure loses nothing
+    return record
+
+
+# 3. what the trained runs carry
+
+
+def diagnose_one(unit: tuple) -> dict:
+    run, seed, drops, out, data = unit
+    import torch
+
+    from block_recurrent.inference.diagnostics import evaluate_ablated, keep_values, log_curve, whole
+    from block_recurrent.persistence.checkpoint import from_pretrained
+
+    torch.set_num_threads(1)
+    model = from_pretrained(Path(out) / f"{run}-seed{seed}")
+    docs = held_out(data)
+    record = {"run": run, "seed": seed, "ablations": {}}
+    for drop in drops:
+        began = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results = evaluate_ablated(model, docs, drop, bucket_size=BUCKET)
+        record["ablations"][drop] = {"held_out_bpb": whole(results), "ranges": log_curve(results),
+                                     "eval_s": round(time.perf_counter() - began, 1)}
+    if model.config.recurrent_layers:
+        sample = [d[:16384] for d in docs]  # the first 16 K of every held-out package
+        record["keep"] = [{"layer": s.layer, "gate": s.gate, "kind": s.kind, "blocks": s.blocks,
+                           "keep": s.keep.tolist()} for s in keep_values(model, sample)]
+    append(Path(out) / "diagnostics.jsonl", record)
+    return record
+
+
+# 4. tables and plots
+
+
+def append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:  # one short line per append: runs side by side do not interleave
+        handle.write(json.dumps(record) + "\n")
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def report(out: Path, plot: str | None) -> str:
+    from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary, range_label
+
+    import torch
+
+    results = {(r["run"], r["seed"]): r for r in load(out / "results.jsonl")}  # a later run of the same wins
+    lines = ["| run | seed | parameters | steps | step ms (CPU, measured) | train s (wall) | held-out bits per byte |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    times = json.loads((out / "step_times.json").read_text()) if (out / "step_times.json").exists() else {}
+    for (run, seed), r in sorted(results.items()):
+        step = times.get(run, {}).get("step_s", float("nan")) * 1e3
+        lines.append(f"| {run} | {seed} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {step:.1f} | "
+                     f"{r['train_s']:.0f} | {r['held_out_bpb']:.4f} |")
+    lines += ["", format_curves({f"{run} seed {seed}": (r["held_out_bpb"], [tuple(x) for x in r["ranges"]])
+                                 for (run, seed), r in sorted(results.items())})]
+    for d in load(out / "diagnostics.jsonl"):
+        base = results.get((d["run"], d["seed"]))
+        rows = {} if base is None else {"carried (as trained)": (base["held_out_bpb"], [tuple(x) for x in base["ranges"]])}
+        for drop, a in d["ablations"].items():
+            rows[f"{drop} dropped after every block"] = (a["held_out_bpb"], [tuple(x) for x in a["ranges"]])
+        lines += ["", f"{d['run']} seed {d['seed']}:", "", format_curves(rows)]
+        if d.get("keep"):
+            summaries = [KeepSummary(k["layer"], k["gate"], k["kind"], torch.tensor(k["keep"], dtype=torch.float64),
+                                     k["blocks"]) for k in d["keep"]]
+            lines += ["", format_keep(summaries)]
+    if plot and results:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        colours = {}
+        for (run, seed), r in sorted(results.items()):
+            colour = colours.setdefault(run, f"C{len(colours)}")
+            ranges = [tuple(x) for x in r["ranges"]]
+            xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]  # range middles, log scale
+            axes.plot(xs, [bits for _, _, bits, _ in ranges], color=colour, marker="o", markersize=3,
+                      linestyle="-" if seed == 0 else "--", label=f"{run} seed {seed}")
+        axes.set_xscale("log")
+        ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
+        axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
+        axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
+        axes.set_ylabel("held-out bits per byte")
+        axes.legend(fontsize=7, ncol=2)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(plot, dpi=120)
+        lines += ["", f"wrote {plot}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("measure", "train", "diagnose", "report"))
+    runs = [f"{v}-{s}" for s in SHAPES for v in VARIANTS]
+    parser.add_argument("--runs", nargs="+", choices=runs, default=[r for r in runs if "4blocks" not in r])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budget", type=float, default=420.0, help="CPU seconds of training per run")
+    parser.add_argument("--rounds", type=int, default=15, help="measure: steps per run (the first 3 not counted)")
+    parser.add_argument("--max-steps", type=int, default=None, help="instead of the budget (to check the script)")
+    parser.add_argument("--drop", nargs="+", choices=("state", "memory", "both"), default=["state", "memory"])
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--data", default=None, help="a folder of packages instead of the built-in corpus")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+
+    if args.command == "measure":
+        result = measure(args.runs, args.rounds, args.data, out)
+        print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
+        for run, r in result.items():
+            xl = result.get("xl-" + run.split("-")[1], r)
+            print(f"| {run} | {r['parameters'] / 1e6:.2f} M | {r['step_s'] * 1e3:.1f} | {r['step_s'] / xl['step_s']:.3f} |")
+    elif args.command == "train":
+        times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
+        units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data)
+                 for seed in args.seeds for run in args.runs]
+        print("steps: " + ", ".join(f"{run} seed {seed}: {steps}" for run, seed, steps, _, _ in units), flush=True)
+        for result in map_units(train_one, units, args.jobs, start="spawn"):
+            print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "
+                  f"held-out {result['held_out_bpb']:.4f}", flush=True)
+    elif args.command == "diagnose":
+        units = [(run, seed, args.drop, str(out), args.data) for seed in args.seeds for run in args.runs]
+        for record in map_units(diagnose_one, units, args.jobs, start="spawn"):
+            print(f"{record['run']} seed {record['seed']}: " + ", ".join(
+                f"{drop} dropped {a['held_out_bpb']:.4f}" for drop, a in record["ablations"].items()), flush=True)
+    else:
+        print(report(out, args.plot))
+
+
+if __name__ == "__main__":
+    main()
