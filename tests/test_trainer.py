@@ -365,8 +365,8 @@ def test_state_lr_scale_moves_the_state_cells_at_that_multiple_of_the_learning_r
     losses_of(frozen, 2)
     for name, p in frozen.model.named_parameters():
         assert torch.equal(p, before[name]) == (".cell." in name), name
-    assert sorted(g["lr"] for g in frozen.optimizer.param_groups) == [0.0, 0.0, lr_at(frozen.config, 1),
-                                                                       lr_at(frozen.config, 1)]
+    assert sorted(g["lr"] for g in frozen.optimizer.param_groups) == [0.0, 0.0, lr_at(frozen.train_config, 1),
+                                                                       lr_at(frozen.train_config, 1)]
     assert sum(len(g["params"]) for g in frozen.optimizer.param_groups if g["lr_scale"] == 0.0) == len(
         list(cell.parameters()))
     plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain"), state_lr_scale=1.0))

@@ -26,6 +26,11 @@ from .inputs import as_batch, check_model
 
 
 
+def bits_per_byte(loss: float, bytes_per_token: float = 1.0) -> float:
+    """A loss in nats per token as bits per byte of text."""
+    return loss / math.log(2) / bytes_per_token
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Scores of next-token prediction over one or more documents (natural-log losses)."""
@@ -47,8 +52,7 @@ class EvalResult:
         if tokens == 0:
             raise ValueError("no token was scored: give documents of at least 2 tokens")
         loss = loss_sum / tokens
-        bits = loss / math.log(2)
-        return cls(loss_sum, tokens, loss, bits, bits / bytes_per_token, buckets)
+        return cls(loss_sum, tokens, loss, bits_per_byte(loss), bits_per_byte(loss, bytes_per_token), buckets)
 
 
 def _check_tokens(model, tokens) -> Tensor:

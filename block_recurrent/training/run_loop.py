@@ -3,7 +3,6 @@ schedule, checkpoints, and Ctrl-C (finish the step in flight, save, stop)."""
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading
@@ -13,12 +12,12 @@ from typing import Any
 
 import torch
 
+from ..inference.evaluation import bits_per_byte
 from .loggers import open_loggers
 from ..persistence.storage import replace_file
 from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, plot_metrics
 from .run_config import write_run_file
 
-LN2 = math.log(2)
 
 
 class RunLoop:
@@ -78,7 +77,7 @@ class RunLoop:
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        t, config = self.trainer, self.trainer.config
+        t, config = self.trainer, self.trainer.train_config
         if t.is_main:
             self._truncate_metrics(t.step)  # a resumed run forgets what was logged after its checkpoint
             write_run_file(t.out_dir, t.model_config, config)  # run.toml: `brt train --config` repeats the run
@@ -111,7 +110,7 @@ class RunLoop:
                 if t.step % config.log_every == 0 or t.step == config.max_steps:
                     rate = tokens_since / max(now - tick, 1e-9)
                     loss = interval_loss / max(interval_tokens, 1)
-                    bpb = loss / LN2 / t.train_corpus.bytes_per_token
+                    bpb = bits_per_byte(loss, t.train_corpus.bytes_per_token)
                     tokens_since, tick, interval_loss, interval_tokens = 0, now, 0.0, 0
                     last = {"step": t.step, **metrics, "loss": loss, "bpb": bpb, "tokens_per_s": rate,
                             "tokens_seen": t.tokens_seen, "elapsed_s": round(self.elapsed, 2)}
@@ -154,12 +153,12 @@ class RunLoop:
         result = t.validate()
         record = {"step": t.step, **result}
         message = f"step {t.step}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte"
-        if t.is_main and t.config.sample_tokens:
-            prompt, continuation = t.sample()
+        if t.is_main and t.train_config.sample_tokens:
+            prompt, continuation = t.sample_text()
             record["sample"] = {"prompt": prompt, "continuation": continuation}
             message += f"\n--- sample ---\n{prompt}\033[1m{continuation}\033[0m\n--------------"
         self.log(record)
-        if t.is_main and t.config.progress:
+        if t.is_main and t.train_config.progress:
             bar.write(message)
         return result
 

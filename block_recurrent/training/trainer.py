@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
+from ..inference.evaluation import bits_per_byte
 from ..model.config import BlockRecurrentConfig
 from ..model.model import BlockRecurrentModel
 from ..model.state import ModelState, carry_from_tensors, carry_to_tensors
@@ -46,7 +47,7 @@ from .checkpointing import (
     resume_configs,
 )
 from .data import (
-    BATCHERS, TokenCorpus, gzip_bits_per_byte, load_documents, load_tokenizer, path_documents, split_documents,
+    BATCHERS, TokenCorpus, gzip_bits_per_byte, load_tokenizer,
 )
 from .distributed import Distributed, resolve_device
 from .packages import source_documents, split_source
@@ -59,7 +60,6 @@ from .validation import evaluate_corpus
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "lr_at", "parameter_groups", "resume", "resume_configs",
            "train"]
 
-LN2 = math.log(2)
 
 
 def fused_adamw_supported(device: torch.device) -> bool:
@@ -109,7 +109,7 @@ class Trainer:
                                            model_config.blocks_side_by_side)
         if config.compile and self.device.type != "cuda":
             raise ValueError("compile is for CUDA devices; this run is on the CPU (leave it off)")
-        self.model_config, self.config = model_config, config
+        self.model_config, self.train_config = model_config, config
         self.out_dir = Path(config.out_dir)
         self.is_main = self.dist.rank == 0
 
@@ -197,7 +197,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over batch_size * grad_accum rows per rank; returns its metrics."""
-        config, ignore = self.config, self.model_config.ignore_index
+        config, ignore = self.train_config, self.model_config.ignore_index
         lr = lr_at(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -209,14 +209,14 @@ class Trainer:
         total = int(self.dist.all_reduce(torch.tensor([sum(counts)], dtype=torch.float64)).item())
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
+        carries_documents = config.mode == "stream"  # rows continue their documents from the last step
         for m, b in enumerate(micro):
-            stream = config.mode == "stream"
             with self._autocast():
                 result = self.wrapper.forward_backward(
-                    b.inputs.to(self.device), labels=b.labels.to(self.device), state=self.carry[m] if stream else None,
+                    b.inputs.to(self.device), labels=b.labels.to(self.device), state=self.carry[m] if carries_documents else None,
                     reset=b.reset.to(self.device), backward_every=config.backward_every,
                     loss_scale=self.dist.world_size * counts[m] / max(total, 1),
-                    replay_write=self.replay_write, written_from=self.written_from[m] if stream else None,
+                    replay_write=self.replay_write, written_from=self.written_from[m] if carries_documents else None,
                 )
             self.carry[m], self.written_from[m] = result.state, result.written_from
             loss_sum += float(result.loss) * result.tokens
@@ -232,7 +232,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.tokens_seen += total
-        return {"loss": loss, "bpb": loss / LN2 / self.train_corpus.bytes_per_token, "lr": lr,
+        return {"loss": loss, "bpb": bits_per_byte(loss, self.train_corpus.bytes_per_token), "lr": lr,
                 "grad_norm": grad_norm, "tokens": total}
 
     def _all_reduce_gradients(self) -> None:
@@ -252,7 +252,7 @@ class Trainer:
         """Streaming loss over the held-out documents (each from a fresh state), split across ranks: the same
         sample of every file each time (``eval_tokens`` shared by the files), or with ``whole`` every token."""
         with self._autocast(self.eval_bf16):
-            result = evaluate_corpus(self.model, self.val_corpus, max_tokens=None if whole else self.config.eval_tokens,
+            result = evaluate_corpus(self.model, self.val_corpus, max_tokens=None if whole else self.train_config.eval_tokens,
                                      distributed=self.dist, spread=True)
         prefix = "held_out_" if whole else "val_"
         return {f"{prefix}{k}": v for k, v in result.items() if k != "documents"}
@@ -261,14 +261,14 @@ class Trainer:
         """gzip -9's bits per byte on the held-out documents, each compressed alone, as the model reads them."""
         return gzip_bits_per_byte(self.val_documents)
 
-    def sample(self, prompt_tokens: int = 64) -> tuple[str, str]:
+    def sample_text(self, prompt_tokens: int = 64) -> tuple[str, str]:
         """(prompt, continuation): the start of the first held-out document, continued by the model."""
         from ..inference.generation import generate
 
         prompt = torch.from_numpy(self.val_corpus.document(0)[:prompt_tokens].astype("int64"))
-        generator = torch.Generator(self.device).manual_seed(self.config.seed + self.step)  # not the global RNG
+        generator = torch.Generator(self.device).manual_seed(self.train_config.seed + self.step)  # not the global RNG
         with self._autocast():
-            new = generate(self.model, prompt[None].to(self.device), self.config.sample_tokens,
+            new = generate(self.model, prompt[None].to(self.device), self.train_config.sample_tokens,
                            temperature=0.8, top_k=50, generator=generator)
         return self.tokenizer.decode(prompt.tolist()), self.tokenizer.decode(new[0].tolist())
 
@@ -280,7 +280,7 @@ class Trainer:
         Global row g = rank * (batch_size * grad_accum) + micro * batch_size + row, as the data streams number
         them, so a checkpoint can be resumed with another split of the same rows into ranks and micro-batches.
         """
-        if self.config.mode != "stream" or any(state is None for state in self.carry):
+        if self.train_config.mode != "stream" or any(state is None for state in self.carry):
             return {}
         initial = self.model.initial_states()
         per_micro = [carry_to_tensors(state, written if self.replay_write else None, initial)
@@ -315,13 +315,13 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         trainer = {
-            "train_config": self.config.to_dict(), "tokens_seen": self.tokens_seen,
+            "train_config": self.train_config.to_dict(), "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed if elapsed is None else elapsed, "world_size": self.dist.world_size,
             "data": data, "data_source": self.data_source, "tokenizer": self.tokenizer.describe(),
         }
         return save_training_checkpoint(
             self.out_dir, self.step, model=self.model, optimizer=self.optimizer, trainer=trainer, tensors=tensors,
-            keep_last=self.config.keep_last, tokenizer_file=self.config.tokenizer,
+            keep_last=self.train_config.keep_last, tokenizer_file=self.train_config.tokenizer,
         )
 
     def restore(self, saved: TrainingCheckpoint | str | Path) -> None:
@@ -329,7 +329,7 @@ class Trainer:
         if not isinstance(saved, TrainingCheckpoint):
             saved = load_training_checkpoint(saved)
         check_record(saved)
-        check_same_run(saved, self.model_config, self.config, self.data_source)
+        check_same_run(saved, self.model_config, self.train_config, self.data_source)
         self.run.set_aside(saved.passed_over)  # so that the run's newest step folder is a readable one again
         load_state(self.model, saved.weights, saved.path / WEIGHTS_FILE)
         optimizer_from_tensors(self.optimizer, saved.optimizer)
@@ -337,13 +337,13 @@ class Trainer:
         self.elapsed = float(saved.trainer.get("elapsed_s", 0.0))
 
         # this rank's rows of the global data positions and carried states
-        batcher, rows = self.batcher, self.config.batch_size
+        batcher, rows = self.batcher, self.train_config.batch_size
         if len(saved.trainer["data"].get("positions", ())) not in (0, batcher.total_rows):
             raise CheckpointError(f"the checkpoint streams {len(saved.trainer['data']['positions'])} rows; this run "
                                   f"has {batcher.total_rows} (batch_size * grad_accum * ranks must match)")
         try:
             batcher.load_state_dict(rank_data_state(saved, batcher.row_offset, batcher.rows))
-            for m in range(self.config.grad_accum):
+            for m in range(self.train_config.grad_accum):
                 start = batcher.row_offset + m * rows
                 state, written = carry_from_tensors(saved.tensors, self.model_config, torch.arange(start, start + rows),
                                                     batcher.total_rows)
