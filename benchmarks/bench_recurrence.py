@@ -4,6 +4,8 @@ replayed write.
 
     python benchmarks/bench_recurrence.py                       # every shape, one thread, 12 rounds
     python benchmarks/bench_recurrence.py --shapes mini --profile   # and torch.profiler's top operators
+    git archive 8d768d5 block_recurrent | tar -x -C /tmp/before    # an older tree, to compare with:
+    python benchmarks/bench_recurrence.py --baseline /tmp/before    # its steps alternate with this tree's
 
 A step is what the trainer does: truncated back-propagation over the segment (``forward_backward``; the write
 replayed where each backward pass is one block, as ``brt train`` does), gradient clipping, fused AdamW, under bf16
@@ -17,25 +19,30 @@ the machine hits them alike), and the median of each is reported:
 - ``rec``: the recurrent model as trained (with the replay where the trainer replays);
 - differences: read = read - xl, write = write - read, replay = rec - write.
 
+With ``--baseline DIR`` (a folder holding another ``block_recurrent`` tree) the xl and rec set-ups of that tree
+alternate with this tree's in the same process, for a before/after table that the machine's load hits alike.
+
 The record: docs/experiments/2026-12-05-long-documents.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, SegmentRunner  # noqa: E402
 from block_recurrent.training.precision import native_bf16  # noqa: E402
-from block_recurrent.training.segments import passes_one_block  # noqa: E402
-from block_recurrent.training.trainer import fused_adamw_supported, parameter_groups  # noqa: E402
+from block_recurrent.training.trainer import fused_adamw_supported  # noqa: E402
 
 # shape: (preset, model changes, rows, whether the trainer replays the write)
 SHAPES = {
@@ -48,12 +55,31 @@ SHAPES = {
 SETUPS = ("xl", "read", "write", "rec")
 
 
-def build(preset: str, changes: dict, setup: str) -> BlockRecurrentModel:
+def load_tree(package: str) -> SimpleNamespace:
+    """What a step needs from a ``block_recurrent`` tree importable as ``package``."""
+    module = lambda name: importlib.import_module(f"{package}.{name}")
+    return SimpleNamespace(
+        Config=module("model.config").BlockRecurrentConfig, Model=module("model.model").BlockRecurrentModel,
+        SegmentRunner=module("training.segments").SegmentRunner,
+        passes_one_block=module("training.segments").passes_one_block,
+        parameter_groups=module("training.trainer").parameter_groups,
+    )
+
+
+def baseline_tree(folder: str, into: Path) -> SimpleNamespace:
+    """The tree in ``folder``/block_recurrent, copied as the package ``block_recurrent_baseline`` (its modules
+    import each other relatively, so the copy runs its own code beside this tree's)."""
+    shutil.copytree(Path(folder) / "block_recurrent", into / "block_recurrent_baseline")
+    sys.path.insert(0, str(into))
+    return load_tree("block_recurrent_baseline")
+
+
+def build(tree: SimpleNamespace, preset: str, changes: dict, setup: str):
     torch.manual_seed(0)
-    config = BlockRecurrentConfig.from_name(preset, **changes)
+    config = tree.Config.from_name(preset, **changes)
     if setup == "xl":
         config = config.replace(recurrent_layers=(), read_recurrent_layers=None)
-    model = BlockRecurrentModel(config)
+    model = tree.Model(config)
     if setup == "read":
         for cell in model.cells:
             cell.write = lambda view, *block: view.state  # the state kept as it is: no write at all
@@ -63,12 +89,12 @@ def build(preset: str, changes: dict, setup: str) -> BlockRecurrentModel:
 class Setup:
     """One model with its optimiser and carried state, stepping on the same tokens."""
 
-    def __init__(self, preset: str, changes: dict, rows: int, replay: bool, setup: str):
-        self.model = build(preset, changes, setup)
+    def __init__(self, tree: SimpleNamespace, preset: str, changes: dict, rows: int, replay: bool, setup: str):
+        self.model = build(tree, preset, changes, setup)
         config = self.model.config
-        self.replay = replay and setup == "rec" and passes_one_block(config, 1)
-        self.runner = SegmentRunner(self.model)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.1, 0.1), lr=1e-3,
+        self.replay = replay and setup == "rec" and tree.passes_one_block(config, 1)
+        self.runner = tree.SegmentRunner(self.model)
+        self.optimizer = torch.optim.AdamW(tree.parameter_groups(self.model, 0.1, 0.1), lr=1e-3,
                                            fused=fused_adamw_supported(torch.device("cpu")))
         generator = torch.Generator().manual_seed(0)
         self.tokens = torch.randint(0, 256, (rows, config.max_seq_len + 1), generator=generator)
@@ -111,32 +137,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: where native, as brt train)")
     parser.add_argument("--profile", action="store_true", help="also print the Rec step's top operators")
+    parser.add_argument("--baseline", default=None, help="a folder holding another block_recurrent tree: before/after")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bf16 = native_bf16(torch.device("cpu")) if args.bf16 is None else args.bf16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    trees = {"": load_tree("block_recurrent")}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.baseline is not None:
+            trees = {"before": baseline_tree(args.baseline, Path(folder)), "after": trees[""]}
+        run(args, trees, autocast, bf16)
 
+
+def run(args, trees: dict, autocast, bf16: bool) -> None:
+    # with a baseline only xl and rec: the breakdown's set-ups would double the time
+    setups_of = SETUPS if len(trees) == 1 else ("xl", "rec")
     print(f"training step (CPU time), {args.threads} thread(s), bf16 {bf16}, median of {args.rounds - 2} steps per "
           f"set-up, set-ups alternating\n")
-    print("| shape | rows x tokens | xl ms | rec ms | rec / xl | read ms | write ms | replay ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    if len(trees) == 1:
+        print("| shape | rows x tokens | xl ms | rec ms | rec / xl | read ms | write ms | replay ms |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| shape | rows x tokens | " + " | ".join(f"{t} xl ms | {t} rec ms | {t} rec / xl" for t in trees) + " |")
+        print("|---|---|" + "---:|---:|---:|" * len(trees))
     for shape in args.shapes:
         preset, changes, rows, replay = SHAPES[shape]
-        setups = {name: Setup(preset, changes, rows, replay, name) for name in SETUPS}
-        times = {name: [] for name in SETUPS}
+        setups = {(tree, name): Setup(trees[tree], preset, changes, rows, replay, name)
+                  for tree in trees for name in setups_of}
+        times = {key: [] for key in setups}
         for round_ in range(args.rounds):
-            for name, setup in setups.items():
+            for key, setup in setups.items():
                 spent = setup.step(autocast)
                 if round_ >= 2:
-                    times[name].append(spent)
-        ms = {name: median(spent) * 1e3 for name, spent in times.items()}
-        length = setups["xl"].model.config.max_seq_len
-        print(f"| {shape} | {rows} x {length} | {ms['xl']:.1f} | {ms['rec']:.1f} | {ms['rec'] / ms['xl']:.3f} | "
-              f"{ms['read'] - ms['xl']:.1f} | {ms['write'] - ms['read']:.1f} | "
-              f"{ms['rec'] - ms['write']:.1f} |", flush=True)
+                    times[key].append(spent)
+        ms = {key: median(spent) * 1e3 for key, spent in times.items()}
+        length = next(iter(setups.values())).model.config.max_seq_len
+        if len(trees) == 1:
+            ms = {name: ms["", name] for name in SETUPS}
+            print(f"| {shape} | {rows} x {length} | {ms['xl']:.1f} | {ms['rec']:.1f} | {ms['rec'] / ms['xl']:.3f} | "
+                  f"{ms['read'] - ms['xl']:.1f} | {ms['write'] - ms['read']:.1f} | "
+                  f"{ms['rec'] - ms['write']:.1f} |", flush=True)
+        else:
+            print(f"| {shape} | {rows} x {length} | " + " | ".join(
+                f"{ms[t, 'xl']:.1f} | {ms[t, 'rec']:.1f} | {ms[t, 'rec'] / ms[t, 'xl']:.3f}" for t in trees) + " |",
+                flush=True)
         if args.profile:
-            profile(setups["rec"], autocast)
-
+            profile(setups[next(iter(trees)), "rec"], autocast)
 
 if __name__ == "__main__":
     main()
