@@ -193,7 +193,9 @@ def report(out: Path, plot: str | None) -> str:
                                  for (run, seed), r in sorted(results.items())})]
     for d in load(out / "diagnostics.jsonl"):
         base = results.get((d["run"], d["seed"]))
-        rows = {} if base is None else {"carried (as trained)": (base["held_out_bpb"], [tuple(x) for x in base["ranges"]])}
+        rows = {}
+        if base is not None:
+            rows["carried (as trained)"] = (base["held_out_bpb"], [tuple(x) for x in base["ranges"]])
         for drop, a in d["ablations"].items():
             rows[f"{drop} dropped after every block"] = (a["held_out_bpb"], [tuple(x) for x in a["ranges"]])
         lines += ["", f"{d['run']} seed {d['seed']}:", "", format_curves(rows)]
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
             xl = result.get("xl-" + run.split("-")[1], r)
-            print(f"| {run} | {r['parameters'] / 1e6:.2f} M | {r['step_s'] * 1e3:.1f} | {r['step_s'] / xl['step_s']:.3f} |")
+            print(f"| {run} | {r['parameters'] / 1e6:.2f} M | {r['step_s'] * 1e3:.1f} | "
+                  f"{r['step_s'] / xl['step_s']:.3f} |")
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
         units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data)

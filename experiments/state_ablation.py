@@ -2,7 +2,8 @@
 carried, and with one or both dropped after every block (block_recurrent.inference.diagnostics).
 
     python experiments/state_ablation.py --checkpoint runs/brt
-    python experiments/state_ablation.py --checkpoint runs/long-docs/rec-8blocks-seed0 --documents package --drop state memory
+    python experiments/state_ablation.py --checkpoint runs/long-docs/rec-8blocks-seed0 --documents package \
+        --drop state memory
 
 The record: docs/experiments/state-ablation.md, docs/experiments/2026-12-05-long-documents.md.
 

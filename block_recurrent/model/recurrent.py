@@ -129,7 +129,8 @@ def attend_state(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor)
     q = attn.prepare_laid_out_queries(queries)  # (B, N, H, dh)
     v = split_kv_heads(values, K)  # (B, K, J, dh)
     if K == 1:
-        return attend(q.reshape(B, 1, N * H, dh), keys, v, scale=1.0, implementation=attn.implementation).view(B, N, H, dh)
+        out = attend(q.reshape(B, 1, N * H, dh), keys, v, scale=1.0, implementation=attn.implementation)
+        return out.view(B, N, H, dh)
     out = attend(q.transpose(1, 2), keys, v, scale=1.0, implementation=attn.implementation)  # (B, H, N, dh)
     return out.transpose(1, 2)
 

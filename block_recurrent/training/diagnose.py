@@ -88,7 +88,8 @@ def run_eval_diagnostics(args: argparse.Namespace, model, corpus, autocast) -> i
             results = evaluate_ablated(model, docs, drop, batch_size=args.batch_size,
                                        bytes_per_token=corpus.bytes_per_token, bucket_size=1024)
         name = "carried (as trained)" if drop is None else f"{drop} dropped after every block"
-        rows[name] = (whole(results, corpus.bytes_per_token), log_curve(results, bytes_per_token=corpus.bytes_per_token))
+        per_token = corpus.bytes_per_token
+        rows[name] = (whole(results, per_token), log_curve(results, bytes_per_token=per_token))
     print(f"bits per byte over {sum(len(d) for d in docs)} tokens of {len(docs)} documents, whole and by position:\n")
     print(format_curves(rows))
     return 0
