@@ -209,23 +209,53 @@ def report(out: Path, plot: str | None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(8, 4.5))
-        colours = {}
-        for (run, seed), r in sorted(results.items()):
-            colour = colours.setdefault(run, f"C{len(colours)}")
-            ranges = [tuple(x) for x in r["ranges"]]
-            xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]  # range middles, log scale
-            axes.plot(xs, [bits for _, _, bits, _ in ranges], color=colour, marker="o", markersize=3,
-                      linestyle="-" if seed == 0 else "--", label=f"{run} seed {seed}")
-        axes.set_xscale("log")
-        ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
-        axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
-        axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
-        axes.set_ylabel("held-out bits per byte")
-        axes.legend(fontsize=7, ncol=2)
-        axes.grid(alpha=0.3)
+        shapes = sorted({run.split("-")[1] for run, _ in results}, key=list(SHAPES).index)
+        figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
+        colours = {variant: f"C{i}" for i, variant in enumerate(VARIANTS)}
+        for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, seed 1 dashed
+            for (run, seed), r in sorted(results.items()):
+                if run.split("-")[1] != shape:
+                    continue
+                ranges = [tuple(x) for x in r["ranges"]]
+                xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]  # range middles
+                axes.plot(xs, [bits for _, _, bits, _ in ranges], color=colours[run.split("-")[0]], marker="o",
+                          markersize=3, linestyle="-" if seed == 0 else "--", label=f"{run.split('-')[0]} seed {seed}")
+            axes.set_xscale("log")
+            ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
+            axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
+            axes.set_title(f"{shape} per segment")
+            axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=7)
+        panels[0][0].set_ylabel("held-out bits per byte")
         figure.tight_layout()
         figure.savefig(plot, dpi=120)
+
+        # the same, as the difference from XL of the same shape and seed (below 0: better than XL)
+        figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
+        for axes, shape in zip(panels[0], shapes):
+            for (run, seed), r in sorted(results.items()):
+                variant = run.split("-")[0]
+                xl = results.get((f"xl-{shape}", seed))
+                if run.split("-")[1] != shape or variant == "xl" or xl is None:
+                    continue
+                base = {(b, e): bits for b, e, bits, _ in [tuple(x) for x in xl["ranges"]]}
+                ranges = [tuple(x) for x in r["ranges"] if (x[0], x[1]) in base]
+                xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]
+                axes.plot(xs, [bits - base[(b, e)] for b, e, bits, _ in ranges], color=colours[variant], marker="o",
+                          markersize=3, linestyle="-" if seed == 0 else "--", label=f"{variant} - xl, seed {seed}")
+            axes.axhline(0, color="black", linewidth=0.8)
+            axes.set_xscale("log")
+            axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
+            axes.set_title(f"{shape} per segment")
+            axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=7)
+        panels[0][0].set_ylabel("bits per byte minus XL's (same shape and seed)")
+        figure.tight_layout()
+        gap = str(Path(plot).with_name(Path(plot).stem + "_against_xl" + Path(plot).suffix))
+        figure.savefig(gap, dpi=120)
+        lines += ["", f"wrote {gap}"]
         lines += ["", f"wrote {plot}"]
     return "\n".join(lines)
 
