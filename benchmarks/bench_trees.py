@@ -97,12 +97,14 @@ def main() -> None:
     trees = [str(Path(tree).resolve()) for tree in args.trees]
     results = {(tree, what): [] for tree in trees for what in MEASURES}
     started = time.perf_counter()
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for what in MEASURES:
             for tree in trees:
                 out = subprocess.run([sys.executable, __file__, "--worker", tree, what], check=True,
                                      capture_output=True, text=True, cwd="/")
                 results[(tree, what)].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+                print(f"round {round_ + 1} {what} {tree}: {results[(tree, what)][-1]:.0f} tokens/s", file=sys.stderr,
+                      flush=True)  # a long run shows its progress, and an interrupted one what it had
     print(f"{args.rounds} rounds in {time.perf_counter() - started:.0f} s; median tokens/s (each round's value)\n")
     print(f"| what | {args.trees[0]} | {args.trees[1]} | ratio |")
     print("|---|---:|---:|---:|")
