@@ -238,17 +238,16 @@ def generate(
     ``torch.inference_mode`` and CUDA autocast. The cost per new token is one token's pass against at most
     the memory plus one block, so it does not grow with the output's length.
     """
-    options = SamplingOptions(temperature, top_k, top_p, eos_token, generator)
-    prompt, state = _checked(model, prompt, max_new_tokens, options, state, compile)
-    ragged = isinstance(prompt, list)
-    final: list = []
-    tokens = list(_decode_loop(model, prompt, max_new_tokens, options, state, final, compile))
-    B = len(prompt) if ragged else prompt.shape[0]
+    tokens = stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_token=eos_token, generator=generator, state=state, compile=compile)
+    new = list(tokens)
+    ragged = isinstance(prompt, (list, tuple))
     first = prompt[0] if ragged else prompt
-    out = torch.stack(tokens, dim=1) if tokens else first.new_empty((B, 0))  # (B, new)
+    B = len(prompt) if ragged else (1 if first.ndim == 1 else first.shape[0])
+    out = torch.stack(new, dim=1) if new else first.new_empty((B, 0))  # (B, new)
     if ragged:
         out = [_until_end(row, eos_token) for row in out]
-    return (out, final[0]) if return_state else out
+    return (out, tokens.state) if return_state else out
 
 
 def _until_end(tokens: Tensor, eos_token: int | None) -> Tensor:
