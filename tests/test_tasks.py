@@ -319,3 +319,11 @@ def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
          "--samples", "2", "--jobs", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, timeout=120).stdout
     assert "rec seed 0" in out and "xl seed 0" in out and (tmp_path / "results.json").exists()
+
+
+def test_task_seeds_take_the_range_every_command_takes():
+    from block_recurrent.tasks.tuning import TuneConfig
+
+    TuneConfig(seed=2**63 - 1)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 9223372036854775807\]"):
+        TuneConfig(seed=2**63)

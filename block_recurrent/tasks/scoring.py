@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..model.checks import check_float, check_int
 from ..model.model import BlockRecurrentModel
+from ..training.train_config import check_seed
 from .text import TaskBatch, TextTask, answer_correct, collate
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -141,7 +142,7 @@ def score(
                         np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64))
     grid = np.asarray(depths)
     for j, distance in enumerate(distances):
-        check_int("seed", seed, 0)
+        check_seed("seed", seed)
         rng = np.random.default_rng([seed, distance])  # the same examples at a distance, whatever the others
         examples = [task.example(distance, rng, depths[i % len(depths)] if task.fixed_depth else None, segment_len)
                     for i in range(samples)]

@@ -21,7 +21,7 @@ import torch
 from ..model.checks import check_choice, check_float, check_int
 from ..model.model import BlockRecurrentModel
 from ..training.segments import SegmentRunner, passes_one_block
-from ..training.train_config import lr_at
+from ..training.train_config import check_seed, lr_at
 from .text import TextTask, collate
 
 
@@ -54,8 +54,9 @@ class TuneConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):
             check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "min_distance", "curriculum_steps", "backward_every", "seed"):
+        for name in ("warmup_steps", "min_distance", "curriculum_steps", "backward_every"):
             check_int(name, getattr(self, name), 0)
+        check_seed("seed", self.seed)  # the range every other command takes
         check_int("max_distance", self.max_distance, self.min_distance)
         check_float("lr", self.lr, 0.0, open_low=True)
         check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
