@@ -30,7 +30,7 @@ from .training.diagnose import (
     add_document_options, add_eval_diagnostics, add_inspect_command, load_documents_for, run_eval_diagnostics,
     run_inspect,
 )
-from .training.train_config import RECIPES, recipe
+from .training.train_config import RECIPES, finite_number, recipe
 
 DEFAULT_PRESET = RECIPES["default"]["preset"]
 
@@ -89,16 +89,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"brt: error: {message} (see {self.prog} --help)\n")
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; unset options keep the config's defaults (or the resumed run's)."""
     from .training.train_config import TrainConfig
@@ -113,7 +103,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool) or "bool" in str(field.type):  # bool, or bool | None (None: auto)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = str if default is None else _finite_float if isinstance(default, float) else type(default)
+            kind = str if default is None else finite_number if isinstance(default, float) else type(default)
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
 
 
@@ -147,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=256,
                           help="tokens to generate (default: 256); one --prompt streams them as they come, any "
                                "number; with --prompts at most 1048576 per prompt")
-    generate.add_argument("--temperature", type=_finite_float, default=0.8, help="0: greedy")
+    generate.add_argument("--temperature", type=finite_number, default=0.8, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=_finite_float, default=None)
+    generate.add_argument("--top-p", type=finite_number, default=None)
     generate.add_argument("--seed", type=int, default=0, help="seed of the sampling, in [0, 2**63 - 1] (default: 0)")
     generate.add_argument("--batch-size", type=int, default=32, help="--prompts generated side by side (default: 32)")
     generate.add_argument("--bf16", action="store_true", help="bfloat16 autocast")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from ..training.train_config import finite_number
 
 TASK_NAMES = ("passkey", "mqar", "qa1", "qa2")
 TUNE_FILE = "tune.json"
@@ -30,16 +31,6 @@ TUNE_HELP = {
     "loss": "answer: loss on the answers only; all: language-model loss on the whole text",
     "backward_every": "back-propagate through this many segments at a time (0: the whole example)",
 }
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def _add_task_choice(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -64,7 +55,7 @@ def add_tune_command(commands) -> None:
     tune.add_argument("--device", default="auto")
     group = tune.add_argument_group("tuning settings (TuneConfig)")
     for field in dataclasses.fields(TuneConfig):
-        kind = _number if isinstance(field.default, float) else type(field.default)
+        kind = finite_number if isinstance(field.default, float) else type(field.default)
         group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
                            metavar=field.name.upper(),
                            help=f"{TUNE_HELP.get(field.name, '')} (default: {field.default})")
@@ -80,7 +71,7 @@ def add_eval_task_options(evaluate: argparse.ArgumentParser) -> None:
     group.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON", help="a task setting")
     group.add_argument("--distances", type=int, nargs="+", default=[64, 256, 1024, 4096],
                        help="haystack lengths in tokens (default: 64 256 1024 4096)")
-    group.add_argument("--depths", type=_number, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    group.add_argument("--depths", type=finite_number, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                        help="needle depths, 0 (farthest) to 1 (next to the question)")
     group.add_argument("--samples", type=int, default=20, help="examples per distance (default: 20)")
     group.add_argument("--seed", type=int, default=0, help="seed of the examples (default: 0)")

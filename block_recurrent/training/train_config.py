@@ -4,6 +4,7 @@ built, so a NaN or an infinity never reaches the optimiser (or a checkpoint)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -179,6 +180,17 @@ MAX_SEED = 2**63 - 1
 def check_seed(name: str, value: object) -> None:
     """A seed every random generator here accepts: an int in [0, 2**63 - 1]."""
     check_int(name, value, 0, MAX_SEED)
+
+
+def finite_number(text: str) -> float:
+    """An option's value that must be a finite number (``type=`` of argparse): a one-line error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def check_step_fits(model_config: BlockRecurrentConfig, config: TrainConfig, device: torch.device) -> None:
