@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setups = {}
     for gate in ("fixed", "lstm"):
-        overrides = {} if gate == "lstm" else dict(gate="fixed", gate_keep_init=None)  # mini's gate is LSTM +3
+        overrides = {} if gate == "lstm" else dict(gate="fixed", gate_keep_init="paper")  # mini's gate is LSTM +3
         for replay in (False, True):
             torch.manual_seed(0)
             model = BlockRecurrentTransformer(BlockRecurrentConfig.from_name("mini", **overrides))

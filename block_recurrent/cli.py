@@ -52,7 +52,8 @@ TRAIN_HELP = {
     "grad_accum": "micro-batches per optimiser step",
     "max_steps": "optimiser steps",
     "lr": "peak learning rate",
-    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr",
+    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr (on top of the model's "
+                      "state_cell_scale)",
     "min_lr_ratio": "final learning rate as a share of --lr (cosine decay)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "AdamW weight decay (matrices only)",

@@ -252,3 +252,22 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_fo
             break
     assert path.read_bytes()[0] == 0x80
     assert torch.equal(next(iter(read_tensors(path).values())), torch.ones(2))
+
+
+def test_a_checkpoint_saved_before_state_cell_scale_and_paper_keep_init_loads_as_it_was(tmp_path):
+    """Configs of that day lack state_cell_scale (the cells were stored unscaled) and wrote the paper's keep init
+    as null; today's defaults (the LSTM gate, scaled cells) must not leak into them."""
+    model = tiny_model(gate="fixed", gate_keep_init="paper", state_cell_scale=1.0)
+    folder = save_pretrained(model, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["state_cell_scale"]
+    config["gate_keep_init"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "checksums.json").unlink()  # the checksum of config.json no longer holds; what can be checked is
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        loaded = from_pretrained(folder)
+    assert loaded.config == model.config and loaded.config.gate_keep_init == "paper"
+    tokens = torch.randint(0, 256, (2, 40))
+    assert torch.equal(model.eval().run(tokens)[0], loaded.eval().run(tokens)[0])
+    # a config a user writes by hand takes today's defaults
+    assert BlockRecurrentConfig.from_dict({k: v for k, v in config.items() if k != "gate"}).state_cell_scale == 0.1

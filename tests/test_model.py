@@ -12,6 +12,8 @@ from conftest import TINY, make_model, random_tokens
 
 VARIANTS = {
     "plain": {},
+    # the paper's and the reference's cell: the fixed gate at its N(0, 0.1) init, parameters stored unscaled
+    "fixed_gate": dict(gate="fixed", gate_keep_init="paper", state_cell_scale=1.0),
     "compressed": dict(use_compressed_mem=True, compressed_mem_factor=2),
     "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
     "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
@@ -257,8 +259,10 @@ def test_every_recurrent_parameter_gets_gradient():
     wrapper = RecurrentTrainerWrapper(model)
     wrapper(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
     cell = model.layers[1].attn.cell
-    recurrent_params = dict(cell.named_parameters())
-    assert {"initial_state", "state_ids", "gate.keep_bias", "to_update.weight",
+    # the cell's parameters are stored scaled (state_cell_scale): parametrizations.NAME.original
+    recurrent_params = {name.replace("parametrizations.", "").replace(".original", ""): p
+                        for name, p in cell.named_parameters()}
+    assert {"initial_state", "state_ids", "gate.to_gates.weight", "gate.to_gates.bias", "to_update.weight",
             "to_self_queries.weight", "to_cross_queries.weight",
             "to_state_kv.weight", "self_attn.temperature", "write_attn.temperature"} <= set(recurrent_params)
     read = dict(model.layers[1].attn.state_reads[0].named_parameters())
@@ -543,17 +547,17 @@ def test_feedback_every_layer_reads_the_state_with_its_own_queries():
 
 
 def test_gate_keep_init_sets_the_fixed_gates_bias():
-    model = make_model(gate_keep_init=2.0, state_update="dual")
+    model = make_model(gate="fixed", gate_keep_init=2.0, state_update="dual", state_cell_scale=1.0)
     cell = model.layers[1].attn.cell
     assert torch.equal(cell.gate.keep_bias, torch.full((TINY["dim"],), 2.0, dtype=torch.float64))
     assert torch.equal(cell.ff_gate.keep_bias, cell.gate.keep_bias)
-    default = make_model().layers[1].attn.cell.gate.keep_bias
+    default = make_model(gate="fixed", gate_keep_init="paper").layers[1].attn.cell.gate.keep_bias
     assert 0.0 < default.std() < 0.3 and not torch.all(default == default[0])
 
 
 def test_gate_keep_init_sets_the_lstm_forget_offset():
     """With gate="lstm" the number replaces the forget gate's +1: f = sigmoid(W_f h + b_f + keep_init)."""
-    default = make_model(gate="lstm", gate_projection=True)
+    default = make_model(gate="lstm", gate_projection=True, gate_keep_init="paper")
     held = make_model(gate="lstm", gate_projection=True, gate_keep_init=3.0)  # the same seed: the same weights
     gate = held.layers[1].attn.cell.gate
     state, update = (torch.randn(2, 3, TINY["dim"], dtype=torch.float64) for _ in range(2))
@@ -567,7 +571,7 @@ def test_gate_keep_init_sets_the_lstm_forget_offset():
 def test_spread_keep_init_gives_half_lives_from_one_block_to_the_maximum():
     from block_recurrent.model.recurrent import SPREAD_MAX_HALF_LIFE
 
-    bias = make_model(gate_keep_init="spread").layers[1].attn.cell.gate.keep_bias.detach()
+    bias = make_model(gate="fixed", gate_keep_init="spread").layers[1].attn.cell.gate.keep_bias.detach()
     half_lives = -1.0 / torch.log2(torch.sigmoid(bias))  # keep ** h = 1/2
     assert half_lives[0].item() == pytest.approx(1.0) and half_lives[-1].item() == pytest.approx(SPREAD_MAX_HALF_LIFE)
     ratios = half_lives[1:] / half_lives[:-1]
@@ -601,3 +605,43 @@ def test_auto_attention_takes_the_matmul_path_only_for_bf16_training_and_compile
     with torch.no_grad():
         attention.attend(q, k, v, scale=0.25)  # traced by torch.compile: matmul, in float32 and without autograd
     assert taken == ["matmul", "matmul"]
+
+
+def test_state_cell_scale_changes_how_fast_adam_moves_the_cell_not_what_the_model_computes():
+    """The cell's parameters are stored divided by state_cell_scale: the same seed builds the same function, and one
+    AdamW step (about lr per stored element) moves the cell's effective weights by scale * lr, the rest by lr."""
+    slow, plain = make_model(state_cell_scale=0.1), make_model(state_cell_scale=1.0)
+    tokens = random_tokens(2, 3 * TINY["max_seq_len"] // 2)
+    # (to float32's rounding: the models are built in float32, where w / 0.1 is stored, then cast to float64)
+    torch.testing.assert_close(slow.run(tokens)[0], plain.run(tokens)[0], rtol=1e-6, atol=1e-6)
+
+    def largest_moves(model):
+        cell = model.layers[1].attn.cell
+        before = {name: value.detach().clone() for name, value in _effective(model).items()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        model.loss(model.run(tokens[:, :-1])[0], tokens[:, 1:]).backward()
+        optimizer.step()
+        moves = {name: (value - before[name]).abs().max().item() for name, value in _effective(model).items()}
+        in_cell = {name for name in moves if ".cell." in name}
+        assert {"layers.1.attn.cell.to_update.weight", "layers.1.attn.cell.initial_state"} <= in_cell
+        return max(moves[n] for n in in_cell), max(moves[n] for n in moves if n not in in_cell), cell
+
+    slow_cell, slow_rest, cell = largest_moves(slow.train())
+    plain_cell, plain_rest, _ = largest_moves(plain.train())
+    # Adam's first step is lr * g / (|g| + eps): lr for every element with a gradient
+    assert slow_rest == pytest.approx(1e-2, rel=1e-3) and plain_rest == pytest.approx(1e-2, rel=1e-3)
+    assert plain_cell == pytest.approx(1e-2, rel=1e-3)
+    assert slow_cell == pytest.approx(1e-3, rel=1e-3)
+    stored = dict(cell.named_parameters())["to_update.parametrizations.weight.original"]
+    torch.testing.assert_close(stored * 0.1, cell.to_update.weight, rtol=0, atol=0)
+
+
+def _effective(model) -> dict[str, torch.Tensor]:
+    """Every parameter as the model uses it, by its plain name (a scaled one's value, not what is stored)."""
+    values = {}
+    for module_name, module in model.named_modules():
+        if "parametrizations" in module_name:  # what is stored, not what is used
+            continue
+        for name in [*dict(module.named_parameters(recurse=False)), *getattr(module, "parametrizations", {})]:
+            values[f"{module_name}.{name}"] = getattr(module, name)
+    return values

@@ -60,6 +60,8 @@ def test_architecture_fields_are_set_to_the_reference_unless_set_otherwise():
     ours = from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**BASE))
     assert ours.config.gate_projection is True and ours.config.kv_heads == 1
     # ... but an explicit choice the reference does not have is refused
-    for field, value in (("gate", "lstm"), ("kv_heads", 2), ("ff_activation", "relu"), ("position_encoding", "t5")):
+    assert ours.config.gate == "fixed" and ours.config.gate_keep_init == "paper" and ours.config.state_cell_scale == 1.0
+    for field, value in (("gate_keep_init", 2.0), ("state_cell_scale", 0.5), ("kv_heads", 2), ("ff_activation", "relu"),
+                         ("position_encoding", "t5")):
         with pytest.raises(ValueError, match=f"{field}"):
             from_reference_state_dict(ref_model.state_dict(), BlockRecurrentConfig(**{**BASE, field: value}))

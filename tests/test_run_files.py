@@ -107,7 +107,7 @@ def test_bad_run_files_give_one_clear_line(tmp_path, capsys, text, message):
 def test_the_toml_writer_round_trips_every_value():
     config = TrainConfig(data="we\"ird\\ path\twith\nlines\x7f and ünïcödé 😀", lr=1e-05, grad_clip=0.0, bf16=False,
                          log="tensorboard,wandb")
-    model = BlockRecurrentConfig.from_name("tiny", gate_keep_init="spread", recurrent_layers=(1, 2))
+    model = BlockRecurrentConfig.from_name("tiny", gate="fixed", gate_keep_init="spread", recurrent_layers=(1, 2))
     text = run_file_text(model, config)
     parsed = tomllib.loads(text)
     model_fields = parsed.pop("model")

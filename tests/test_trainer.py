@@ -294,7 +294,7 @@ def test_a_backward_pass_of_one_block_leaves_the_state_write_untrained_and_says_
         tokens = torch.randint(0, 256, (2, max_seq_len + 1))
         logits, _ = model.run(tokens[:, :-1])
         model.loss(logits, tokens[:, 1:]).backward()
-        return model.layers[0].attn.cell.to_update.weight.grad
+        return next(model.layers[0].attn.cell.to_update.parameters()).grad  # the stored (scaled) weight's
 
     assert write_gradient(32) is None  # one block of 32
     assert write_gradient(64).abs().sum() > 0  # two blocks
@@ -320,10 +320,10 @@ def test_replayed_write_trains_the_write_and_a_resumed_run_equals_the_uninterrup
     # state dropout: some writes start from the learned initial state, which the checkpoint must say
     config = settings(tmp_path, grad_accum=2, state_dropout=0.3)
     whole = Trainer(one_block, config.replace(out_dir=str(tmp_path / "whole")))
-    update = whole.model.layers[0].attn.cell.to_update.weight
-    initial = update.detach().clone()
+    update = whole.model.layers[0].attn.cell.to_update
+    initial = update.weight.detach().clone()
     expected = losses_of(whole, 6)
-    assert not torch.equal(update, initial)
+    assert not torch.equal(update.weight, initial)
 
     first = Trainer(one_block, config)
     head = losses_of(first, 3)

@@ -31,7 +31,7 @@ from conftest import TINY, make_model, random_tokens
         (dict(gate="gru"), ValueError, "gate must be 'fixed' or 'lstm'"),
         (dict(state_update="single"), ValueError, "state_update must be 'skip' or 'dual'"),
         (dict(gate="lstm", gate_keep_init="spread"), ValueError, "gate_keep_init='spread' sets the fixed gate"),
-        (dict(gate_keep_init="2"), ValueError, "gate_keep_init must be a number, 'spread' or None"),
+        (dict(gate_keep_init="2"), ValueError, "gate_keep_init must be a number, 'paper' or 'spread'"),
         (dict(gate_keep_init=[2.0]), TypeError, "gate_keep_init must be a number"),
         (dict(attention_window="global"), ValueError, "attention_window"),
         (dict(attention_window="sliding", use_compressed_mem=True), ValueError, "cannot be combined"),

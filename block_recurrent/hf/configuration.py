@@ -41,7 +41,7 @@ class BlockRecurrentHFConfig(PreTrainedConfig):
     def library_config(self) -> BlockRecurrentConfig:
         if self.block_recurrent is None:
             return BlockRecurrentConfig.from_name("tiny")
-        return BlockRecurrentConfig.from_dict(dict(self.block_recurrent))
+        return BlockRecurrentConfig.from_saved(dict(self.block_recurrent))
 
     @classmethod
     def from_library(cls, config: BlockRecurrentConfig, **kwargs: Any) -> "BlockRecurrentHFConfig":

@@ -62,16 +62,24 @@ class BlockRecurrentConfig:
     read_recurrent_layers: tuple[int, ...] | None = None
     num_state_vectors: int | None = None
 
-    # the recurrent cell's variants (paper section 3): "fixed" (learned EMA, the paper's best) or "lstm" gate;
-    # "skip" (one gate after attention) or "dual" (a second gate after a feed-forward on the state)
-    gate: str = "fixed"
+    # the recurrent cell's variants (paper section 3): "fixed" (learned EMA, the paper's and the reference's) or
+    # "lstm" gate; "skip" (one gate after attention) or "dual" (a second gate after a feed-forward on the state).
+    # The default, the LSTM gate with its forget gate at +3 and slow state cells, carries a value 8 blocks back
+    # on most seeds where the fixed gate mostly does not, at the same corpus score
+    # (docs/experiments/slow-state-cells.md, default-model-recall.md)
+    gate: str = "lstm"
     state_update: str = "skip"
-    # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)); None: N(0, 0.1) per channel, the paper's
-    # and the reference's init; a number starts every channel there (a gate that starts nearly shut holds a value
-    # longer before training has opened it: docs/experiments/gate-init.md, recall-distance.md)
-    # "spread": per channel, half-lives geometric from 1 to 256 blocks (recurrent.spread_keep_bias). With
-    # gate="lstm", a number replaces the forget gate's +1 offset (None: the paper's +1); "spread" is fixed-gate only
-    gate_keep_init: float | str | None = None
+    # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)): a number starts every channel there (a gate
+    # that starts nearly shut holds a value longer before training has opened it: docs/experiments/gate-init.md);
+    # "paper": N(0, 0.1) per channel, the paper's and the reference's init; "spread": per channel, half-lives
+    # geometric from 1 to 256 blocks (recurrent.spread_keep_bias). With gate="lstm", a number replaces the forget
+    # gate's offset ("paper": +1; 3.0 starts f at 0.95); "spread" is fixed-gate only. None is read as "paper"
+    gate_keep_init: float | str | None = 3.0
+    # the state cells' parameters are stored divided by this and multiplied back where they are used, so that
+    # Adam-type optimisers, whose step is about the learning rate whatever the gradient's size, move them at this
+    # multiple of the learning rate: a slow cell stays near a write that keeps while the reads learn to use it
+    # (docs/experiments/slow-state-cells.md). 1: no scaling, the reference's and the paper's
+    state_cell_scale: float = 0.1
     # False (meliad, our default): the state's output projection is the gate's W_z. True (the reference): the
     # gate projects that (already projected) update once more, z = W_z h + b_z. The same functions either way, but
     # the fixed gate learns beyond-window recall far more often without the second matrix
@@ -179,15 +187,17 @@ class BlockRecurrentConfig:
         check_float("qk_rmsnorm_scale", self.qk_rmsnorm_scale, 0.0, open_low=True)
         if self.gate not in ("fixed", "lstm"):
             raise ValueError(f"gate must be 'fixed' or 'lstm', got {self.gate!r}")
-        if self.gate_keep_init is not None:
-            if isinstance(self.gate_keep_init, str):
-                if self.gate_keep_init != "spread":
-                    raise ValueError(f"gate_keep_init must be a number, 'spread' or None, got {self.gate_keep_init!r}")
-            else:
-                check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
-            if self.gate != "fixed" and isinstance(self.gate_keep_init, str):
-                raise ValueError("gate_keep_init='spread' sets the fixed gate's biases; with gate='lstm' give a number "
-                                 "(the forget gate's offset) or None")
+        if self.gate_keep_init is None:  # configs written before "paper" had a name
+            object.__setattr__(self, "gate_keep_init", "paper")
+        if isinstance(self.gate_keep_init, str):
+            if self.gate_keep_init not in ("paper", "spread"):
+                raise ValueError(f"gate_keep_init must be a number, 'paper' or 'spread', got {self.gate_keep_init!r}")
+        else:
+            check_float("gate_keep_init", self.gate_keep_init, -1e3, 1e3)
+        if self.gate != "fixed" and self.gate_keep_init == "spread":
+            raise ValueError("gate_keep_init='spread' sets the fixed gate's biases; with gate='lstm' give a number "
+                             "(the forget gate's offset) or 'paper'")
+        check_float("state_cell_scale", self.state_cell_scale, 0.0, 100.0, open_low=True)
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
         if self.attention_window not in ("block", "sliding"):
@@ -273,6 +283,15 @@ class BlockRecurrentConfig:
                 data[name] = tuple(data[name])
         return cls(**data)
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "BlockRecurrentConfig":
+        """A config as a checkpoint stored it. A stored config holds every field of its day, so a field it lacks
+        was added later: it takes the value that builds the architecture of that day (:data:`ADDED_FIELDS`),
+        not today's default."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        return cls.from_dict({**ADDED_FIELDS, **data})
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -298,21 +317,29 @@ class BlockRecurrentConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+# fields added after configs were first saved, with the value that means what configs without them built
+ADDED_FIELDS: dict[str, Any] = {
+    "gate_projection": True,  # every gate had its own projection
+    "state_cell_scale": 1.0,  # the cells' parameters were stored unscaled
+}
+
+# the recorded recipes keep the cell they were measured with: the fixed gate, the paper's keep init, no scaling
+FIXED_GATE = dict(gate="fixed", gate_keep_init="paper", state_cell_scale=1.0)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # brt train's default, the best of the recipes that train in five minutes on two CPU cores
     # (docs/experiments/default-recipe.md). Blocks of 16 bytes, so that a step of 2,048 bytes reads 128 documents
     # side by side: the number of documents a step reads mattered more than a longer attention context. Every layer
     # L2-normalises its attention with an initial temperature of 4: at 1, logits of cosine similarities in [-1, 1]
-    # start nearly uniform and learn slower. The LSTM gate with its forget gate at +3: with the trainer's slow state
-    # cells it carries a value 8 blocks back on most seeds where the fixed gate mostly does not, at the same
-    # held-out score (docs/experiments/slow-state-cells.md)
+    # start nearly uniform and learn slower. The cell is the config's default: the LSTM gate at +3, slow state cells
     "mini": dict(num_tokens=256, dim=128, depth=4, dim_head=32, heads=4, max_seq_len=16, block_width=16,
                  num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0,
                  gate="lstm", gate_keep_init=3.0),
     # the one-hour recipe's model (`brt train --recipe hour`, docs/experiments/hour-recipe.md): mini's shape at
     # width 192, with blocks of 32 so attention reaches 32-64 bytes back, and 128 rows of 32 bytes per step
     "hour": dict(num_tokens=256, dim=192, depth=4, dim_head=48, heads=4, max_seq_len=32, block_width=32,
-                 num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0),
+                 num_state_vectors=16, recurrent_layers=(2,), all_layers_qk_rmsnorm=True, qk_rmsnorm_scale=4.0,
+                 **FIXED_GATE),
     # a few seconds per step on a laptop CPU; for tests and smoke runs
     "tiny": dict(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64, block_width=32,
                  num_state_vectors=16, recurrent_layers=(1,)),
@@ -330,5 +357,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_tokens=256, dim=1024, depth=12, dim_head=128, heads=8, kv_heads=8, ff_activation="relu",
                   ff_mult=4, qk_norm_gains=False, all_layers_qk_rmsnorm=True, gate_projection=False,
                   attention_window="sliding", position_encoding="t5", t5_num_buckets=32, t5_max_distance=128,
-                  max_seq_len=4096, block_width=512, num_state_vectors=512, recurrent_layers=(10,)),
+                  max_seq_len=4096, block_width=512, num_state_vectors=512, recurrent_layers=(10,), **FIXED_GATE),
 }

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .attention import Attention, FeedForward, attend, split_kv_heads
 from .config import BlockRecurrentConfig
@@ -38,16 +39,16 @@ def spread_keep_bias(dim: int, max_half_life: float = SPREAD_MAX_HALF_LIFE) -> T
 class FixedGate(nn.Module):
     """The paper's fixed gate, a learned per-channel EMA: c' = c * g + z * (1 - g).
 
-    z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) (paper and reference 0.4.4) or, with
-    ``keep_init``, to that constant, or with "spread" to half-lives from 1 to 256 blocks across channels. With ``projection=False`` z = h: the caller's output projection that
-    made h serves as W_z (meliad).
+    z = W_z h + b_z and g = sigmoid(b_g), b_g initialised N(0, 0.1) with ``keep_init="paper"`` (paper and
+    reference 0.4.4), to a constant ``keep_init``, or with "spread" to half-lives from 1 to 256 blocks across
+    channels. With ``projection=False`` z = h: the caller's output projection that made h serves as W_z (meliad).
     The reference writes the same gate with beta = -b_g: sigmoid(beta) * z + (1 - sigmoid(beta)) * c.
     """
 
-    def __init__(self, dim: int, keep_init: float | str | None = None, projection: bool = True):
+    def __init__(self, dim: int, keep_init: float | str = "paper", projection: bool = True):
         super().__init__()
         self.to_candidate = nn.Linear(dim, dim) if projection else None
-        if keep_init is None:
+        if keep_init == "paper":
             keep_bias = torch.randn(dim) * 0.1
         elif keep_init == "spread":
             keep_bias = spread_keep_bias(dim)
@@ -77,10 +78,10 @@ class LSTMGate(nn.Module):
     own weights.
     """
 
-    def __init__(self, dim: int, keep_init: float | None = None, projection: bool = True):
+    def __init__(self, dim: int, keep_init: float | str = "paper", projection: bool = True):
         super().__init__()
         self.projection = projection
-        self.forget_offset = 1.0 if keep_init is None else float(keep_init)
+        self.forget_offset = 1.0 if keep_init == "paper" else float(keep_init)
         self.to_gates = nn.Linear(dim, dim * (3 if projection else 2))  # [z,] i, f in one projection
         # added to the input and forget gates' logits: -1, then the forget offset (a constant, not a parameter)
         self.register_buffer("offsets", torch.tensor([-1.0, self.forget_offset]).repeat_interleave(dim),
@@ -107,6 +108,21 @@ class LSTMGate(nn.Module):
 
 
 GATES: dict[str, type[nn.Module]] = {"fixed": FixedGate, "lstm": LSTMGate}
+
+
+class Scaled(nn.Module):
+    """A parametrisation w = scale * stored. Adam-type optimisers step ``stored`` by about the learning rate
+    whatever its gradient's size, so they move w at ``scale`` times the learning rate (with plain SGD, scale**2)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, stored: Tensor) -> Tensor:
+        return stored * self.scale
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value / self.scale
 
 
 class StateView(NamedTuple):
@@ -192,6 +208,11 @@ class RecurrentStateCell(nn.Module):
         if config.state_update == "dual":
             self.state_ff = FeedForward(dim, config.ff_inner_dim, activation=config.ff_activation)
             self.ff_gate = GATES[config.gate](dim, config.gate_keep_init, config.gate_projection)
+        if config.state_cell_scale != 1.0:
+            # every parameter of the cell, after its initialisation: the effective initial values are unchanged
+            for module in list(self.modules()):
+                for name, _ in list(module.named_parameters(recurse=False)):
+                    parametrize.register_parametrization(module, name, Scaled(config.state_cell_scale))
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""

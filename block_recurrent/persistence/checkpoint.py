@@ -69,12 +69,7 @@ T = TypeVar("T")
 
 def read_config(directory: Path) -> BlockRecurrentConfig:
     try:
-        data = read_json(directory / CONFIG_FILE)
-        if isinstance(data, dict):
-            # a checkpoint's config holds every field of its day: one without gate_projection was written
-            # before that option existed, when every gate had its own projection
-            data.setdefault("gate_projection", True)
-        return BlockRecurrentConfig.from_dict(data)
+        return BlockRecurrentConfig.from_saved(read_json(directory / CONFIG_FILE))
     except (TypeError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise

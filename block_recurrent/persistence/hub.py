@@ -19,10 +19,10 @@ class BlockRecurrentHubModel(
     PyTorchModelHubMixin,
     library_name="block-recurrent",
     tags=["block-recurrent-transformer", "text-generation"],
-    coders={BlockRecurrentConfig: (BlockRecurrentConfig.to_dict, BlockRecurrentConfig.from_dict)},
+    coders={BlockRecurrentConfig: (BlockRecurrentConfig.to_dict, BlockRecurrentConfig.from_saved)},
 ):
     """A :class:`BlockRecurrentModel` that can be loaded from and pushed to the Hugging Face Hub."""
 
     def __init__(self, config: BlockRecurrentConfig | dict):
         # the mixin hands a folder's config.json over as a plain dict
-        super().__init__(BlockRecurrentConfig.from_dict(config) if isinstance(config, dict) else config)
+        super().__init__(BlockRecurrentConfig.from_saved(config) if isinstance(config, dict) else config)

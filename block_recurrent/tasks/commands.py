@@ -24,7 +24,8 @@ TUNE_HELP = {
     "max_steps": "optimiser steps",
     "batch_size": "examples per step",
     "lr": "peak learning rate",
-    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr",
+    "state_lr_scale": "the recurrent state cells' parameters learn at this multiple of --lr (on top of the model's "
+                      "state_cell_scale)",
     "min_distance": "shortest haystack (tokens) trained on",
     "max_distance": "longest haystack (tokens) trained on",
     "curriculum_steps": "grow the longest haystack from --min-distance to --max-distance over these steps (0: off)",

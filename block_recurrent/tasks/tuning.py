@@ -4,7 +4,7 @@ Each step draws one distance for the whole batch (uniform in [min_distance, the 
 curriculum the largest grows linearly from ``min_distance`` to ``max_distance`` over ``curriculum_steps``),
 builds fresh examples, and runs them through :meth:`SegmentRunner.forward_backward` with the loss on the answers
 (or, with ``loss="all"``, on every next token). AdamW with the trainer's parameter groups (the state cells at
-``state_lr_scale`` times the learning rate), linear warm-up and cosine decay.
+``state_lr_scale`` times the learning rate, on top of the model's ``state_cell_scale``), linear warm-up and cosine decay.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class TuneConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
-    state_lr_scale: float = 0.1
+    state_lr_scale: float = 1.0
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95

@@ -51,9 +51,9 @@ class TrainConfig:
     max_steps: int = 1800
     lr: float = 3e-3
     # the recurrent state cells' parameters (initial state, IDs, the write's attention, update and gate) learn at
-    # this multiple of lr: slow cells learn to carry a value many blocks back where cells at lr mostly do not, at
-    # the same held-out score (docs/experiments/slow-state-cells.md)
-    state_lr_scale: float = 0.1
+    # this multiple of lr, on top of the model's own state_cell_scale (which already slows them 10x by default:
+    # docs/experiments/slow-state-cells.md)
+    state_lr_scale: float = 1.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.1
