@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--state-lr-scale", type=float, default=0.1)
+    parser.add_argument("--state-lr-scale", type=float, default=1.0,
+                        help="on top of the model's state_cell_scale (0.1 by default)")
     parser.add_argument("--train-distances", type=int, nargs=2, default=[0, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--curriculum-steps", type=int, default=0)
     parser.add_argument("--loss", default="answer", choices=["answer", "all"])

@@ -369,8 +369,14 @@ def test_state_lr_scale_moves_the_state_cells_at_that_multiple_of_the_learning_r
                                                                        lr_at(frozen.train_config, 1)]
     assert sum(len(g["params"]) for g in frozen.optimizer.param_groups if g["lr_scale"] == 0.0) == len(
         list(cell.parameters()))
-    plain = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "plain"), state_lr_scale=1.0))
+    unscaled = tiny().replace(state_cell_scale=1.0)
+    plain = Trainer(unscaled, settings(tmp_path, out_dir=str(tmp_path / "plain"), state_lr_scale=1.0))
     assert [(g["weight_decay"], g["lr_scale"]) for g in plain.optimizer.param_groups] == [(0.1, 1.0), (0.0, 1.0)]
+    # cells stored scaled (the default) decay at that fraction too, as they step
+    scaled = Trainer(tiny(), settings(tmp_path, out_dir=str(tmp_path / "scaled")))
+    decays = {round(g["weight_decay"], 12): len(g["params"]) for g in scaled.optimizer.param_groups}
+    assert decays.keys() == {0.1, 0.0, 0.01} and decays[0.01] == sum(
+        p.ndim >= 2 for p in scaled.model.layers[0].attn.cell.parameters())
 
 
 def test_a_run_saved_before_the_newer_settings_resumes_as_it_ran(tmp_path):

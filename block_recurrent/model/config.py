@@ -66,7 +66,7 @@ class BlockRecurrentConfig:
     # "lstm" gate; "skip" (one gate after attention) or "dual" (a second gate after a feed-forward on the state).
     # The default, the LSTM gate with its forget gate at +3 and slow state cells, carries a value 8 blocks back
     # on most seeds where the fixed gate mostly does not, at the same corpus score
-    # (docs/experiments/slow-state-cells.md, default-model-recall.md)
+    # (docs/experiments/slow-state-cells.md, 2026-12-05-default-model-recall.md)
     gate: str = "lstm"
     state_update: str = "skip"
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)): a number starts every channel there (a gate

@@ -74,13 +74,19 @@ def fused_adamw_supported(device: torch.device) -> bool:
 def parameter_groups(model: BlockRecurrentModel, weight_decay: float, state_lr_scale: float = 1.0) -> list[dict]:
     """AdamW's parameter groups: weight decay on matrices only; the recurrent state cells' parameters with
     ``lr_scale`` = ``state_lr_scale`` (the trainer sets each group's lr to lr * lr_scale), the rest at 1. With a
-    scale of 1 there are two groups, as before the setting existed, so older checkpoints' optimisers still fit."""
+    scale of 1 there are two groups, as before the setting existed, so older checkpoints' optimisers still fit.
+
+    A model that stores its cells scaled (``config.state_cell_scale``) has them stepped at that fraction of the
+    learning rate; their weight decay (lr * decay per step, on the stored value) is scaled alike, so that a slow
+    cell is slow in both, as it was under a group learning rate."""
     in_cells = {id(p) for cell in model.cells for p in cell.parameters()}
-    groups: dict[tuple[bool, float], list] = {}
+    cell_decay = weight_decay * model.config.state_cell_scale
+    groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
-        groups.setdefault((p.ndim >= 2, state_lr_scale if id(p) in in_cells else 1.0), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
-            for (decays, scale), params in groups.items()]
+        in_cell = id(p) in in_cells
+        decay = 0.0 if p.ndim < 2 else cell_decay if in_cell else weight_decay
+        groups.setdefault((decay, state_lr_scale if in_cell else 1.0), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr_scale": scale} for (decay, scale), params in groups.items()]
 
 
 class TrainingDiverged(RuntimeError):
