@@ -5,7 +5,8 @@ far beyond them, by distance and depth.
     python experiments/long_context_tasks.py --summarize runs/long-context --reach 128   # seeds pooled
 
 Each model is ``--preset`` with ``--set FIELD=JSON`` overrides; "xl" is the same config with
-``recurrent_layers=()`` (no state: Transformer-XL). Each (model, seed) unit builds the model from the seed,
+``recurrent_layers=()`` (no state: Transformer-XL), "slide" that with a sliding window of one block and one layer
+more (the paper's Slide:N+1). Each (model, seed) unit builds the model from the seed,
 runs :func:`block_recurrent.tasks.tune` on fresh examples of ``--task`` (``--task-option NAME=JSON``), then
 :func:`block_recurrent.tasks.score` on the same held-out examples for every model (seeded by the distance, not by
 the unit). One torch thread per unit, ``--jobs`` units side by side. Writes ``results.json`` and a heat map per
@@ -36,8 +37,10 @@ def run_unit(unit: dict) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(unit["seed"])
     config = BlockRecurrentConfig.from_name(unit["preset"], **unit["overrides"])
-    if unit["model"] == "xl":
+    if unit["model"] in ("xl", "slide"):
         config = config.replace(recurrent_layers=(), read_recurrent_layers=None)
+    if unit["model"] == "slide":  # the paper's Slide:N+1: a sliding window of one block, one layer more
+        config = config.replace(attention_window="sliding", depth=config.depth + 1)
     model = BlockRecurrentModel(config)
     task = make_task(unit["task"], haystack=unit["haystack"], split="train", **unit["task_options"])
     began = time.perf_counter()
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--haystack", default="filler")
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
-    parser.add_argument("--models", nargs="+", default=["rec", "xl"], choices=["rec", "xl"])
+    parser.add_argument("--models", nargs="+", default=["rec", "xl"], choices=["rec", "xl", "slide"])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=400)

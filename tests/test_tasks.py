@@ -307,6 +307,29 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
     assert "holds something other than" in err and "unexpected keyword argument 'pairs'" in err
 
 
+def test_tune_trains_a_fresh_preset_from_scratch(tmp_path, capsys):
+    """brt tune --preset: the model a recipe starts from is the preset with --model-option changes, seeded."""
+    from block_recurrent.persistence.checkpoint import from_pretrained
+
+    args = ["tune", "--task", "passkey", "--preset", "tiny", "--model-option", "block_width=16",
+            "--model-option", "max_seq_len=32", "--max-steps", "1", "--batch-size", "2", "--max-distance", "20",
+            "--task-option", "digits=2", "--task-option", "preamble=false"]
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "b")]) == 0
+    a, b = from_pretrained(tmp_path / "a"), from_pretrained(tmp_path / "b")
+    assert a.config == BlockRecurrentConfig.from_name("tiny", block_width=16, max_seq_len=32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    summary = json.loads((tmp_path / "a" / "tune.json").read_text())
+    assert summary["preset"] == "tiny" and summary["model_options"] == {"block_width": 16, "max_seq_len": 32}
+    capsys.readouterr()
+    assert main(["tune", "--task", "passkey", "--checkpoint", str(tmp_path / "a"), "--model-option", "dim=8",
+                 "--out-dir", str(tmp_path / "c")]) == 2
+    assert main(["tune", "--task", "passkey", "--preset", "tiny", "--model-option", "block_width=5",
+                 "--out-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "give it with --preset" in err and "max_seq_len (64) must be a multiple of block_width (5)" in err
+
+
 def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
     import subprocess
     import sys

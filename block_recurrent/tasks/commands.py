@@ -2,6 +2,7 @@
 
     brt tune --task passkey --checkpoint runs/brt --out-dir runs/passkey --max-distance 1024 --max-steps 300
     brt eval --task passkey --checkpoint runs/passkey --distances 256 1024 4096 16384 --heatmap passkey.png
+    brt tune --task passkey --preset mini --model-option block_width=64 --model-option max_seq_len=64 ...   # from scratch
 
 The parsers and the two command functions live here so that ``block_recurrent.cli`` only registers them.
 Everything heavy is imported inside the functions: importing this module (as ``brt`` does) loads no trainer.
@@ -51,7 +52,11 @@ def add_tune_command(commands) -> None:
 
     tune = commands.add_parser("tune", help="fine-tune a checkpoint on a long-context task at short distances")
     _add_task_choice(tune, required=True)
-    tune.add_argument("--checkpoint", required=True, help="run folder, step folder or save_pretrained folder")
+    start = tune.add_mutually_exclusive_group(required=True)
+    start.add_argument("--checkpoint", help="run folder, step folder or save_pretrained folder")
+    start.add_argument("--preset", help="train a fresh model of this preset from scratch (bytes as tokens), e.g. mini")
+    tune.add_argument("--model-option", action="append", default=[], metavar="FIELD=JSON",
+                      help="with --preset: a config field, e.g. block_width=64; repeatable")
     tune.add_argument("--out-dir", required=True, help="where the tuned model is saved (save_pretrained + tune.json)")
     tune.add_argument("--device", default="auto")
     group = tune.add_argument_group("tuning settings (TuneConfig)")
@@ -80,13 +85,13 @@ def add_eval_task_options(evaluate: argparse.ArgumentParser) -> None:
     group.add_argument("--json", default=None, metavar="FILE", help="write the scores as JSON here")
 
 
-def task_options(items: list[str]) -> dict[str, Any]:
-    """``NAME=JSON`` strings as keyword arguments (a bare word is taken as a string)."""
+def task_options(items: list[str], option: str = "--task-option") -> dict[str, Any]:
+    """``NAME=JSON`` strings (given to ``option``) as keyword arguments (a bare word is taken as a string)."""
     options = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
-            raise ValueError(f"--task-option takes NAME=JSON, got {item!r}")
+            raise ValueError(f"{option} takes NAME=JSON, got {item!r}")
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -106,6 +111,20 @@ def load_model(checkpoint: str, device: str):
     return model, load_tokenizer(tokenizer_file), tokenizer_file
 
 
+def fresh_model(preset: str, changes: dict[str, Any], seed: int, device: str):
+    """(model, tokenizer, None): a preset's model with ``changes``, initialised from ``seed``, bytes as tokens."""
+    import torch
+
+    from ..model.config import BlockRecurrentConfig
+    from ..model.model import BlockRecurrentModel
+    from ..training.data import load_tokenizer
+    from ..training.distributed import resolve_device
+
+    config = BlockRecurrentConfig.from_name(preset, **changes)
+    torch.manual_seed(seed)
+    return BlockRecurrentModel(config).to(resolve_device(device)), load_tokenizer(None), None
+
+
 def run_tune(args: argparse.Namespace) -> int:
     from ..persistence.checkpoint import save_pretrained
     from . import make_task
@@ -117,7 +136,13 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
                          "give a new folder")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
-    model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
+    if args.preset is not None:
+        model, tokenizer, tokenizer_file = fresh_model(args.preset, task_options(args.model_option, "--model-option"),
+                                                       config.seed, args.device)
+    elif args.model_option:
+        raise ValueError("--model-option changes a fresh model's config: give it with --preset, not --checkpoint")
+    else:
+        model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
     # the corpus haystack of training comes from the training files; brt eval --task reads the held-out ones
     task = make_task(args.task, tokenizer, args.haystack, "train", **task_options(args.task_option))
     print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
@@ -129,7 +154,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
     records = tune(model, task, config, log=log)
     save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
-    summary = {"task": task.describe(), "checkpoint": str(args.checkpoint), "config": config.to_dict(),
+    summary = {"task": task.describe(), "checkpoint": args.checkpoint, "preset": args.preset,
+               "model_options": task_options(args.model_option, "--model-option"), "config": config.to_dict(),
                "log": records}
     (out_dir / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved to {out_dir}")
