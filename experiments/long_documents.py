@@ -176,8 +176,25 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def range_middles(ranges: list[tuple]) -> list[float]:
+    """Where to plot each (begin, end, bits, count) position range on a log axis: its geometric middle."""
+    return [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]
+
+
+def finish_position_axes(axes, shape: str, ticks: list[int]) -> None:
+    """A per-position panel's log x axis, labels, grid and legend."""
+    from block_recurrent.inference.diagnostics import range_label
+
+    axes.set_xscale("log")
+    axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
+    axes.set_title(f"{shape} per segment")
+    axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+
+
 def report(out: Path, plot: str | None) -> str:
-    from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary, range_label
+    from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary
 
     import torch
 
@@ -212,21 +229,16 @@ def report(out: Path, plot: str | None) -> str:
         shapes = sorted({run.split("-")[1] for run, _ in results}, key=list(SHAPES).index)
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         colours = {variant: f"C{i}" for i, variant in enumerate(VARIANTS)}
+        ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
         for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, seed 1 dashed
             for (run, seed), r in sorted(results.items()):
                 if run.split("-")[1] != shape:
                     continue
                 ranges = [tuple(x) for x in r["ranges"]]
-                xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]  # range middles
-                axes.plot(xs, [bits for _, _, bits, _ in ranges], color=colours[run.split("-")[0]], marker="o",
-                          markersize=3, linestyle="-" if seed == 0 else "--", label=f"{run.split('-')[0]} seed {seed}")
-            axes.set_xscale("log")
-            ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
-            axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
-            axes.set_title(f"{shape} per segment")
-            axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize=7)
+                axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[run.split("-")[0]],
+                          marker="o", markersize=3, linestyle="-" if seed == 0 else "--",
+                          label=f"{run.split('-')[0]} seed {seed}")
+            finish_position_axes(axes, shape, ticks)
         panels[0][0].set_ylabel("held-out bits per byte")
         figure.tight_layout()
         figure.savefig(plot, dpi=120)
@@ -241,16 +253,11 @@ def report(out: Path, plot: str | None) -> str:
                     continue
                 base = {(b, e): bits for b, e, bits, _ in [tuple(x) for x in xl["ranges"]]}
                 ranges = [tuple(x) for x in r["ranges"] if (x[0], x[1]) in base]
-                xs = [math.sqrt(max(b, 256) * (e if e else 2 * b)) for b, e, _, _ in ranges]
-                axes.plot(xs, [bits - base[(b, e)] for b, e, bits, _ in ranges], color=colours[variant], marker="o",
-                          markersize=3, linestyle="-" if seed == 0 else "--", label=f"{variant} - xl, seed {seed}")
+                axes.plot(range_middles(ranges), [bits - base[(b, e)] for b, e, bits, _ in ranges],
+                          color=colours[variant], marker="o", markersize=3, linestyle="-" if seed == 0 else "--",
+                          label=f"{variant} - xl, seed {seed}")
             axes.axhline(0, color="black", linewidth=0.8)
-            axes.set_xscale("log")
-            axes.set_xticks(ticks, [range_label(t, None).rstrip("+") for t in ticks])
-            axes.set_title(f"{shape} per segment")
-            axes.set_xlabel("position in the document (bytes, log-spaced ranges)")
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize=7)
+            finish_position_axes(axes, shape, ticks)
         panels[0][0].set_ylabel("bits per byte minus XL's (same shape and seed)")
         figure.tight_layout()
         gap = str(Path(plot).with_name(Path(plot).stem + "_against_xl" + Path(plot).suffix))

@@ -136,10 +136,10 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
                          "give a new folder")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
+    model_options = task_options(args.model_option, "--model-option")
     if args.preset is not None:
-        model, tokenizer, tokenizer_file = fresh_model(args.preset, task_options(args.model_option, "--model-option"),
-                                                       config.seed, args.device)
-    elif args.model_option:
+        model, tokenizer, tokenizer_file = fresh_model(args.preset, model_options, config.seed, args.device)
+    elif model_options:
         raise ValueError("--model-option changes a fresh model's config: give it with --preset, not --checkpoint")
     else:
         model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
@@ -155,7 +155,7 @@ def run_tune(args: argparse.Namespace) -> int:
     records = tune(model, task, config, log=log)
     save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
     summary = {"task": task.describe(), "checkpoint": args.checkpoint, "preset": args.preset,
-               "model_options": task_options(args.model_option, "--model-option"), "config": config.to_dict(),
+               "model_options": model_options, "config": config.to_dict(),
                "log": records}
     (out_dir / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved to {out_dir}")
