@@ -17,7 +17,8 @@ the machine hits them alike), and the median of each is reported:
   projection, no write);
 - ``write``: the recurrent model without the replay;
 - ``rec``: the recurrent model as trained (with the replay where the trainer replays);
-- differences: read = read - xl, write = write - read, replay = rec - write.
+- differences: read = read - xl, write = write - read, replay = rec - write (the replay adds the write's
+  backward: a replayed block leaves its own write to the next pass).
 
 With ``--baseline DIR`` (a folder holding another ``block_recurrent`` tree) the xl and rec set-ups of that tree
 alternate with this tree's in the same process, for a before/after table that the machine's load hits alike.
@@ -41,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from block_recurrent.host_memory import keep_freed_memory  # noqa: E402
 from block_recurrent.training.precision import native_bf16  # noqa: E402
 from block_recurrent.training.trainer import fused_adamw_supported  # noqa: E402
 
@@ -138,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 autocast (default: where native, as brt train)")
     parser.add_argument("--profile", action="store_true", help="also print the Rec step's top operators")
     parser.add_argument("--baseline", default=None, help="a folder holding another block_recurrent tree: before/after")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc's malloc keeps freed memory, as brt does (block_recurrent.host_memory); compare "
+                             "with a run of --no-keep-freed-memory")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     bf16 = native_bf16(torch.device("cpu")) if args.bf16 is None else args.bf16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -152,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args, trees: dict, autocast, bf16: bool) -> None:
     # with a baseline only xl and rec: the breakdown's set-ups would double the time
     setups_of = SETUPS if len(trees) == 1 else ("xl", "rec")
-    print(f"training step (CPU time), {args.threads} thread(s), bf16 {bf16}, median of {args.rounds - 2} steps per "
-          f"set-up, set-ups alternating\n")
+    print(f"training step (CPU time), {args.threads} thread(s), bf16 {bf16}, freed memory kept "
+          f"{args.keep_freed_memory}, median of {args.rounds - 2} steps per set-up, set-ups alternating\n")
     if len(trees) == 1:
         print("| shape | rows x tokens | xl ms | rec ms | rec / xl | read ms | write ms | replay ms |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -1,5 +1,6 @@
 """Block-Recurrent Transformer (Hutchins et al., NeurIPS 2022) in PyTorch."""
 
+from .host_memory import keep_freed_memory
 from .persistence.checkpoint import from_pretrained, save_pretrained
 from .model.config import PRESETS, BlockRecurrentConfig
 from .inference.evaluation import EvalResult, evaluate
@@ -37,6 +38,7 @@ __all__ = [
     "evaluate",
     "from_pretrained",
     "generate",
+    "keep_freed_memory",
     "save_pretrained",
     "stream",
     "train",

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .host_memory import keep_freed_memory
 from .model.config import PRESETS
 from .tasks.commands import add_eval_task_options, add_tune_command, run_task_eval, run_tune
 from .training.diagnose import (
@@ -419,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    keep_freed_memory()  # every command runs steps that allocate the same tensors again (host_memory)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:

@@ -29,12 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel  # noqa: E402
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, keep_freed_memory  # noqa: E402
 from block_recurrent.tasks import TaskScores, TuneConfig, make_task, plot_heatmap, score, tune  # noqa: E402
 
 
 def run_unit(unit: dict) -> dict:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as brt does
     torch.manual_seed(unit["seed"])
     config = BlockRecurrentConfig.from_name(unit["preset"], **unit["overrides"])
     if unit["model"] in ("xl", "slide"):

@@ -49,6 +49,16 @@ SHAPES = {"1block": (128, 1), "4blocks": (32, 4), "8blocks": (16, 8)}  # rows, b
 BUCKET = 1024  # positions are scored in buckets of this many bytes, pooled into log-spaced ranges
 
 
+def one_thread() -> None:
+    """A worker's set-up: one thread (two workers share the two cores), freed memory kept as brt keeps it."""
+    import torch
+
+    from block_recurrent import keep_freed_memory
+
+    torch.set_num_threads(1)
+    keep_freed_memory()
+
+
 def configs(run: str, seed: int, steps: int, out: Path, data: str | None):
     """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE")."""
     from block_recurrent import BlockRecurrentConfig, TrainConfig
@@ -77,11 +87,9 @@ def held_out(data: str | None):
 
 
 def measure(runs: list[str], rounds: int, data: str | None, out: Path) -> dict:
-    import torch
-
     from block_recurrent.training.trainer import Trainer
 
-    torch.set_num_threads(1)
+    one_thread()
     trainers = {}
     with tempfile.TemporaryDirectory() as folder:
         for run in runs:
@@ -116,7 +124,7 @@ def train_one(unit: tuple) -> dict:
     from block_recurrent.persistence.checkpoint import from_pretrained
     from block_recurrent.training.trainer import train
 
-    torch.set_num_threads(1)
+    one_thread()
     model_config, config = configs(run, seed, steps, Path(out), data)
     began, cpu = time.perf_counter(), time.process_time()
     last = train(model_config, config)
@@ -145,7 +153,7 @@ def diagnose_one(unit: tuple) -> dict:
     from block_recurrent.inference.diagnostics import evaluate_ablated, keep_values, log_curve, whole
     from block_recurrent.persistence.checkpoint import from_pretrained
 
-    torch.set_num_threads(1)
+    one_thread()
     model = from_pretrained(Path(out) / f"{run}-seed{seed}")
     docs = held_out(data)
     record = {"run": run, "seed": seed, "ablations": {}}

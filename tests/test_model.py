@@ -415,6 +415,25 @@ def test_partial_last_block_commits_state_and_memory():
     assert_states_close(state, second)
 
 
+@pytest.mark.parametrize("length", [12, 10, 4])  # whole blocks side by side, a partial last block, one block
+def test_run_without_the_last_write_leaves_the_states_that_block_read(length):
+    """``write_last=False`` changes only the state: the logits and memories are those of a full run, and the states
+    are those after all blocks but the last (the learned initial state's for one block)."""
+    model = make_model()
+    tokens = random_tokens(2, length)
+    logits, state = model.run(tokens)
+    unwritten_logits, unwritten = model.run(tokens, write_last=False)
+    assert torch.equal(unwritten_logits, logits)
+    for a, b in zip(unwritten.memories, state.memories):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    last_start = (length - 1) // TINY["block_width"] * TINY["block_width"]
+    if last_start:
+        expected = model.run(tokens[:, :last_start])[1].states
+    else:
+        expected = (model.cells[0].initial_state.expand(2, -1, -1),)
+    assert_close(unwritten.states[0], expected[0], tol=1e-12)
+    assert not torch.allclose(unwritten.states[0], state.states[0])
+
 def test_reference_usage_example_runs():
     # the reference README's example, unchanged
     model = BlockRecurrentTransformer(

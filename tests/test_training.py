@@ -1,5 +1,7 @@
 """Truncated back-propagation over segments: same loss and gradients as the plain loop where they agree."""
 
+import sys
+
 import pytest
 import torch
 
@@ -142,8 +144,12 @@ def test_replayed_write_gets_the_gradient_of_a_two_block_pass(overrides):
         if not name.startswith("layers.1.attn.cell."):  # the view's parameters also get the replay's gradient
             torch.testing.assert_close(with_replay[name], without[name], rtol=1e-12, atol=1e-12, msg=name)
     assert replayed.loss == plain.loss
-    for a, b in zip(replayed.state.states, plain.state.states):
+    # the last block's write is left to the next call: the result carries the states it starts from
+    assert replayed.state.memories[0].keys.equal(plain.state.memories[0].keys)
+    assert not any(torch.equal(a, b) for a, b in zip(replayed.state.states, plain.state.states))
+    for a, b in zip(wrapper.written_state(replayed).states, plain.state.states):
         assert torch.equal(a, b)
+    assert wrapper.written_state(plain) is plain.state
 
 
 def test_replayed_write_carries_across_calls():
@@ -187,3 +193,14 @@ def test_replayed_write_refuses_what_it_cannot_replay():
     first = wrapper.forward_backward(seq, replay_write=True)
     with pytest.raises(ValueError, match="written_from must be a tuple of 1"):
         wrapper.forward_backward(seq, state=first.state, replay_write=True, written_from=(None, None))
+
+
+def test_keep_freed_memory_takes_effect_with_glibc():
+    import platform
+
+    from block_recurrent import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert isinstance(took, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert took and keep_freed_memory()  # and again: the same settings

@@ -112,32 +112,37 @@ class BlockRecurrentModel(nn.Module):
 
     def commit_block(
         self, state: ModelState, views: Sequence[StateView], blocks: Sequence[tuple[Tensor, Tensor]],
-        *, advance_memories: bool = True,
+        *, advance_memories: bool = True, write: bool = True,
     ) -> ModelState:
         """The state after a block (complete or not) whose raw keys/values per layer are ``blocks``: memories
         advance by the block (unless ``advance_memories`` is False: they already hold it), and each writing layer
-        rewrites its state from the view taken at the block's start and its own keys/values of the block."""
+        rewrites its state from the view taken at the block's start and its own keys/values of the block (unless
+        ``write`` is False: the states stay those the block read, for a caller that writes them later)."""
         memories = state.memories
         if advance_memories:
             memories = tuple(
                 layer.attn.memory.update(memory, keys, values)
                 for layer, memory, (keys, values) in zip(self.layers, state.memories, blocks)
             )
+        if not write:
+            return ModelState(memories, tuple(view.state for view in views))
         states = tuple(
             cell.write(view, *blocks[layer - 1])
             for cell, view, layer in zip(self.cells, views, self.config.recurrent_layers)
         )
         return ModelState(memories, states)
 
-    def forward_block(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state)."""
+    def forward_block(self, x: Tensor, state: ModelState, *, write: bool = True) -> tuple[Tensor, ModelState]:
+        """Run one block of embedded tokens x (B, N <= block_width, D) and commit it: (hidden, next state);
+        ``write``: as in :meth:`commit_block`."""
         views, caches = self.open_block(state, x.shape[0])
         hidden, caches = self.forward_tokens(x, caches, views)
-        return hidden, self.commit_block(state, views, tuple(block_keys(cache) for cache in caches))
+        return hidden, self.commit_block(state, views, tuple(block_keys(cache) for cache in caches), write=write)
 
-    def forward_blocks(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+    def forward_blocks(self, x: Tensor, state: ModelState, *, write_last: bool = True) -> tuple[Tensor, ModelState]:
         """Run n whole blocks of embedded tokens x (B, n * block_width, D) and commit them: the same as n calls of
-        :meth:`forward_block`, with the n blocks side by side in one batch of B * n rows.
+        :meth:`forward_block`, with the n blocks side by side in one batch of B * n rows (``write_last``: the last
+        block's ``write``).
 
         A layer's memory for block i is its own keys/values of block i - 1, known as soon as the layer's input
         is, so every layer runs once for all n blocks; only the recurrent states' writes go block after block
@@ -170,7 +175,7 @@ class BlockRecurrentModel(nn.Module):
             x, _ = layer(x, cache, views, tables, projected)
             last_blocks.append((keys[:, -1], values[:, -1]))
         # a FIFO memory of one block holds exactly the last block, whatever it held before
-        return x.reshape(B, T, D), self.commit_block(state, last_views, last_blocks)
+        return x.reshape(B, T, D), self.commit_block(state, last_views, last_blocks, write=write_last)
 
     def embed(self, tokens: Tensor) -> Tensor:
         return self.token_emb(tokens)
@@ -185,12 +190,14 @@ class BlockRecurrentModel(nn.Module):
         return self.run(tokens, state, reset=reset)
 
     def run(
-        self, tokens: Tensor, state: ModelState | None = None, *, reset: Tensor | None = None
+        self, tokens: Tensor, state: ModelState | None = None, *, reset: Tensor | None = None, write_last: bool = True
     ) -> tuple[Tensor, ModelState]:
         """Logits (B, T, num_tokens) for any number of tokens, processed block by block, and the next state.
 
         ``reset`` (B,) bool marks rows that start a new document: they get an empty memory and the learned
         initial state; the other rows carry on. The returned state keeps the autograd graph.
+        ``write_last=False`` leaves out the last block's state write: the returned states are those that block
+        read (its memories do advance), for a caller that redoes the write anyway (the trainer's replay).
         """
         check_tokens(tokens, self.config.num_tokens, "tokens")
         state = checked_state(self.config, state, tokens.shape[0])
@@ -201,11 +208,12 @@ class BlockRecurrentModel(nn.Module):
         hidden, W = [], self.config.block_width
         whole = x.shape[1] // W * W
         if self.blocks_side_by_side and whole >= 2 * W:  # (a checked state's memories hold at most a block)
-            block, state = self.forward_blocks(x[:, :whole], state)
+            block, state = self.forward_blocks(x[:, :whole], state, write_last=write_last or whole < x.shape[1])
             hidden.append(block)
             x = x[:, whole:]
-        for block in x.split(W, dim=1) if x.shape[1] else ():
-            block, state = self.forward_block(block, state)
+        pieces = x.split(W, dim=1) if x.shape[1] else ()
+        for index, block in enumerate(pieces):
+            block, state = self.forward_block(block, state, write=write_last or index + 1 < len(pieces))
             hidden.append(block)
         return self.logits(torch.cat(hidden, dim=1)), state
 

@@ -39,9 +39,12 @@ class SegmentResult:
 
     loss: Tensor  # detached token-weighted mean loss over the whole sequence
     tokens: int  # number of labels that counted (not ignore_index)
-    state: ModelState  # detached state after the last segment, to continue the documents next step
-    # with ``replay_write``: per recurrent layer, the (detached) state that the last block's write started from
-    # (None: the learned initial state); pass it as the next call's ``written_from``
+    # detached state after the last segment, to continue the documents next step; with ``replay_write`` the last
+    # block's write is left to the next call, which replays it: the recurrent states are still those that block
+    # read (:meth:`SegmentRunner.written_state` writes them, for another use)
+    state: ModelState
+    # with ``replay_write``: per recurrent layer, the (detached) state that the last block's write starts from
+    # (None: the learned initial state); pass it with ``state`` as the next call's ``written_from``
     written_from: tuple[Tensor | None, ...] | None = None
 
 
@@ -111,15 +114,16 @@ class SegmentRunner(nn.Module):
         return state
 
     # the write replayed: with one block per backward pass, the state written at a block's end is first read in
-    # the next pass, after the carry is detached, so no loss reaches the write's parameters. Redoing the last
-    # write at the start of the next pass, from its detached inputs (the state it started from and the block's
+    # the next pass, after the carry is detached, so no loss reaches the write's parameters. Doing the write at
+    # the start of the next pass instead, from its detached inputs (the state it starts from and the block's
     # keys/values, which the writing layer's memory still holds), gives the same state with a graph to the
-    # write's parameters: they learn from the next block's loss, one block deep, at the cost of one write.
+    # write's parameters: they learn from the next block's loss, one block deep. The block's own pass leaves the
+    # write out (``run(write_last=False)``), so the replay costs a write's backward, not a second forward.
 
     def _replayed_write(self, state: ModelState, written_from: tuple[Tensor | None, ...]) -> ModelState:
-        """``state`` with each recurrent state written again from ``written_from`` (the states its last block
-        started from) and that block's keys/values (the end of the writing layer's memory): the same values, with
-        a graph to the write's parameters."""
+        """``state`` with each recurrent state written from ``written_from`` (the states its last block started
+        from) and that block's keys/values (the end of the writing layer's memory), with a graph to the write's
+        parameters."""
         config, W = self.transformer.config, self.transformer.config.block_width
         if not isinstance(written_from, tuple) or len(written_from) != len(config.recurrent_layers):
             raise ValueError(f"written_from must be a tuple of {len(config.recurrent_layers)} states (one per "
@@ -149,7 +153,7 @@ class SegmentRunner(nn.Module):
             state = self._dropout(state)
             if replay_write:
                 entering = state.detach().states
-            logits, state = self.transformer.run(inputs, state)
+            logits, state = self.transformer.run(inputs, state, write_last=not replay_write)
             loss_sum = self.transformer.loss(logits, labels, reduction="sum")
             pending = loss_sum if pending is None else pending + loss_sum
             if (index + 1) % backward_every == 0 or index + 1 == len(segments):
@@ -163,6 +167,15 @@ class SegmentRunner(nn.Module):
                 if replay_write and index + 1 < len(segments):
                     state = self._replayed_write(state, entering)
         return total, state, entering
+
+    def written_state(self, result: SegmentResult) -> ModelState:
+        """``result.state`` with the last block's write done (with the current weights, without a graph): the
+        state after the sequence, for a use other than the next :meth:`forward_backward` (which replays the write
+        itself). Without ``replay_write`` that is ``result.state`` as it is."""
+        if result.written_from is None:
+            return result.state
+        with torch.no_grad():
+            return self._replayed_write(result.state, result.written_from)
 
     def _count(self, segments) -> int:
         ignore = self.transformer.config.ignore_index
@@ -198,10 +211,11 @@ class SegmentRunner(nn.Module):
         mean loss, except that they flow across at most ``backward_every`` segments (the state is detached
         in between). With ``backward_every=1`` they equal those of :meth:`forward`'s loss exactly.
 
-        ``replay_write`` (backward passes of one block only): each pass starts by redoing the previous block's
-        state write with the graph attached, so that the write's parameters learn (see :meth:`_replayed_write`);
-        losses and states are unchanged. ``written_from``: the previous call's ``SegmentResult.written_from``,
-        for the first block of this call (None when the rows carry nothing: a fresh start).
+        ``replay_write`` (backward passes of one block only): each pass starts with the previous block's state
+        write, done with the graph attached, so that the write's parameters learn (see :meth:`_replayed_write`);
+        the losses are unchanged, and the last block's write is left to the next call (``SegmentResult.state``).
+        ``written_from``: the previous call's ``SegmentResult.written_from``, for the first block of this call
+        (None when the rows carry nothing: a fresh start).
         """
         if isinstance(backward_every, bool) or not isinstance(backward_every, int) or backward_every < 1:
             raise ValueError(f"backward_every must be an int >= 1, got {backward_every!r}")
