@@ -31,6 +31,7 @@ from .training.diagnose import (
     add_document_options, add_eval_diagnostics, add_inspect_command, load_documents_for, run_eval_diagnostics,
     run_inspect,
 )
+from .training.run_config import read_text_input
 from .training.train_config import RECIPES, finite_number, recipe
 
 DEFAULT_PRESET = RECIPES["default"]["preset"]
@@ -329,25 +330,11 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _read_text_input(path: str, where: str) -> str:
-    """The UTF-8 text of a file named on the command line (``-``: standard input), or a one-line ValueError."""
-    try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{where}: is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: not UTF-8 text") from None
-    except OSError as error:
-        raise ValueError(f"{where}: {error.strerror}") from None
-
-
 def _prompts_jsonl(path: str) -> list[str]:
     """The "prompt" of every line of a JSON Lines file (``-``: standard input)."""
     where = f"--prompts {path}"
     texts = []
-    for number, line in enumerate(_read_text_input(path, where).splitlines(), 1):
+    for number, line in enumerate(read_text_input(path, where).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -368,7 +355,7 @@ def _prompt_text(args: argparse.Namespace) -> str:
         text, where = args.prompt, "--prompt"
     else:
         where = f"--prompt-file {args.prompt_file}"
-        text = _read_text_input(args.prompt_file, where)
+        text = read_text_input(args.prompt_file, where)
     if not text:
         raise ValueError(f"{where}: the prompt is empty")
     return _utf8(text, where)

@@ -38,6 +38,20 @@ MODEL_KEYS = ("preset", "model_config", "recipe")
 # reading
 
 
+def read_text_input(path: str | Path, where: str) -> str:
+    """The UTF-8 text of a file a user named (``-``: standard input), or a one-line ValueError naming ``where``."""
+    try:
+        return sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where}: is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    except OSError as error:
+        raise ValueError(f"{where}: {error.strerror}") from None
+
+
 def read_run_file(path: str | Path) -> dict[str, Any]:
     """A run file's settings: option names (underscores) -> values, and "model" -> the [model] table.
 
@@ -46,14 +60,9 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     where = f"--config {path}"
+    text = read_text_input(path, where)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{where}: is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: not UTF-8 text") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{where} is not valid TOML ({error})") from None
     settings = {key.replace("-", "_"): value for key, value in data.items()}
