@@ -101,6 +101,7 @@ def main() -> None:
                         help="on top of the model's state_cell_scale (0.1 by default)")
     parser.add_argument("--train-distances", type=int, nargs=2, default=[0, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--curriculum-steps", type=int, default=0)
+    parser.add_argument("--curriculum-loss", type=float, default=0.0)
     parser.add_argument("--loss", default="answer", choices=["answer", "all"])
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
     parser.add_argument("--samples", type=int, default=100)
@@ -119,6 +120,7 @@ def main() -> None:
     tune_settings = dict(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          state_lr_scale=args.state_lr_scale, min_distance=args.train_distances[0],
                          max_distance=args.train_distances[1], curriculum_steps=args.curriculum_steps,
+                         curriculum_loss=args.curriculum_loss,
                          loss=args.loss, log_every=50)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     units = [dict(model=m, seed=s, task=args.task, task_options=pairs(args.task_option), haystack=args.haystack,

@@ -175,6 +175,10 @@ def test_bad_arguments_name_themselves():
         PasskeyTask().example(10, 0, segment_len=0)
     with pytest.raises(ValueError, match="max_distance"):
         TuneConfig(min_distance=10, max_distance=5)
+    with pytest.raises(ValueError, match="curriculum_loss=0.5 paces a curriculum; set curriculum_steps"):
+        TuneConfig(curriculum_loss=0.5)
+    with pytest.raises(ValueError, match="curriculum_loss"):
+        TuneConfig(curriculum_loss=-1.0, curriculum_steps=10)
 
 
 def test_tokenizer_aware(tmp_path):
@@ -268,6 +272,25 @@ def test_tune_lowers_the_answer_loss(tiny):
     before = [p.detach().clone() for p in one_block.cells[0].parameters()]
     tune(one_block, task, TuneConfig(max_steps=2, batch_size=2, max_distance=80, backward_every=1, warmup_steps=0))
     assert any(not torch.equal(a, b) for a, b in zip(before, one_block.cells[0].parameters()))
+
+
+def test_curriculum_paced_by_the_loss_waits_for_it():
+    """With curriculum_loss the largest distance moves only on steps whose recent mean loss is low enough: never
+    for a bar no loss meets, every step after the first window for a bar every loss meets, as the plain schedule."""
+    task = MQARTask(num_pairs=1, key_len=1)
+    settings = dict(max_steps=30, batch_size=2, warmup_steps=0, min_distance=4, max_distance=100, curriculum_steps=25,
+                    log_every=1)
+
+    def largest(**changes):
+        torch.manual_seed(0)
+        model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny"))
+        return [r["largest"] for r in tune(model, task, TuneConfig(**settings, **changes))]
+
+    assert largest(curriculum_loss=1e-9) == [4] * 30  # the loss of an untrained model is far above
+    scheduled = largest()
+    assert scheduled == [TuneConfig(**settings).largest_distance(step) for step in range(30)]
+    # a bar every loss meets: the curriculum starts once 20 losses are in, then moves every step
+    assert largest(curriculum_loss=1e9) == [4] * 20 + scheduled[1:11]
 
 
 def test_heatmap_without_matplotlib(tiny, tmp_path, monkeypatch):

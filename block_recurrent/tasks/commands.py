@@ -30,6 +30,8 @@ TUNE_HELP = {
     "min_distance": "shortest haystack (tokens) trained on",
     "max_distance": "longest haystack (tokens) trained on",
     "curriculum_steps": "grow the longest haystack from --min-distance to --max-distance over these steps (0: off)",
+    "curriculum_loss": "count a curriculum step only while the last 20 steps' mean loss is at most this (nats per "
+                       "token; 0: every step counts)",
     "loss": "answer: loss on the answers only; all: language-model loss on the whole text",
     "backward_every": "back-propagate through this many segments at a time (0: the whole example)",
 }

@@ -1,7 +1,8 @@
 """Fine-tune a model on a task at short distances (then score it far beyond them with :func:`.scoring.score`).
 
 Each step draws one distance for the whole batch (uniform in [min_distance, the current largest]; with a
-curriculum the largest grows linearly from ``min_distance`` to ``max_distance`` over ``curriculum_steps``),
+curriculum the largest grows linearly from ``min_distance`` to ``max_distance`` over ``curriculum_steps``, steps
+that count only while the recent loss is at most ``curriculum_loss`` when that is set),
 builds fresh examples, and runs them through :meth:`SegmentRunner.forward_backward` with the loss on the answers
 (or, with ``loss="all"``, on every next token). AdamW with the trainer's parameter groups (the state cells at
 ``state_lr_scale`` times the learning rate, on top of the model's ``state_cell_scale``), linear warm-up and cosine decay.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +25,9 @@ from ..model.model import BlockRecurrentModel
 from ..training.segments import SegmentRunner, passes_one_block
 from ..training.train_config import check_seed, lr_at
 from .text import TextTask, collate
+
+
+CURRICULUM_WINDOW = 20  # steps whose mean loss paces the curriculum (curriculum_loss)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class TuneConfig:
     max_distance: int = 256
     # the largest distance grows linearly from min_distance to max_distance over this many steps (0: no curriculum)
     curriculum_steps: int = 0
+    # > 0: a step moves the curriculum on only while the mean loss of the last CURRICULUM_WINDOW steps is at most
+    # this (nats per token), so that a model still learning the task at short distances is not pushed out of them
+    curriculum_loss: float = 0.0
     # "answer": the loss on the answers' tokens only; "all": the language-model loss on the whole text
     loss: str = "answer"
     # back-propagate through this many segments (max_seq_len tokens) at a time; 0: the whole example at once
@@ -66,8 +74,12 @@ class TuneConfig:
         check_float("beta2", self.beta2, 0.0, 1.0, open_high=True)
         check_float("grad_clip", self.grad_clip, 0.0)
         check_choice("loss", self.loss, ("answer", "all"))
+        check_float("curriculum_loss", self.curriculum_loss, 0.0)
+        if self.curriculum_loss > 0 and self.curriculum_steps == 0:
+            raise ValueError(f"curriculum_loss={self.curriculum_loss} paces a curriculum; set curriculum_steps > 0")
 
     def largest_distance(self, step: int) -> int:
+        """The largest distance after ``step`` steps of the curriculum."""
         if self.curriculum_steps == 0 or step >= self.curriculum_steps:
             return self.max_distance
         return self.min_distance + (self.max_distance - self.min_distance) * step // self.curriculum_steps
@@ -81,7 +93,7 @@ def tune(
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place on ``task``; returns the logged records (step, mean loss and distance since the
-    last record, lr, seconds). ``log`` is called with each record."""
+    last record, the largest distance of the last step, lr, seconds). ``log`` is called with each record."""
     from ..training.trainer import parameter_groups  # the optimiser's groups, as the trainer makes them
 
     if not isinstance(model, BlockRecurrentModel):
@@ -100,12 +112,14 @@ def tune(
     rng = np.random.default_rng(config.seed)  # the examples; the weights' randomness is the caller's
     model.train()
     records, window, began = [], [], time.perf_counter()
+    paced, recent = 0, deque(maxlen=CURRICULUM_WINDOW)  # curriculum steps taken; the last steps' losses
     for step in range(config.max_steps):
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # one distance per step: the rows then have the same length (for bytes), with no padding to run
-        distance = int(rng.integers(config.min_distance, config.largest_distance(step) + 1))
+        largest = config.largest_distance(paced if config.curriculum_loss > 0 else step)
+        distance = int(rng.integers(config.min_distance, largest + 1))
         # needles kept clear of segment boundaries: a segment's backward pass never sees half a needle
         examples = task.examples(config.batch_size, distance, rng, segment_len=mc.max_seq_len)
         batch = collate(examples, multiple=mc.max_seq_len, ignore_index=mc.ignore_index, lm_loss=config.loss == "all")
@@ -123,9 +137,12 @@ def tune(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         window.append((loss, distance))
+        recent.append(loss)
+        if len(recent) == recent.maxlen and sum(recent) / len(recent) <= config.curriculum_loss:
+            paced += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
             record = {"step": step + 1, "loss": sum(l for l, _ in window) / len(window),
-                      "distance": sum(d for _, d in window) / len(window), "lr": lr,
+                      "distance": sum(d for _, d in window) / len(window), "largest": largest, "lr": lr,
                       "seconds": round(time.perf_counter() - began, 2)}
             records.append(record)
             window = []
