@@ -91,7 +91,8 @@ def test_answers_are_right():
         assert needle == f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
         assert decode(e.tokens).startswith("There is an important info hidden")
         assert decode(e.tokens).endswith(f"\nWhat is the pass key? The pass key is{answer_text(e)}")
-    for e in MQARTask(num_pairs=6, key_len=1, value_len=2).examples(5, 500, 3):
+    assert all(len(e.answers) == 1 for e in MQARTask().examples(3, 100, 0))  # one query: no answer by elimination
+    for e in MQARTask(num_pairs=6, num_queries=6, key_len=1, value_len=2).examples(5, 500, 3):
         pairs = dict(re.fullmatch(r" (\w)=(\d\d) ", decode(e.tokens[s:t])).groups() for s, t in e.needles)
         assert len(pairs) == 6 and len(e.answers) == 6
         for a in e.answers:

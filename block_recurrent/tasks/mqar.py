@@ -2,10 +2,17 @@
 
 ``num_pairs`` key-value pairs (" ab=7 ": ``key_len`` lowercase letters, distinct within an example, and
 ``value_len`` decimal digits) are spread over the haystack at independent uniform depths; after it, a newline and
-``num_queries`` of the keys in random order (" ab=", answered by its value, teacher-forced as in Zoology). Each
-query's value is scored by exact match of its tokens; values are uniform and independent of the keys, so chance is
-10 ** -value_len. Pairs that land within the attention window of their query are readable without memory: the
-depth of each answer's pair says which ones did (a depth near 1 is close to the queries).
+``num_queries`` of the keys in random order (" ab=", answered by its value). Each query's value is scored by exact
+match of its tokens; values are uniform and independent of the keys, so chance is 10 ** -value_len. Pairs that land
+within the attention window of their query are readable without memory: the depth of each answer's pair says which
+ones did (a depth near 1 is close to the queries).
+
+One query per example by default. Each answer is written into the text before the next query (a multi-token answer
+must be teacher-forced), so with every key queried a model that ignores the keys can answer by elimination: the
+last query's value is the one not yet given. For four pairs of one digit that shortcut alone scores 0.59 exact match
+(docs/experiments/2026-12-05-long-context-tasks.md). Zoology's MQAR never puts the answers in the input. With one
+query the best a model can do without looking the key up is to know the bag of values: about 1 / num_pairs (0.39
+for four pairs of one digit, with repeats).
 """
 
 from __future__ import annotations
@@ -23,11 +30,10 @@ class MQARTask(TextTask):
     name = "mqar"
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, num_pairs: int = 4,
-                 num_queries: int | None = None, key_len: int = 2, value_len: int = 1):
+                 num_queries: int = 1, key_len: int = 2, value_len: int = 1):
         check_int("key_len", key_len, 1, 4)
         check_int("value_len", value_len, 1, 8)
         check_int("num_pairs", num_pairs, 1, len(LETTERS) ** key_len)
-        num_queries = num_pairs if num_queries is None else num_queries
         check_int("num_queries", num_queries, 1, num_pairs)
         super().__init__(tokenizer, haystack, split)
         self.num_pairs, self.num_queries, self.key_len, self.value_len = num_pairs, num_queries, key_len, value_len
