@@ -103,10 +103,14 @@ def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
     sim = q @ k.transpose(-1, -2)  # (B, K, G * N, J)
     if scale != 1.0:  # (L2-normalised attention has its temperature in the queries)
         sim = sim * scale
+    if mask is not None:
+        # the mask as an additive bias of the mask's small shape: an add's backward passes the gradient through,
+        # where masked_fill's is a second masked pass over the logits
+        fill = torch.zeros(mask.shape, dtype=sim.dtype, device=sim.device)
+        fill.masked_fill_(~mask, torch.finfo(sim.dtype).min)
+        bias = fill if bias is None else bias + fill
     if bias is not None:
         sim = sim + bias
-    if mask is not None:
-        sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
     weights = sim.softmax(dim=-1, dtype=torch.promote_types(sim.dtype, torch.float32))
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
