@@ -137,9 +137,10 @@ def tune(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         window.append((loss, distance))
-        recent.append(loss)
-        if len(recent) == recent.maxlen and sum(recent) / len(recent) <= config.curriculum_loss:
-            paced += 1
+        if config.curriculum_loss > 0:
+            recent.append(loss)
+            if len(recent) == recent.maxlen and sum(recent) / len(recent) <= config.curriculum_loss:
+                paced += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
             record = {"step": step + 1, "loss": sum(l for l, _ in window) / len(window),
                       "distance": sum(d for _, d in window) / len(window), "largest": largest, "lr": lr,
