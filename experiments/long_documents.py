@@ -14,7 +14,8 @@ settings (AdamW at 3e-3, the state cells at 0.1x, the write replayed where a pas
 block cached) and ``slide`` (no recurrence and no cache: each token sees exactly the 16 before it, and one layer
 more, as the paper's Slide:13 against 12). Shapes: ``1block`` (128 rows of one block per step, the segments of
 every recipe so far) and ``8blocks`` (16 rows of eight blocks: the state's gradient spans eight writes, as the
-paper's segments do); both read 2,048 bytes per step.
+paper's segments do); both read 2,048 bytes per step. ``--preset hour``: the hour recipe's width and blocks (192,
+blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``.
 
 1. ``measure`` times each variant's training step (the trainer's own ``train_step``) side by side in one process,
    one thread, alternating, in CPU time, and writes runs/long-docs/step_times.json.
@@ -59,13 +60,20 @@ def one_thread() -> None:
     keep_freed_memory()
 
 
-def configs(run: str, seed: int, steps: int, out: Path, data: str | None):
+# the model's width and block size: mini's (the record's runs), or the hour recipe's (width 192, blocks of 32) with
+# mini's cell (the LSTM gate at +3, slow state cells), where a Rec step costs less against an XL step
+PRESETS = {"mini": {}, "hour": dict(gate="lstm", gate_keep_init=3.0, state_cell_scale=0.1)}
+
+
+def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset: str = "mini"):
     """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE")."""
     from block_recurrent import BlockRecurrentConfig, TrainConfig
 
     variant, shape = run.split("-")
     rows, blocks = SHAPES[shape]
-    model = BlockRecurrentConfig.from_name("mini", max_seq_len=16 * blocks, **VARIANTS[variant])
+    width = BlockRecurrentConfig.from_name(preset).block_width
+    model = BlockRecurrentConfig.from_name(preset, max_seq_len=width * blocks,
+                                           **{**PRESETS[preset], **VARIANTS[variant]})
     train = TrainConfig(data=data, documents="package", batch_size=rows, max_steps=steps, seed=seed, bf16=True,
                         out_dir=str(out / f"{run}-seed{seed}"), eval_every=0, checkpoint_every=0, sample_tokens=0,
                         final_eval=False, progress=False, keep_last=1, log_every=50)
@@ -86,14 +94,14 @@ def held_out(data: str | None):
 # 1. step times, side by side
 
 
-def measure(runs: list[str], rounds: int, data: str | None, out: Path) -> dict:
+def measure(runs: list[str], rounds: int, data: str | None, out: Path, preset: str = "mini") -> dict:
     from block_recurrent.training.trainer import Trainer
 
     one_thread()
     trainers = {}
     with tempfile.TemporaryDirectory() as folder:
         for run in runs:
-            model, train = configs(run, 0, 10**6, Path(folder), data)
+            model, train = configs(run, 0, 10**6, Path(folder), data, preset)
             trainers[run] = Trainer(model, train)
         times = {run: [] for run in runs}
         for round_ in range(rounds):
@@ -116,7 +124,7 @@ def measure(runs: list[str], rounds: int, data: str | None, out: Path) -> dict:
 
 
 def train_one(unit: tuple) -> dict:
-    run, seed, steps, out, data = unit
+    run, seed, steps, out, data, preset = unit
     import torch
 
     from block_recurrent.inference.diagnostics import log_curve, whole
@@ -125,7 +133,7 @@ def train_one(unit: tuple) -> dict:
     from block_recurrent.training.trainer import train
 
     one_thread()
-    model_config, config = configs(run, seed, steps, Path(out), data)
+    model_config, config = configs(run, seed, steps, Path(out), data, preset)
     began, cpu = time.perf_counter(), time.process_time()
     last = train(model_config, config)
     trained, trained_cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -289,11 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--data", default=None, help="a folder of packages instead of the built-in corpus")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--preset", default="mini", choices=sorted(PRESETS), help="the model's width and blocks")
     args = parser.parse_args(argv)
     out = Path(args.out)
 
     if args.command == "measure":
-        result = measure(args.runs, args.rounds, args.data, out)
+        result = measure(args.runs, args.rounds, args.data, out, args.preset)
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
             xl = result.get("xl-" + run.split("-")[1], r)
@@ -301,9 +310,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['step_s'] / xl['step_s']:.3f} |")
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
-        units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data)
-                 for seed in args.seeds for run in args.runs]
-        print("steps: " + ", ".join(f"{run} seed {seed}: {steps}" for run, seed, steps, _, _ in units), flush=True)
+        units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data,
+                  args.preset) for seed in args.seeds for run in args.runs]
+        print("steps: " + ", ".join(f"{unit[0]} seed {unit[1]}: {unit[2]}" for unit in units), flush=True)
         for result in map_units(train_one, units, args.jobs, start="spawn"):
             print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "
                   f"held-out {result['held_out_bpb']:.4f}", flush=True)

@@ -122,6 +122,11 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     assert "| 2 | gate (lstm) |" in out_text and (tmp_path / "positions.png").exists()
     experiment("document_lengths").main(["--data", str(data)])
     assert "| held out | 1 |" in capsys.readouterr().out
+    # --preset hour: the hour recipe's width and blocks with mini's cell; XL without the recurrence
+    rec, train = ld.configs("rec-8blocks", 1, 10, out, None, "hour")
+    xl, _ = ld.configs("xl-8blocks", 1, 10, out, None, "hour")
+    assert (rec.dim, rec.block_width, rec.max_seq_len, rec.gate, rec.state_cell_scale) == (192, 32, 256, "lstm", 0.1)
+    assert xl.recurrent_layers == () and xl.dim == 192 and train.batch_size == 16
 
 
 def test_harness_optimizer_takes_the_trainers_groups_and_the_recall_levers():

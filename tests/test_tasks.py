@@ -105,6 +105,33 @@ def test_answers_are_right():
             assert _babi_answer(facts, question) == answer_text(e).strip()
 
 
+def test_hidden_answers_never_reach_the_input():
+    """MQAR with hidden answers: every answer digit is labelled and shown as "?" in the input, so no query reads an
+    earlier answer (no elimination); the rest of the input is the text as it is."""
+    task = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2, hidden_answers=True)
+    examples = task.examples(4, 300, 3)
+    for lm_loss in (False, True):
+        batch = collate(examples, multiple=16, lm_loss=lm_loss)
+        for row, e in enumerate(examples):
+            # input position p shows token p; the text's last token is never an input
+            answered = [p for a in e.answers for p in range(a.start, a.start + a.length) if p < len(e.tokens) - 1]
+            inputs = batch.inputs[row]
+            assert decode(inputs[answered]) == "?" * len(answered)
+            kept = [p for p in range(len(e.tokens) - 1) if p not in answered]
+            assert inputs[kept].tolist() == e.tokens[kept].tolist()
+            queries = decode(inputs[e.answers[0].start - 4 : len(e.tokens) - 1])
+            assert re.fullmatch(r"\n( \w=\?\?){4} \w=\?", queries)  # no digit after the haystack
+            for a in e.answers:  # labels: the true digits at the positions that predict them
+                span = slice(a.start - 1, a.start - 1 + a.length)
+                assert batch.labels[row, span].tolist() == e.tokens[a.start : a.start + a.length].tolist()
+                assert re.fullmatch(r"\d\d", answer_text(e, e.answers.index(a)))
+    visible = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2).examples(4, 300, 3)
+    assert [e.tokens.tolist() for e in visible] == [e.tokens.tolist() for e in examples]  # the same text
+    assert task.describe()["hidden_answers"] and not MQARTask().describe()["hidden_answers"]
+    with pytest.raises(TypeError, match="hidden_answers"):
+        MQARTask(hidden_answers=1)
+
+
 def _babi_answer(facts, asked):
     """Where ``asked`` (a person or an object) is after ``facts``, by a reading independent of the generator."""
     place, holder, left = {}, {}, {}

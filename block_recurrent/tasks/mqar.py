@@ -10,9 +10,11 @@ ones did (a depth near 1 is close to the queries).
 One query per example by default. Each answer is written into the text before the next query (a multi-token answer
 must be teacher-forced), so with every key queried a model that ignores the keys can answer by elimination: the
 last query's value is the one not yet given. For four pairs of one digit that shortcut alone scores 0.59 exact match
-(docs/experiments/2026-12-05-long-context-tasks.md). Zoology's MQAR never puts the answers in the input. With one
-query the best a model can do without looking the key up is to know the bag of values: about 1 / num_pairs (0.39
-for four pairs of one digit, with repeats).
+(docs/experiments/2026-12-05-long-context-tasks.md). ``hidden_answers=True`` closes it as Zoology's MQAR does: the
+input shows "?" in place of every answer digit (" ab=? cd=?"), so any number of queries can be asked, each a test of
+its key; the digits of a value are then predicted side by side. With one query, or with hidden answers, the best a
+model can do without looking the key up is to know the bag of values: about 1 / num_pairs (0.39 for four pairs of
+one digit, with repeats).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..model.checks import check_int
 from .text import Example, Query, TextTask, compose, spread_offsets
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MASK = "?"  # what the input shows in place of each digit of a hidden answer
 NO_PREFIX = np.zeros(0, dtype=np.int64)
 
 
@@ -30,13 +33,22 @@ class MQARTask(TextTask):
     name = "mqar"
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, num_pairs: int = 4,
-                 num_queries: int = 1, key_len: int = 2, value_len: int = 1):
+                 num_queries: int = 1, key_len: int = 2, value_len: int = 1, hidden_answers: bool = False):
         check_int("key_len", key_len, 1, 4)
         check_int("value_len", value_len, 1, 8)
         check_int("num_pairs", num_pairs, 1, len(LETTERS) ** key_len)
         check_int("num_queries", num_queries, 1, num_pairs)
+        if not isinstance(hidden_answers, bool):
+            raise TypeError(f"hidden_answers must be a bool, got {type(hidden_answers).__name__}")
         super().__init__(tokenizer, haystack, split)
         self.num_pairs, self.num_queries, self.key_len, self.value_len = num_pairs, num_queries, key_len, value_len
+        self.hidden_answers = hidden_answers
+        self.mask = None
+        if hidden_answers:
+            mask = self.encode(MASK)
+            if len(mask) != 1:
+                raise ValueError(f"hidden_answers needs a tokenizer that writes {MASK!r} as one token")
+            self.mask = int(mask[0])
 
     @property
     def chance(self) -> float:
@@ -59,9 +71,9 @@ class MQARTask(TextTask):
         queries = []
         for n, i in enumerate(rng.permutation(self.num_pairs)[: self.num_queries]):
             question = self.encode(("" if n else "\n") + f" {keys[i]}=")  # a newline ends the haystack
-            queries.append(Query(question, self.encode(values[i]), supports=(int(i),)))
+            queries.append(Query(question, self.encode(values[i]), supports=(int(i),), mask=self.mask))
         return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
 
     def describe(self) -> dict:
         return {**super().describe(), "num_pairs": self.num_pairs, "num_queries": self.num_queries,
-                "key_len": self.key_len, "value_len": self.value_len}
+                "key_len": self.key_len, "value_len": self.value_len, "hidden_answers": self.hidden_answers}

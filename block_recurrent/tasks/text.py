@@ -9,7 +9,9 @@ position of every needle and answer is known in tokens, for bytes and subword vo
 farthest), and a needle's ``depth`` is the share of the haystack before it: 0 puts it at the haystack's start,
 ``distance`` tokens before the question, 1 right before the question. Answers are scored by exact match of all
 their tokens under teacher forcing: every answer token is the argmax given the true tokens before it, which is
-exactly when greedy decoding would write the whole answer.
+exactly when greedy decoding would write the whole answer. A task may hide an answer from the input (a mask token
+in its place, :attr:`Answer.mask`): then no later part of the example can read it, and its tokens are predicted
+side by side.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class Answer:
     length: int
     depth: float  # the depth of the (earliest) needle the answer needs
     gap: int  # tokens from that needle's end to the answer's start
+    # a hidden answer: the input shows this token in place of each of the answer's tokens, so no later query can
+    # read it (Zoology's MQAR); its tokens are then predicted side by side, not teacher-forced. None: in the input
+    mask: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class Query:
     question: np.ndarray
     answer: np.ndarray
     supports: tuple[int, ...]
+    mask: int | None = None  # hide the answer from the input behind this token (see Answer.mask)
 
 
 def place_needles(
@@ -198,7 +204,8 @@ def compose(
         pieces += [query.question, query.answer]
         position += len(query.question)
         farthest = min(query.supports, key=lambda i: spans[i][0])
-        answers.append(Answer(position, len(query.answer), depths[farthest], position - spans[farthest][1]))
+        answers.append(Answer(position, len(query.answer), depths[farthest], position - spans[farthest][1],
+                              query.mask))
         position += len(query.answer)
     return Example(np.concatenate(pieces).astype(np.int64), tuple(answers), tuple(spans), distance, cut)
 
@@ -220,7 +227,8 @@ def check_distance(distance: int, depth: float | None) -> None:
 @dataclass(frozen=True)
 class TaskBatch:
     """Examples side by side, right-padded (padding after an example never changes what it scores, as the model is
-    causal). Position t of ``inputs`` predicts ``labels[:, t]``."""
+    causal). Position t of ``inputs`` predicts ``labels[:, t]``; hidden answers show their mask token in
+    ``inputs``."""
 
     inputs: Tensor  # (B, T) long
     labels: Tensor  # (B, T) long: the answers' tokens (every token with ``lm_loss``), else ignore_index
@@ -246,6 +254,8 @@ def collate(
         for answer in example.answers:  # position start - 1 predicts the answer's first token
             labels[row, answer.start - 1 : answer.start - 1 + answer.length] = example.tokens[
                 answer.start : answer.start + answer.length]
+            if answer.mask is not None:  # input position p shows token p
+                inputs[row, answer.start : min(answer.start + answer.length, n)] = answer.mask
     return TaskBatch(torch.from_numpy(inputs), torch.from_numpy(labels), tuple(examples))
 
 
