@@ -24,7 +24,9 @@ blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``.
    held-out packages (whole split and by position in the document, log-spaced to 1 MB) and appended to
    runs/long-docs/results.jsonl.
 3. ``diagnose`` scores trained runs with the state / the memory dropped after every block, and the keep values.
-4. ``report`` prints the tables and plots the per-position curves.
+4. ``documents`` scores trained runs package by package; ``stream`` compares the runs' training streams (their
+   logged bits per byte, unseen text while in the first epoch) at equal steps and at equal shares of the budget.
+5. ``report`` prints the tables and plots the per-position curves.
 """
 
 from __future__ import annotations
@@ -179,7 +181,82 @@ def diagnose_one(unit: tuple) -> dict:
     return record
 
 
-# 4. tables and plots
+# 4. per package, and the training stream
+
+
+def held_out_names(data: str | None) -> list[str]:
+    from block_recurrent.training.packages import source_documents, split_source
+
+    return [d.name for d in split_source(source_documents(data, documents="package"), "package")[1]]
+
+
+def documents_one(unit: tuple) -> dict:
+    """Held-out bits per byte of a trained run, package by package (each from a fresh state)."""
+    run, seed, out, data = unit
+    import torch
+
+    from block_recurrent.inference.evaluation import evaluate_documents
+    from block_recurrent.persistence.checkpoint import from_pretrained
+
+    one_thread()
+    model = from_pretrained(Path(out) / f"{run}-seed{seed}")
+    docs = held_out(data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = evaluate_documents(model, docs)
+    return {"run": run, "seed": seed, "packages": [
+        {"name": name, "bytes": len(doc), "bpb": r.bits_per_byte} for name, doc, r in zip(held_out_names(data), docs, results)]}
+
+
+def documents_table(records: list[dict]) -> str:
+    """Packages as rows, runs as columns, and each run against the first."""
+    head = [f"{r['run']} s{r['seed']}" for r in records]
+    lines = ["| package | bytes | " + " | ".join(head) + " | " + " | ".join(f"{h} - {head[0]}" for h in head[1:]) + " |",
+             "|---|---:|" + "---:|" * (2 * len(records) - 1)]
+    for i, package in enumerate(records[0]["packages"]):
+        bpbs = [r["packages"][i]["bpb"] for r in records]
+        lines.append(f"| {package['name']} | {package['bytes']:,} | " + " | ".join(f"{b:.4f}" for b in bpbs) + " | "
+                     + " | ".join(f"{b - bpbs[0]:+.4f}" for b in bpbs[1:]) + " |")
+    return "\n".join(lines)
+
+
+def stream_table(out: Path, runs: list[str], seeds: list[int], window: int = 500) -> str:
+    """The training stream's bits per byte (the trainer's logged means: text the run had not trained on while the
+    stream is in its first epoch), each run against the first: at equal steps, in windows of ``window`` steps, and
+    at equal shares of each run's own budget (fifths of its wall-clock)."""
+    import numpy as np
+
+    lines = []
+    for seed in seeds:
+        logs = {}
+        for run in runs:
+            rows = [r for r in load(out / f"{run}-seed{seed}" / "metrics.jsonl") if "bpb" in r]
+            logs[run] = {k: np.array([r[k] for r in rows]) for k in ("step", "bpb", "elapsed_s", "tokens_seen")}
+        first, others = runs[0], runs[1:]
+        lines += [f"seed {seed}, equal steps:", "", "| steps | MB read | " + " | ".join(f"{o} - {first}" for o in others) + " |",
+                  "|---:|---:|" + "---:|" * len(others)]
+        last = min(int(log["step"].max()) for log in logs.values())
+        for begin in range(0, last, window):
+            inside = {run: (log["step"] > begin) & (log["step"] <= begin + window) for run, log in logs.items()}
+            if not all(m.any() for m in inside.values()):
+                continue
+            base = logs[first]["bpb"][inside[first]].mean()
+            read = logs[first]["tokens_seen"][inside[first]].max() / 1e6
+            lines.append(f"| {begin}-{begin + window} | {read:.1f} | " + " | ".join(
+                f"{logs[o]['bpb'][inside[o]].mean() - base:+.3f}" for o in others) + " |")
+        lines += ["", f"seed {seed}, equal shares of the budget:", "", "| share | " + " | ".join(runs) + " |",
+                  "|---|" + "---:|" * len(runs)]
+        for k in range(5):
+            cells = []
+            for run in runs:
+                elapsed = logs[run]["elapsed_s"]
+                inside = (elapsed > k / 5 * elapsed.max()) & (elapsed <= (k + 1) / 5 * elapsed.max())
+                cells.append(f"{logs[run]['bpb'][inside].mean():.3f}" if inside.any() else "-")
+            lines.append(f"| {k / 5:.1f}-{(k + 1) / 5:.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# 5. tables and plots
 
 
 def append(path: Path, record: dict) -> None:
@@ -285,7 +362,7 @@ def report(out: Path, plot: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("measure", "train", "diagnose", "report"))
+    parser.add_argument("command", choices=("measure", "train", "diagnose", "documents", "stream", "report"))
     runs = [f"{v}-{s}" for s in SHAPES for v in VARIANTS]
     parser.add_argument("--runs", nargs="+", choices=runs, default=[r for r in runs if "4blocks" not in r])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -321,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         for record in map_units(diagnose_one, units, args.jobs, start="spawn"):
             print(f"{record['run']} seed {record['seed']}: " + ", ".join(
                 f"{drop} dropped {a['held_out_bpb']:.4f}" for drop, a in record["ablations"].items()), flush=True)
+    elif args.command == "documents":
+        units = [(run, seed, str(out), args.data) for seed in args.seeds for run in args.runs]
+        print(documents_table(list(map_units(documents_one, units, args.jobs, start="spawn"))))
+    elif args.command == "stream":
+        print(stream_table(out, args.runs, args.seeds))
     else:
         print(report(out, args.plot))
 

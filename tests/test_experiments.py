@@ -116,6 +116,12 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     assert "| rec-8blocks | 0.90 M |" in capsys.readouterr().out
     ld.main(["train", "--runs", "rec-8blocks", "xl-8blocks", "--max-steps", "2", *common])
     ld.main(["diagnose", "--runs", "rec-8blocks", "--drop", "state", *common])
+    ld.main(["documents", "--runs", "rec-8blocks", "xl-8blocks", *common])
+    table = capsys.readouterr().out
+    assert "| package | bytes | rec-8blocks s0 | xl-8blocks s0 | xl-8blocks s0 - rec-8blocks s0 |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "package" not in line]) == 1
+    ld.main(["stream", "--runs", "rec-8blocks", "xl-8blocks", *common])
+    assert "seed 0, equal shares of the budget:\n\n| share | rec-8blocks | xl-8blocks |" in capsys.readouterr().out
     ld.main(["report", "--plot", str(tmp_path / "positions.png"), *common])
     out_text = capsys.readouterr().out
     assert "| rec-8blocks | 0 | 0.90 M | 2 |" in out_text and "| state dropped after every block |" in out_text
@@ -127,6 +133,19 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     xl, _ = ld.configs("xl-8blocks", 1, 10, out, None, "hour")
     assert (rec.dim, rec.block_width, rec.max_seq_len, rec.gate, rec.state_cell_scale) == (192, 32, 256, "lstm", 0.1)
     assert xl.recurrent_layers == () and xl.dim == 192 and train.batch_size == 16
+
+
+def test_mqar_lookup_runs_both_models_and_both_layouts(capsys):
+    lookup = experiment("mqar_lookup")
+    lookup.main(["ours", "2", "1e-3"])
+    lookup.main(["plain", "2", "1e-3"])
+    lookup.main(["ours", "2", "1e-3", "format=zoology", "qk_rmsnorm_scale=8"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["ours", "step", "2"], ["plain", "step", "2"], ["ours", "step", "2"]]
+    x, y = lookup.zoology(3, __import__("numpy").random.default_rng(0))
+    for row in range(3):  # each query key's label is the value that followed that key
+        pairs = {int(x[row, i]): int(x[row, i + 1]) for i in range(0, 16, 2)}
+        assert [pairs[int(x[row, p])] for p in range(17, 25)] == y[row, 17:25].tolist()
 
 
 def test_harness_optimizer_takes_the_trainers_groups_and_the_recall_levers():

@@ -132,6 +132,23 @@ def test_hidden_answers_never_reach_the_input():
         MQARTask(hidden_answers=1)
 
 
+def test_mqar_separator_stands_between_key_and_value():
+    """separator="" writes the value right after its key (" k7 ", asked " k"), as Zoology lays its pairs out."""
+    for separator in ("", "=", ":"):
+        task = MQARTask(num_pairs=4, num_queries=4, key_len=1, separator=separator)
+        for e in task.examples(3, 100, 5):
+            pairs = dict(re.fullmatch(rf" (\w){re.escape(separator)}(\d) ", decode(e.tokens[s:t])).groups()
+                         for s, t in e.needles)
+            for i, a in enumerate(e.answers):
+                key = decode(e.tokens[a.start - 1 - len(separator) : a.start - len(separator)])
+                assert decode(e.tokens[a.start - len(separator) : a.start]) == separator
+                assert pairs[key] == answer_text(e, i)
+        assert task.describe()["separator"] == separator
+    for bad in ("a", " ", "\n"):
+        with pytest.raises(ValueError, match="separator"):
+            MQARTask(separator=bad)
+
+
 def _babi_answer(facts, asked):
     """Where ``asked`` (a person or an object) is after ``facts``, by a reading independent of the generator."""
     place, holder, left = {}, {}, {}

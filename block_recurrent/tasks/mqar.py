@@ -5,7 +5,10 @@
 ``num_queries`` of the keys in random order (" ab=", answered by its value). Each query's value is scored by exact
 match of its tokens; values are uniform and independent of the keys, so chance is 10 ** -value_len. Pairs that land
 within the attention window of their query are readable without memory: the depth of each answer's pair says which
-ones did (a depth near 1 is close to the queries).
+ones did (a depth near 1 is close to the queries). ``separator`` stands between a key and its value; "" writes
+" ab7 " and asks " ab", Zoology's layout, where the value follows its key directly: the lookup is then what a
+two-layer induction head does, and a small model learns it in hundreds of steps where with "=" it had not in
+thousands (docs/experiments/2026-12-06-mqar-lookup.md).
 
 One query per example by default. Each answer is written into the text before the next query (a multi-token answer
 must be teacher-forced), so with every key queried a model that ignores the keys can answer by elimination: the
@@ -33,16 +36,19 @@ class MQARTask(TextTask):
     name = "mqar"
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, num_pairs: int = 4,
-                 num_queries: int = 1, key_len: int = 2, value_len: int = 1, hidden_answers: bool = False):
+                 num_queries: int = 1, key_len: int = 2, value_len: int = 1, hidden_answers: bool = False,
+                 separator: str = "="):
         check_int("key_len", key_len, 1, 4)
         check_int("value_len", value_len, 1, 8)
         check_int("num_pairs", num_pairs, 1, len(LETTERS) ** key_len)
         check_int("num_queries", num_queries, 1, num_pairs)
+        if not isinstance(separator, str) or any(c.isalnum() or c.isspace() for c in separator):
+            raise ValueError(f"separator must be a string of punctuation (or empty), got {separator!r}")
         if not isinstance(hidden_answers, bool):
             raise TypeError(f"hidden_answers must be a bool, got {type(hidden_answers).__name__}")
         super().__init__(tokenizer, haystack, split)
         self.num_pairs, self.num_queries, self.key_len, self.value_len = num_pairs, num_queries, key_len, value_len
-        self.hidden_answers = hidden_answers
+        self.hidden_answers, self.separator = hidden_answers, separator
         self.mask = None
         if hidden_answers:
             mask = self.encode(MASK)
@@ -65,15 +71,16 @@ class MQARTask(TextTask):
         # distinct keys (a repeated key would have two answers); values independent of keys: chance 10 ** -value_len
         keys = [self._key(int(i)) for i in rng.choice(len(LETTERS) ** self.key_len, self.num_pairs, replace=False)]
         values = ["".join(str(d) for d in rng.integers(0, 10, size=self.value_len)) for _ in keys]
-        needles = [self.encode(f" {k}={v} ") for k, v in zip(keys, values)]
+        needles = [self.encode(f" {k}{self.separator}{v} ") for k, v in zip(keys, values)]
         offsets = spread_offsets(self.num_pairs, distance, rng)
         haystack = self.haystack.take(distance, rng)
         queries = []
         for n, i in enumerate(rng.permutation(self.num_pairs)[: self.num_queries]):
-            question = self.encode(("" if n else "\n") + f" {keys[i]}=")  # a newline ends the haystack
+            question = self.encode(("" if n else "\n") + f" {keys[i]}{self.separator}")  # a newline ends the haystack
             queries.append(Query(question, self.encode(values[i]), supports=(int(i),), mask=self.mask))
         return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
 
     def describe(self) -> dict:
         return {**super().describe(), "num_pairs": self.num_pairs, "num_queries": self.num_queries,
-                "key_len": self.key_len, "value_len": self.value_len, "hidden_answers": self.hidden_answers}
+                "key_len": self.key_len, "value_len": self.value_len, "hidden_answers": self.hidden_answers,
+                "separator": self.separator}
