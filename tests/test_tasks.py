@@ -92,7 +92,7 @@ def test_answers_are_right():
         assert decode(e.tokens).startswith("There is an important info hidden")
         assert decode(e.tokens).endswith(f"\nWhat is the pass key? The pass key is{answer_text(e)}")
     assert all(len(e.answers) == 1 for e in MQARTask().examples(3, 100, 0))  # one query: no answer by elimination
-    for e in MQARTask(num_pairs=6, num_queries=6, key_len=1, value_len=2).examples(5, 500, 3):
+    for e in MQARTask(num_pairs=6, num_queries=6, key_len=1, value_len=2, separator="=").examples(5, 500, 3):
         pairs = dict(re.fullmatch(r" (\w)=(\d\d) ", decode(e.tokens[s:t])).groups() for s, t in e.needles)
         assert len(pairs) == 6 and len(e.answers) == 6
         for a in e.answers:
@@ -108,7 +108,7 @@ def test_answers_are_right():
 def test_hidden_answers_never_reach_the_input():
     """MQAR with hidden answers: every answer digit is labelled and shown as "?" in the input, so no query reads an
     earlier answer (no elimination); the rest of the input is the text as it is."""
-    task = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2, hidden_answers=True)
+    task = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2, hidden_answers=True, separator="=")
     examples = task.examples(4, 300, 3)
     for lm_loss in (False, True):
         batch = collate(examples, multiple=16, lm_loss=lm_loss)
@@ -125,7 +125,7 @@ def test_hidden_answers_never_reach_the_input():
                 span = slice(a.start - 1, a.start - 1 + a.length)
                 assert batch.labels[row, span].tolist() == e.tokens[a.start : a.start + a.length].tolist()
                 assert re.fullmatch(r"\d\d", answer_text(e, e.answers.index(a)))
-    visible = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2).examples(4, 300, 3)
+    visible = MQARTask(num_pairs=5, num_queries=5, key_len=1, value_len=2, separator="=").examples(4, 300, 3)
     assert [e.tokens.tolist() for e in visible] == [e.tokens.tolist() for e in examples]  # the same text
     assert task.describe()["hidden_answers"] and not MQARTask().describe()["hidden_answers"]
     with pytest.raises(TypeError, match="hidden_answers"):
@@ -133,7 +133,8 @@ def test_hidden_answers_never_reach_the_input():
 
 
 def test_mqar_separator_stands_between_key_and_value():
-    """separator="" writes the value right after its key (" k7 ", asked " k"), as Zoology lays its pairs out."""
+    """separator="" (the default) writes the value right after its key (" k7 ", asked " k"), as Zoology lays its
+    pairs out; another separator stands between them."""
     for separator in ("", "=", ":"):
         task = MQARTask(num_pairs=4, num_queries=4, key_len=1, separator=separator)
         for e in task.examples(3, 100, 5):
@@ -144,6 +145,7 @@ def test_mqar_separator_stands_between_key_and_value():
                 assert decode(e.tokens[a.start - len(separator) : a.start]) == separator
                 assert pairs[key] == answer_text(e, i)
         assert task.describe()["separator"] == separator
+    assert MQARTask().separator == ""
     for bad in ("a", " ", "\n"):
         with pytest.raises(ValueError, match="separator"):
             MQARTask(separator=bad)

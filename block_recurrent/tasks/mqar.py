@@ -1,20 +1,21 @@
 """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology", arXiv 2312.04927), written as text.
 
-``num_pairs`` key-value pairs (" ab=7 ": ``key_len`` lowercase letters, distinct within an example, and
-``value_len`` decimal digits) are spread over the haystack at independent uniform depths; after it, a newline and
-``num_queries`` of the keys in random order (" ab=", answered by its value). Each query's value is scored by exact
-match of its tokens; values are uniform and independent of the keys, so chance is 10 ** -value_len. Pairs that land
-within the attention window of their query are readable without memory: the depth of each answer's pair says which
-ones did (a depth near 1 is close to the queries). ``separator`` stands between a key and its value; "" writes
-" ab7 " and asks " ab", Zoology's layout, where the value follows its key directly: the lookup is then what a
-two-layer induction head does, and a small model learns it in hundreds of steps where with "=" it had not in
-thousands (docs/experiments/2026-12-06-mqar-lookup.md).
+``num_pairs`` key-value pairs (" ab7 ": ``key_len`` lowercase letters, distinct within an example, and ``value_len``
+decimal digits) are spread over the haystack at independent uniform depths; after it, a newline and ``num_queries``
+of the keys in random order (" ab", answered by its value). Each query's value is scored by exact match of its
+tokens; values are uniform and independent of the keys, so chance is 10 ** -value_len. Pairs that land within the
+attention window of their query are readable without memory: the depth of each answer's pair says which ones did (a
+depth near 1 is close to the queries). ``separator`` goes between a key and its value (" ab=7 ", asked " ab=").
+The default, none, is Zoology's layout, where the value follows its key directly: the lookup is then what a
+two-layer induction head does, and a small model learns it in the attention window in about a thousand steps; with
+"=" neither our attention nor a plain transformer of the same size had learned it after 4,000
+(docs/experiments/2026-12-06-mqar-lookup.md).
 
 One query per example by default. Each answer is written into the text before the next query (a multi-token answer
 must be teacher-forced), so with every key queried a model that ignores the keys can answer by elimination: the
 last query's value is the one not yet given. For four pairs of one digit that shortcut alone scores 0.59 exact match
 (docs/experiments/2026-12-05-long-context-tasks.md). ``hidden_answers=True`` closes it as Zoology's MQAR does: the
-input shows "?" in place of every answer digit (" ab=? cd=?"), so any number of queries can be asked, each a test of
+input shows "?" in place of every answer digit (" ab? cd?"), so any number of queries can be asked, each a test of
 its key; the digits of a value are then predicted side by side. With one query, or with hidden answers, the best a
 model can do without looking the key up is to know the bag of values: about 1 / num_pairs (0.39 for four pairs of
 one digit, with repeats).
@@ -37,7 +38,7 @@ class MQARTask(TextTask):
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, num_pairs: int = 4,
                  num_queries: int = 1, key_len: int = 2, value_len: int = 1, hidden_answers: bool = False,
-                 separator: str = "="):
+                 separator: str = ""):
         check_int("key_len", key_len, 1, 4)
         check_int("value_len", value_len, 1, 8)
         check_int("num_pairs", num_pairs, 1, len(LETTERS) ** key_len)
