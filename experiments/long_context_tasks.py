@@ -45,7 +45,10 @@ def run_unit(unit: dict) -> dict:
     model = BlockRecurrentModel(config)
     task = make_task(unit["task"], haystack=unit["haystack"], split="train", **unit["task_options"])
     began = time.perf_counter()
-    log = tune(model, task, TuneConfig(**unit["tune"], seed=unit["seed"]))
+    name = f"{unit['model']} seed {unit['seed']}"
+    progress = lambda r: print(f"{name}: step {r['step']} loss {r['loss']:.3f} largest distance {r['largest']} "
+                               f"{r['seconds']:.0f} s", flush=True)  # to watch a long run
+    log = tune(model, task, TuneConfig(**unit["tune"], seed=unit["seed"]), log=progress)
     trained = time.perf_counter() - began
     held_out = make_task(unit["task"], haystack=unit["haystack"], split="validation", **unit["task_options"])
     scores = score(model, held_out, unit["distances"], samples=unit["samples"], seed=10_000, batch_size=32)

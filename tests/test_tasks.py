@@ -412,6 +412,7 @@ def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
          "--samples", "2", "--jobs", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, timeout=120).stdout
     assert "rec seed 0" in out and "xl seed 0" in out and (tmp_path / "results.json").exists()
+    assert "rec seed 0: step 2 loss" in out  # progress while it trains
 
 
 def test_task_seeds_take_the_range_every_command_takes():
