@@ -82,15 +82,17 @@ def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset
     return model, train
 
 
-def held_out(data: str | None):
+def held_out(data: str | None, with_names: bool = False):
+    """The held-out packages as token tensors (with their names: ``(names, tensors)``)."""
     import torch
 
     from block_recurrent.training.data import ByteTokenizer, TokenCorpus
     from block_recurrent.training.packages import source_documents, split_source
 
-    corpus = TokenCorpus.from_documents(split_source(source_documents(data, documents="package"), "package")[1],
-                                        ByteTokenizer())
-    return [torch.from_numpy(corpus.document(i).astype("int64")) for i in range(len(corpus))]
+    packages = split_source(source_documents(data, documents="package"), "package")[1]
+    corpus = TokenCorpus.from_documents(packages, ByteTokenizer())
+    tensors = [torch.from_numpy(corpus.document(i).astype("int64")) for i in range(len(corpus))]
+    return ([p.name for p in packages], tensors) if with_names else tensors
 
 
 # 1. step times, side by side
@@ -184,12 +186,6 @@ def diagnose_one(unit: tuple) -> dict:
 # 4. per package, and the training stream
 
 
-def held_out_names(data: str | None) -> list[str]:
-    from block_recurrent.training.packages import source_documents, split_source
-
-    return [d.name for d in split_source(source_documents(data, documents="package"), "package")[1]]
-
-
 def documents_one(unit: tuple) -> dict:
     """Held-out bits per byte of a trained run, package by package (each from a fresh state)."""
     run, seed, out, data = unit
@@ -200,11 +196,11 @@ def documents_one(unit: tuple) -> dict:
 
     one_thread()
     model = from_pretrained(Path(out) / f"{run}-seed{seed}")
-    docs = held_out(data)
+    names, docs = held_out(data, with_names=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         results = evaluate_documents(model, docs)
     return {"run": run, "seed": seed, "packages": [
-        {"name": name, "bytes": len(doc), "bpb": r.bits_per_byte} for name, doc, r in zip(held_out_names(data), docs, results)]}
+        {"name": name, "bytes": len(doc), "bpb": r.bits_per_byte} for name, doc, r in zip(names, docs, results)]}
 
 
 def documents_table(records: list[dict]) -> str:
