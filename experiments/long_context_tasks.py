@@ -43,7 +43,8 @@ def run_unit(unit: dict) -> dict:
     if unit["model"] == "slide":  # the paper's Slide:N+1: a sliding window of one block, one layer more
         config = config.replace(attention_window="sliding", depth=config.depth + 1)
     model = BlockRecurrentModel(config)
-    task = make_task(unit["task"], haystack=unit["haystack"], split="train", **unit["task_options"])
+    task = make_task(unit["task"], haystack=unit["haystack"], split="train",
+                     **{**unit["task_options"], **unit["train_task_options"]})
     began = time.perf_counter()
     name = f"{unit['model']} seed {unit['seed']}"
     progress = lambda r: print(f"{name}: step {r['step']} loss {r['loss']:.3f} largest distance {r['largest']} "
@@ -91,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="mqar")
     parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
+    parser.add_argument("--train-task-option", action="append", default=[], metavar="NAME=JSON",
+                        help="a task option for training only (e.g. num_questions=4), over --task-option")
     parser.add_argument("--haystack", default="filler")
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
@@ -126,7 +129,8 @@ def main() -> None:
                          curriculum_loss=args.curriculum_loss,
                          loss=args.loss, log_every=50)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    units = [dict(model=m, seed=s, task=args.task, task_options=pairs(args.task_option), haystack=args.haystack,
+    units = [dict(model=m, seed=s, task=args.task, task_options=pairs(args.task_option),
+                  train_task_options=pairs(args.train_task_option), haystack=args.haystack,
                   preset=args.preset, overrides=pairs(args.set), tune=tune_settings, distances=args.distances,
                   samples=args.samples, out=args.out)
              for s in range(args.first_seed, args.first_seed + args.seeds) for m in args.models]

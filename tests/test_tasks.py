@@ -105,6 +105,27 @@ def test_answers_are_right():
             assert _babi_answer(facts, question) == answer_text(e).strip()
 
 
+def test_facts_ask_several_questions_each_about_someone_else():
+    """num_questions asks about different people (qa1) or objects (qa2), each answered from the facts; one question
+    by default, and never more than the story can answer."""
+    for kind in ("qa1", "qa2"):
+        task = FactsTask(kind=kind, haystack="filler", num_facts=6, num_questions=3)
+        counts = []
+        for e in task.examples(30, 200, 4):
+            text = decode(e.tokens)
+            asked = re.findall(r"\nQuestion: Where is (?:the )?(\w+)\? Answer:", text)
+            assert len(asked) == len(e.answers) and len(set(asked)) == len(asked)
+            facts = [decode(e.tokens[s:t]).strip() for s, t in e.needles]
+            for i, name in enumerate(asked):
+                assert _babi_answer(facts, name) == answer_text(e, i).strip()
+            counts.append(len(asked))
+        assert max(counts) == 3 and 1 <= min(counts)
+        assert task.describe()["num_questions"] == 3
+        assert all(len(e.answers) == 1 for e in FactsTask(kind=kind, haystack="filler", num_facts=6).examples(10, 200, 4))
+    with pytest.raises(ValueError, match="num_questions"):
+        FactsTask(kind="qa2", haystack="filler", num_questions=4)  # three objects
+
+
 def test_hidden_answers_never_reach_the_input():
     """MQAR with hidden answers: every answer digit is labelled and shown as "?" in the input, so no query reads an
     earlier answer (no elimination); the rest of the input is the text as it is."""
@@ -413,6 +434,12 @@ def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
         capture_output=True, text=True, check=True, timeout=120).stdout
     assert "rec seed 0" in out and "xl seed 0" in out and (tmp_path / "results.json").exists()
     assert "rec seed 0: step 2 loss" in out  # progress while it trains
+    # --train-task-option reaches the training task only
+    failed = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", "--task", "passkey", "--train-task-option", "digits=0",
+         "--models", "rec", "--seeds", "1", "--steps", "1", "--jobs", "1", "--out", str(tmp_path / "bad")],
+        capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "digits" in failed.stderr
 
 
 def test_task_seeds_take_the_range_every_command_takes():

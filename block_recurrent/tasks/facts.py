@@ -9,6 +9,11 @@
 The facts are spread over the haystack (by default the built-in corpus's text) at uniform depths; the question
 follows it ("\\nQuestion: Where is Mary? Answer:") and the answer is one word (" kitchen"), scored by exact match of
 its tokens. Chance is one in the number of places. Each answer reports the depth of the earliest fact it needs.
+
+One question per example, as in bAbI and BABILong. ``num_questions`` asks up to that many, each about a different
+person (qa1) or object (qa2) whose place is known, one after the other ("... Answer: kitchen\\nQuestion: Where is
+John? Answer: garden"): more answers to learn from per example, and answering with the place of the story's last
+fact (recency, 0.49 exact match on qa1 with four facts) is right for at most one of them.
 """
 
 from __future__ import annotations
@@ -27,21 +32,23 @@ DROPS = ("dropped", "discarded", "put down", "left")
 NO_PREFIX = np.zeros(0, dtype=np.int64)
 
 
-def single_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str], str, str, tuple[int, ...]]:
-    """qa1: (facts, question, answer, indices of the facts the answer needs)."""
+# a story: its facts, and per question that can be asked (question, answer, indices of the facts the answer needs)
+Story = tuple[list[str], list[tuple[str, str, tuple[int, ...]]]]
+
+
+def single_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
+    """qa1: every person who moved can be asked where they are."""
     facts, last_move = [], {}
     for i in range(num_facts):
         person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
         facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
         last_move[person] = (i, place)
-    person = sorted(last_move)[rng.integers(len(last_move))]
-    index, place = last_move[person]
-    return facts, f"Where is {person}?", place, (index,)
+    return facts, [(f"Where is {person}?", place, (index,)) for person, (index, place) in sorted(last_move.items())]
 
 
-def two_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str], str, str, tuple[int, ...]]:
-    """qa2: (facts, question, answer, indices of the two facts the answer needs). Draws stories until one asks about
-    an object whose place is known (at least one pick-up happened)."""
+def two_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
+    """qa2: every object whose place is known can be asked about. Draws stories until there is one (at least one
+    pick-up happened)."""
     while True:
         # moved: person -> (fact, place); holder: object -> (person, fact); dropped: object -> (fact, move, place)
         facts, moved, holder, dropped = [], {}, {}, {}
@@ -68,25 +75,26 @@ def two_fact_story(num_facts: int, rng: np.random.Generator) -> tuple[list[str],
         known = {thing: (moved[person][1], (fact, moved[person][0])) for thing, (person, fact) in holder.items()}
         known.update({thing: (place, (drop, move)) for thing, (drop, move, place) in dropped.items()})
         if known:
-            thing = sorted(known)[rng.integers(len(known))]
-            place, supports = known[thing]
-            return facts, f"Where is the {thing}?", place, tuple(sorted(supports))
+            return facts, [(f"Where is the {thing}?", place, tuple(sorted(supports)))
+                           for thing, (place, supports) in sorted(known.items())]
 
 
 STORIES = {"qa1": single_fact_story, "qa2": two_fact_story}
 
 
 class FactsTask(TextTask):
-    """``num_facts`` bAbI statements of ``kind`` (qa1 or qa2) hidden in the haystack, one question after it."""
+    """``num_facts`` bAbI statements of ``kind`` (qa1 or qa2) hidden in the haystack, then ``num_questions`` questions
+    (fewer where fewer can be asked: a story where only two people moved has two)."""
 
     default_haystack = "corpus"
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, kind: str = "qa1",
-                 num_facts: int = 4):
+                 num_facts: int = 4, num_questions: int = 1):
         check_choice("kind", kind, STORIES)
         check_int("num_facts", num_facts, 1 if kind == "qa1" else 2, 64)
+        check_int("num_questions", num_questions, 1, len(PEOPLE) if kind == "qa1" else len(OBJECTS))
         super().__init__(tokenizer, haystack, split)
-        self.kind, self.num_facts = kind, num_facts
+        self.kind, self.num_facts, self.num_questions = kind, num_facts, num_questions
         self.name = kind
 
     @property
@@ -94,13 +102,19 @@ class FactsTask(TextTask):
         return 1.0 / len(PLACES)
 
     def _example(self, distance, rng, depth, segment_len) -> Example:
-        facts, question, answer, supports = STORIES[self.kind](self.num_facts, rng)
+        facts, askable = STORIES[self.kind](self.num_facts, rng)
+        # one question: the draw the generator has always made, so that a seed gives the examples it always gave
+        if self.num_questions == 1:
+            asked = [int(rng.integers(len(askable)))]
+        else:
+            asked = rng.permutation(len(askable))[: self.num_questions]
         # spaces around each fact: it never fuses with the haystack's words
         needles = [self.encode(f" {fact} ") for fact in facts]
         offsets = spread_offsets(len(needles), distance, rng)
         haystack = self.haystack.take(distance, rng)
-        query = Query(self.encode(f"\nQuestion: {question} Answer:"), self.encode(" " + answer), supports)
-        return compose(NO_PREFIX, haystack, needles, offsets, [query], segment_len)
+        queries = [Query(self.encode(f"\nQuestion: {askable[i][0]} Answer:"), self.encode(" " + askable[i][1]),
+                         askable[i][2]) for i in asked]
+        return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
 
     def describe(self) -> dict:
-        return {**super().describe(), "num_facts": self.num_facts}
+        return {**super().describe(), "num_facts": self.num_facts, "num_questions": self.num_questions}
