@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, keep_freed_memory  # noqa: E402
+from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, keep_freed_memory, save_pretrained  # noqa: E402
 from block_recurrent.tasks import TaskScores, TuneConfig, make_task, plot_heatmap, score, tune  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def run_unit(unit: dict) -> dict:
                                f"{r['seconds']:.0f} s", flush=True)  # to watch a long run
     log = tune(model, task, TuneConfig(**unit["tune"], seed=unit["seed"]), log=progress)
     trained = time.perf_counter() - began
+    if unit["save"]:  # to score again later, e.g. brt eval --task mqar --checkpoint DIR --distances 4096
+        save_pretrained(model, Path(unit["out"]) / "models" / f"{unit['model']}-seed{unit['seed']}")
     held_out = make_task(unit["task"], haystack=unit["haystack"], split="validation", **unit["task_options"])
     scores = score(model, held_out, unit["distances"], samples=unit["samples"], seed=10_000, batch_size=32)
     heatmap = Path(unit["out"]) / f"{unit['task']}-{unit['model']}-seed{unit['seed']}.png"
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/long-context")
+    parser.add_argument("--save", action="store_true",
+                        help="keep each trained model in OUT/models/MODEL-seedN (save_pretrained: brt eval reads it)")
     parser.add_argument("--summarize", default=None, metavar="DIR", help="summarize DIR/results.json instead")
     parser.add_argument("--reach", type=int, default=128, help="with --summarize: tokens the baseline can see")
     args = parser.parse_args()
@@ -132,7 +136,7 @@ def main() -> None:
     units = [dict(model=m, seed=s, task=args.task, task_options=pairs(args.task_option),
                   train_task_options=pairs(args.train_task_option), haystack=args.haystack,
                   preset=args.preset, overrides=pairs(args.set), tune=tune_settings, distances=args.distances,
-                  samples=args.samples, out=args.out)
+                  samples=args.samples, out=args.out, save=args.save)
              for s in range(args.first_seed, args.first_seed + args.seeds) for m in args.models]
     began = time.time()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:

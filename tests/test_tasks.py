@@ -430,9 +430,13 @@ def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
     out = subprocess.run(
         [sys.executable, str(script), "--preset", "tiny", "--task", "passkey", "--task-option", "digits=2",
          "--seeds", "1", "--steps", "2", "--batch-size", "2", "--train-distances", "0", "20", "--distances", "10",
-         "--samples", "2", "--jobs", "1", "--out", str(tmp_path)],
+         "--samples", "2", "--jobs", "1", "--out", str(tmp_path), "--save"],
         capture_output=True, text=True, check=True, timeout=120).stdout
     assert "rec seed 0" in out and "xl seed 0" in out and (tmp_path / "results.json").exists()
+    from block_recurrent.persistence.checkpoint import load_pretrained
+
+    xl, _ = load_pretrained(tmp_path / "models" / "xl-seed0")  # --save keeps each model, to score again later
+    assert xl.config.recurrent_layers == () and xl.config.dim == BlockRecurrentConfig.from_name("tiny").dim
     assert "rec seed 0: step 2 loss" in out  # progress while it trains
     # --train-task-option reaches the training task only
     failed = subprocess.run(
