@@ -112,8 +112,8 @@ class FactsTask(TextTask):
         needles = [self.encode(f" {fact} ") for fact in facts]
         offsets = spread_offsets(len(needles), distance, rng)
         haystack = self.haystack.take(distance, rng)
-        queries = [Query(self.encode(f"\nQuestion: {askable[i][0]} Answer:"), self.encode(" " + askable[i][1]),
-                         askable[i][2]) for i in asked]
+        queries = [Query(self.encode(f"\nQuestion: {question} Answer:"), self.encode(" " + answer), supports)
+                   for question, answer, supports in (askable[i] for i in asked)]
         return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
 
     def describe(self) -> dict:
