@@ -1,6 +1,7 @@
 """Checkpoints: round trips, atomic writes, keep-last, pickle refusal, damaged and mismatched files."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
 from block_recurrent.persistence.checkpoint import (
-    CheckpointError, atomic_directory, from_pretrained, latest_checkpoint, load_training_checkpoint,
+    CheckpointError, DamagedCheckpoint, atomic_directory, from_pretrained, latest_checkpoint, load_training_checkpoint,
     optimizer_from_tensors, optimizer_to_tensors, save_pretrained, save_training_checkpoint, step_directories,
 )
 
@@ -149,9 +150,17 @@ def test_hub_mixin_reads_and_writes_the_same_folders(tmp_path):
     tokens = torch.randint(0, 256, (1, 40))
     hub = BlockRecurrentHubModel.from_pretrained(save_pretrained(model, tmp_path / "ours")).eval()  # local: no network
     assert torch.equal(hub.run(tokens)[0], model.run(tokens)[0])
-    hub.save_pretrained(tmp_path / "theirs")  # (without checksums: the mixin does not write them)
-    with pytest.warns(UserWarning, match="has no checksums.json"):
+    hub.save_pretrained(tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checksums recorded: nothing to warn about
         assert torch.equal(from_pretrained(tmp_path / "theirs").run(tokens)[0], model.run(tokens)[0])
+    assert (tmp_path / "theirs" / "README.md").is_file()  # the mixin's model card, beside our files
+    weights = tmp_path / "theirs" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DamagedCheckpoint, match="sha256 differs"):
+        from_pretrained(tmp_path / "theirs")
 
 
 def test_a_config_written_before_gate_projection_existed_loads_with_the_projection(tmp_path):

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_mqar_lookup_runs_both_models_and_both_layouts(capsys):
     lookup.main(["ours", "2", "1e-3", "format=zoology", "qk_rmsnorm_scale=8"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:3] for line in lines] == [["ours", "step", "2"], ["plain", "step", "2"], ["ours", "step", "2"]]
-    x, y = lookup.zoology(3, __import__("numpy").random.default_rng(0))
+    x, y = lookup.zoology(3, np.random.default_rng(0))
     for row in range(3):  # each query key's label is the value that followed that key
         pairs = {int(x[row, i]): int(x[row, i + 1]) for i in range(0, 16, 2)}
         assert [pairs[int(x[row, p])] for p in range(17, 25)] == y[row, 17:25].tolist()

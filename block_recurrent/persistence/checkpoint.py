@@ -41,7 +41,7 @@ from .files import (
     write_json, write_tensors,
 )
 from .optimizer_state import optimizer_from_tensors, optimizer_to_tensors
-from .storage import MANIFEST_FILE, atomic_directory, discard_directory, finish_file
+from .storage import MANIFEST_FILE, atomic_directory, discard_directory, finish_file, write_manifest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -154,6 +154,15 @@ def _write_model(model: BlockRecurrentModel, directory: Path, tokenizer_file: st
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
         finish_file(directory / TOKENIZER_FILE)
+
+
+def write_model_files(model: BlockRecurrentModel, directory: Path) -> None:
+    """``config.json``, ``model.safetensors`` and their checksums, written into an existing ``directory`` in place
+    (for writers that own the folder, as the Hub mixin's ``save_pretrained`` does; :func:`save_pretrained` is the
+    atomic one)."""
+    check_finite(model.state_dict(), directory / WEIGHTS_FILE)
+    _write_model(model, directory, None)
+    write_manifest(directory, names=(CONFIG_FILE, WEIGHTS_FILE))  # only ours: the folder may hold the user's files
 
 
 def load_pretrained(

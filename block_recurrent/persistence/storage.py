@@ -19,7 +19,7 @@ import shutil
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 MANIFEST_FILE = "checksums.json"
 LOCK_FILE = ".lock"
@@ -105,9 +105,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """Record the sha256 of every file in ``folder`` (written last, once the files are complete)."""
-    sums = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+def write_manifest(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Record the sha256 of every file in ``folder``, or of the files ``names`` (written last, once the files are
+    complete)."""
+    paths = sorted(folder.iterdir()) if names is None else [folder / name for name in sorted(names)]
+    sums = {p.name: sha256_of(p) for p in paths if p.is_file() and p.name != MANIFEST_FILE}
     write_text(folder / MANIFEST_FILE, json.dumps({"sha256": sums}, indent=2, sort_keys=True) + "\n")
 
 
