@@ -388,7 +388,21 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
                  "--depths", "0", "1", "--heatmap", str(heatmap), "--json", str(scores)]) == 0
     out = capsys.readouterr().out
     assert "| distance | exact match |" in out and "| 100 |" in out
-    assert json.loads(scores.read_text())["distances"] == [0, 100]
+    assert "passkey as tuned" in out and "digits=3" in out
+    result = json.loads(scores.read_text())
+    assert result["distances"] == [0, 100] and result["task"]["digits"] == 3  # scored on the text it was tuned on
+    assert main(["eval", "--task", "passkey", "--checkpoint", str(tuned), "--distances", "0", "--samples", "1",
+                 "--task-option", "digits=4", "--haystack", "corpus", "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["task"] == {"task": "passkey", "haystack": "corpus", "digits": 4,
+                                                      "preamble": True}
+    capsys.readouterr()
+    assert main(["eval", "--task", "mqar", "--checkpoint", str(tuned), "--distances", "0", "--samples", "1",
+                 "--json", str(scores)]) == 0  # another task: its own defaults
+    assert json.loads(scores.read_text())["task"]["separator"] == ""
+    assert "as tuned" not in capsys.readouterr().out
+    (tuned / "tune.json").write_text("{not json")
+    assert main(["eval", "--task", "passkey", "--checkpoint", str(tuned), "--distances", "0", "--samples", "1"]) == 2
+    assert "is not a brt tune summary" in capsys.readouterr().err
     pytest.importorskip("matplotlib")
     assert heatmap.read_bytes()[:4] == b"\x89PNG"
     # a folder holding something else is never overwritten; a bad option is one line

@@ -102,7 +102,8 @@ def task_options(items: list[str], option: str = "--task-option") -> dict[str, A
 
 
 def load_model(checkpoint: str, device: str):
-    """(model, tokenizer, the tokenizer's file or None) of a checkpoint (a run folder: its newest complete one)."""
+    """(model, tokenizer, the tokenizer's file or None, the folder read) of a checkpoint (a run folder: its newest
+    complete one)."""
     from ..persistence.checkpoint import TOKENIZER_FILE, load_pretrained
     from ..training.data import load_tokenizer
     from ..training.distributed import resolve_device
@@ -110,7 +111,22 @@ def load_model(checkpoint: str, device: str):
     model, folder = load_pretrained(checkpoint, device=resolve_device(device))
     tokenizer_file = Path(folder) / TOKENIZER_FILE
     tokenizer_file = tokenizer_file if tokenizer_file.exists() else None
-    return model, load_tokenizer(tokenizer_file), tokenizer_file
+    return model, load_tokenizer(tokenizer_file), tokenizer_file, Path(folder)
+
+
+def tuned_task(folder: Path, task: str) -> dict[str, Any]:
+    """The settings ``brt tune`` trained ``folder``'s model on (its ``tune.json``), when that was ``task``: the
+    haystack and the task options, the defaults of ``brt eval --task`` on it. Empty for any other folder."""
+    path = folder / TUNE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        described = json.loads(path.read_text())["task"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a brt tune summary ({error!r}); move it away to score without it") from None
+    if not isinstance(described, dict) or described.get("task") != task:
+        return {}
+    return {name: value for name, value in described.items() if name != "task"}
 
 
 def fresh_model(preset: str, changes: dict[str, Any], seed: int, device: str):
@@ -144,7 +160,7 @@ def run_tune(args: argparse.Namespace) -> int:
     elif model_options:
         raise ValueError("--model-option changes a fresh model's config: give it with --preset, not --checkpoint")
     else:
-        model, tokenizer, tokenizer_file = load_model(args.checkpoint, args.device)
+        model, tokenizer, tokenizer_file, _ = load_model(args.checkpoint, args.device)
     # the corpus haystack of training comes from the training files; brt eval --task reads the held-out ones
     task = make_task(args.task, tokenizer, args.haystack, "train", **task_options(args.task_option))
     print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
@@ -170,8 +186,17 @@ def run_task_eval(args: argparse.Namespace) -> int:
     from . import make_task
     from .scoring import plot_heatmap, score
 
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
-    task = make_task(args.task, tokenizer, args.haystack, "validation", **task_options(args.task_option))
+    model, tokenizer, _, folder = load_model(args.checkpoint, args.device)
+    # a model tuned by brt tune is scored on the task as it was tuned (the text's format: separators, digits, the
+    # preamble); --haystack and --task-option override
+    tuned = tuned_task(folder, args.task)
+    tuned_haystack = tuned.pop("haystack", None)
+    haystack = args.haystack or tuned_haystack
+    options = {**tuned, **task_options(args.task_option)}
+    if tuned:
+        print(f"{args.task} as tuned ({folder / TUNE_FILE}; --haystack and --task-option override): " + ", ".join(
+            f"{name}={json.dumps(value)}" for name, value in [("haystack", haystack), *options.items()]))
+    task = make_task(args.task, tokenizer, haystack, "validation", **options)
     # float32 unless --bf16 is given: an argmax between two near-equal digits may flip under bf16
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
         scores = score(model, task, args.distances, depths=args.depths, samples=args.samples, seed=args.seed,
