@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, keep_freed_memory, save_pretrained  # noqa: E402
 from block_recurrent.tasks import TaskScores, TuneConfig, make_task, plot_heatmap, score, tune  # noqa: E402
+from block_recurrent.tasks.commands import TUNE_FILE  # noqa: E402
 
 
 def run_unit(unit: dict) -> dict:
@@ -51,9 +52,13 @@ def run_unit(unit: dict) -> dict:
                                f"{r['seconds']:.0f} s", flush=True)  # to watch a long run
     log = tune(model, task, TuneConfig(**unit["tune"], seed=unit["seed"]), log=progress)
     trained = time.perf_counter() - began
-    if unit["save"]:  # to score again later, e.g. brt eval --task mqar --checkpoint DIR --distances 4096
-        save_pretrained(model, Path(unit["out"]) / "models" / f"{unit['model']}-seed{unit['seed']}")
     held_out = make_task(unit["task"], haystack=unit["haystack"], split="validation", **unit["task_options"])
+    if unit["save"]:  # to score again later, e.g. brt eval --task mqar --checkpoint DIR --distances 4096
+        folder = save_pretrained(model, Path(unit["out"]) / "models" / f"{unit['model']}-seed{unit['seed']}")
+        # brt tune's summary, with the task as scored here: brt eval --task scores the folder the same way
+        summary = {"task": held_out.describe(), "train_task": task.describe(), "checkpoint": None,
+                   "preset": unit["preset"], "model_options": unit["overrides"], "config": unit["tune"], "log": log}
+        (folder / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     scores = score(model, held_out, unit["distances"], samples=unit["samples"], seed=10_000, batch_size=32)
     heatmap = Path(unit["out"]) / f"{unit['task']}-{unit['model']}-seed{unit['seed']}.png"
     plot_heatmap(scores, heatmap, title=f"{unit['task']}, {unit['model']}, seed {unit['seed']}: exact match")
@@ -116,7 +121,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/long-context")
     parser.add_argument("--save", action="store_true",
-                        help="keep each trained model in OUT/models/MODEL-seedN (save_pretrained: brt eval reads it)")
+                        help="keep each trained model in OUT/models/MODEL-seedN (save_pretrained, and a tune.json with "
+                             "the task as scored here: brt eval --task scores it the same way)")
     parser.add_argument("--summarize", default=None, metavar="DIR", help="summarize DIR/results.json instead")
     parser.add_argument("--reach", type=int, default=128, help="with --summarize: tokens the baseline can see")
     args = parser.parse_args()

@@ -451,6 +451,10 @@ def test_the_experiment_script_runs_on_tiny_settings(tmp_path):
 
     xl, _ = load_pretrained(tmp_path / "models" / "xl-seed0")  # --save keeps each model, to score again later
     assert xl.config.recurrent_layers == () and xl.config.dim == BlockRecurrentConfig.from_name("tiny").dim
+    from block_recurrent.tasks.commands import tuned_task
+
+    assert tuned_task(tmp_path / "models" / "xl-seed0", "passkey") == {"haystack": "filler", "digits": 2,
+                                                                        "preamble": True}  # brt eval scores it so
     assert "rec seed 0: step 2 loss" in out  # progress while it trains
     # --train-task-option reaches the training task only
     failed = subprocess.run(
