@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, keep_freed_memory, save_pretrained  # noqa: E402
 from block_recurrent.tasks import TaskScores, TuneConfig, make_task, plot_heatmap, score, tune  # noqa: E402
-from block_recurrent.tasks.commands import TUNE_FILE  # noqa: E402
+from block_recurrent.tasks.commands import write_tune_summary  # noqa: E402
 
 
 def run_unit(unit: dict) -> dict:
@@ -56,9 +56,8 @@ def run_unit(unit: dict) -> dict:
     if unit["save"]:  # to score again later, e.g. brt eval --task mqar --checkpoint DIR --distances 4096
         folder = save_pretrained(model, Path(unit["out"]) / "models" / f"{unit['model']}-seed{unit['seed']}")
         # brt tune's summary, with the task as scored here: brt eval --task scores the folder the same way
-        summary = {"task": held_out.describe(), "train_task": task.describe(), "checkpoint": None,
-                   "preset": unit["preset"], "model_options": unit["overrides"], "config": unit["tune"], "log": log}
-        (folder / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_tune_summary(folder, held_out.describe(), train_task=task.describe(), checkpoint=None,
+                           preset=unit["preset"], model_options=unit["overrides"], config=unit["tune"], log=log)
     scores = score(model, held_out, unit["distances"], samples=unit["samples"], seed=10_000, batch_size=32)
     heatmap = Path(unit["out"]) / f"{unit['task']}-{unit['model']}-seed{unit['seed']}.png"
     plot_heatmap(scores, heatmap, title=f"{unit['task']}, {unit['model']}, seed {unit['seed']}: exact match")

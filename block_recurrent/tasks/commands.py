@@ -114,6 +114,12 @@ def load_model(checkpoint: str, device: str):
     return model, load_tokenizer(tokenizer_file), tokenizer_file, Path(folder)
 
 
+def write_tune_summary(folder: Path, task: dict[str, Any], **details: Any) -> None:
+    """``tune.json`` beside a tuned model: ``task`` (a task's ``describe()``), which ``brt eval --task`` scores the
+    folder on by default (:func:`tuned_task`), and the tuning's ``details`` (settings, log)."""
+    (Path(folder) / TUNE_FILE).write_text(json.dumps({"task": task, **details}, indent=2) + "\n")
+
+
 def tuned_task(folder: Path, task: str) -> dict[str, Any]:
     """The settings ``brt tune`` trained ``folder``'s model on (its ``tune.json``), when that was ``task``: the
     haystack and the task options, the defaults of ``brt eval --task`` on it. Empty for any other folder."""
@@ -172,10 +178,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
     records = tune(model, task, config, log=log)
     save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
-    summary = {"task": task.describe(), "checkpoint": args.checkpoint, "preset": args.preset,
-               "model_options": model_options, "config": config.to_dict(),
-               "log": records}
-    (out_dir / TUNE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_tune_summary(out_dir, task.describe(), checkpoint=args.checkpoint, preset=args.preset,
+                       model_options=model_options, config=config.to_dict(), log=records)
     print(f"saved to {out_dir}")
     return 0
 
