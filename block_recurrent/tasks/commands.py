@@ -173,8 +173,8 @@ def run_tune(args: argparse.Namespace) -> int:
           f"{config.max_distance}, {config.max_steps} steps")
 
     def log(record: dict[str, Any]) -> None:
-        print(f"step {record['step']}: loss {record['loss']:.4f}, distance {record['distance']:.0f}, "
-              f"lr {record['lr']:.2e}, {record['seconds']:.0f} s", flush=True)
+        print(f"step {record['step']}: loss {record['loss']:.4f}, distance {record['distance']:.0f} (mean; largest "
+              f"{record['largest']}), lr {record['lr']:.2e}, {record['seconds']:.0f} s", flush=True)
 
     records = tune(model, task, config, log=log)
     save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
