@@ -117,7 +117,9 @@ def load_model(checkpoint: str, device: str):
 def write_tune_summary(folder: Path, task: dict[str, Any], **details: Any) -> None:
     """``tune.json`` beside a tuned model: ``task`` (a task's ``describe()``), which ``brt eval --task`` scores the
     folder on by default (:func:`tuned_task`), and the tuning's ``details`` (settings, log)."""
-    (Path(folder) / TUNE_FILE).write_text(json.dumps({"task": task, **details}, indent=2) + "\n")
+    from ..persistence.storage import replace_file
+
+    replace_file(Path(folder) / TUNE_FILE, json.dumps({"task": task, **details}, indent=2) + "\n")
 
 
 def tuned_task(folder: Path, task: str) -> dict[str, Any]:
