@@ -1,6 +1,7 @@
 """The long-context task suite: generators (seeded, labelled, needles whole), chance levels, scoring, the commands."""
 
 import builtins
+import copy
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import torch
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
 from block_recurrent.cli import main
+from block_recurrent.inference.diagnostics import drop_carried
 from block_recurrent.inference.generation import generate
 from block_recurrent.tasks import (
     TASKS, FactsTask, MQARTask, PasskeyTask, TuneConfig, collate, make_task, plot_heatmap, score, tune,
@@ -326,6 +328,42 @@ def test_scoring_is_the_same_in_any_chunks_and_batches(tiny):
     assert (one.correct == other.correct).all() and np.allclose(one.loss_sum, other.loss_sum, rtol=1e-4)
 
 
+@pytest.mark.parametrize("drop", ["state", "memory", "both"])
+def test_scoring_with_what_is_carried_dropped_equals_dropping_it_by_hand(tiny, drop):
+    """score(drop=...) runs one block at a time and hands the next block the state with ``drop`` removed: the
+    same as doing it by hand (float64, so no rounding can hide a difference); and dropping changes the answers'
+    losses, so the carried state and memory do reach them."""
+    model = copy.deepcopy(tiny).double()
+    W = model.config.block_width
+    batch = collate(MQARTask(num_pairs=2, value_len=2).examples(3, 5 * W, 4))
+    ids, losses = predict(model, batch, drop=drop)
+    state, by_hand = None, []
+    with torch.inference_mode():
+        for begin in range(0, batch.inputs.shape[1], W):
+            logits, state = model.run(batch.inputs[:, begin : begin + W], state)
+            by_hand.append(model.loss(logits, batch.labels[:, begin : begin + W], reduction="none")
+                           .view(logits.shape[:2]))
+            state = drop_carried(state, drop)
+    scored = batch.labels != model.config.ignore_index
+    torch.testing.assert_close(losses, torch.cat(by_hand, dim=1).where(scored, 0.0).float(), rtol=0, atol=0)
+    _, carried = predict(model, batch)
+    assert not torch.allclose(losses, carried)
+    ablated = score(model, PasskeyTask(digits=2), [40], samples=2, drop=drop)
+    assert ablated.drop == drop and ablated.to_dict()["drop"] == drop
+    with pytest.raises(ValueError, match="drop must be one of"):
+        score(model, PasskeyTask(digits=2), [40], samples=2, drop="gate")
+
+
+def test_dropping_the_state_of_a_model_without_one_changes_nothing():
+    """XL (no recurrent layer) carries only its memory: dropping the state is exactly the carried score."""
+    torch.manual_seed(0)
+    xl = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", recurrent_layers=())).double().eval()
+    batch = collate(PasskeyTask(digits=2).examples(2, 60, 3))
+    ids, losses = predict(xl, batch, drop="state")
+    carried_ids, carried = predict(xl, batch)
+    assert torch.equal(ids, carried_ids) and torch.equal(losses, carried)
+
+
 def test_tune_lowers_the_answer_loss(tiny):
     torch.manual_seed(1)
     model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny"))
@@ -410,6 +448,26 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
     assert main(["eval", "--task", "mqar", "--checkpoint", str(init), "--task-option", "pairs=3"]) == 2
     err = capsys.readouterr().err
     assert "holds something other than" in err and "unexpected keyword argument 'pairs'" in err
+
+
+def test_eval_task_ablations(tiny, tmp_path, capsys):
+    """brt eval --task --ablate: the carried scores, then each drop's on the same examples, side by side; the JSON
+    keeps the carried scores and adds the ablations'."""
+    save_pretrained(tiny, tmp_path / "model")
+    scores = tmp_path / "scores.json"
+    args = ["eval", "--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--distances", "0", "60",
+            "--samples", "2", "--json", str(scores)]
+    assert main([*args, "--ablate", "state", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "state dropped after every block:" in out and "both dropped after every block:" in out
+    assert "| distance | carried | state dropped | both dropped |" in out and "| 60 |" in out
+    result = json.loads(scores.read_text())
+    assert result["drop"] is None and sorted(result["ablations"]) == ["both", "state"]
+    assert result["ablations"]["state"]["drop"] == "state" and result["ablations"]["both"]["distances"] == [0, 60]
+    assert main(args) == 0 and "ablations" not in json.loads(scores.read_text())
+    capsys.readouterr()
+    assert main([*args, "--positions"]) == 2
+    assert "--positions scores documents" in capsys.readouterr().err
 
 
 def test_tune_trains_a_fresh_preset_from_scratch(tmp_path, capsys):

@@ -192,6 +192,8 @@ def run_task_eval(args: argparse.Namespace) -> int:
     from . import make_task
     from .scoring import plot_heatmap, score
 
+    if getattr(args, "positions", False):
+        raise ValueError("--positions scores documents by position; with --task use --distances and --depths")
     model, tokenizer, _, folder = load_model(args.checkpoint, args.device)
     # a model tuned by brt tune is scored on the task as it was tuned (the text's format: separators, digits, the
     # preamble); --haystack and --task-option override
@@ -204,15 +206,37 @@ def run_task_eval(args: argparse.Namespace) -> int:
             f"{name}={json.dumps(value)}" for name, value in [("haystack", haystack), *options.items()]))
     task = make_task(args.task, tokenizer, haystack, "validation", **options)
     # float32 unless --bf16 is given: an argmax between two near-equal digits may flip under bf16
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
-        scores = score(model, task, args.distances, depths=args.depths, samples=args.samples, seed=args.seed,
-                       batch_size=args.batch_size)
+    runs = {}  # drop -> scores, the same examples each time
+    for drop in [None, *(args.ablate or [])]:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            runs[drop] = score(model, task, args.distances, depths=args.depths, samples=args.samples,
+                               seed=args.seed, batch_size=args.batch_size, drop=drop)
+    scores = runs[None]
     print(f"{args.task}: exact match by distance (haystack tokens) and depth; chance {scores.chance:.3g}")
     print(scores.table())
+    for drop, ablated in list(runs.items())[1:]:
+        print(f"\n{drop} dropped after every block:")
+        print(ablated.table())
+    if len(runs) > 1:
+        print("\n" + ablation_table(runs))
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
+        record = scores.to_dict()
+        if len(runs) > 1:
+            record["ablations"] = {drop: ablated.to_dict() for drop, ablated in list(runs.items())[1:]}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if args.heatmap is not None:
         written = plot_heatmap(scores, args.heatmap)
         if written is not None:
             print(f"heat map: {written}")
     return 0
+
+
+def ablation_table(runs: dict) -> str:
+    """Exact match by distance with everything carried and with each drop side by side (a markdown table);
+    ``runs`` maps a drop (None first: carried) to its TaskScores on the same examples."""
+    names = ["carried" if drop is None else f"{drop} dropped" for drop in runs]
+    lines = ["| distance | " + " | ".join(names) + " |", "|" + "---:|" * (1 + len(names))]
+    columns = [scores.by_distance() for scores in runs.values()]
+    for j, distance in enumerate(next(iter(runs.values())).distances):
+        lines.append(f"| {distance} | " + " | ".join(f"{column[j][1]:.3f}" for column in columns) + " |")
+    return "\n".join(lines)

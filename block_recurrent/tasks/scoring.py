@@ -1,7 +1,10 @@
 """Score a model on a task by distance and depth: exact match per answer, a table, a heat map.
 
 Every example is run through ``model.run`` in chunks of whole blocks with the state carried, so memory stays
-constant however long the haystack; only the predictions at the answers are kept. An answer counts as right when
+constant however long the haystack; only the predictions at the answers are kept. ``drop`` scores the same
+examples with what is carried dropped after every block (the ablations of
+:func:`~block_recurrent.inference.diagnostics.drop_carried`), to show what the recurrent state and the XL memory
+each contribute to an answer. An answer counts as right when
 each of its tokens is the argmax given the true tokens before it (teacher forcing), which is exactly when greedy
 decoding would write it.
 """
@@ -18,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..model.checks import check_float, check_int
+from ..inference.diagnostics import DROPS, drop_carried
+from ..model.checks import check_choice, check_float, check_int
 from ..model.model import BlockRecurrentModel
 from ..training.train_config import check_seed
 from .text import TaskBatch, TextTask, answer_correct, collate
@@ -27,11 +31,17 @@ DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHUNK_TOKENS = 1024  # tokens per model.run call when scoring (rounded to whole blocks)
 
 
-def predict(model: BlockRecurrentModel, batch: TaskBatch, chunk_tokens: int = CHUNK_TOKENS) -> tuple[Tensor, Tensor]:
+def predict(
+    model: BlockRecurrentModel, batch: TaskBatch, chunk_tokens: int = CHUNK_TOKENS, drop: str | None = None
+) -> tuple[Tensor, Tensor]:
     """(argmax ids (B, T), losses (B, T) in nats; 0 where unlabelled) over a batch, chunk by chunk with the state
-    carried. Only labelled positions are filled in the ids (-1 elsewhere)."""
+    carried, or with what ``drop`` names dropped after every block (one block per call). Only labelled positions
+    are filled in the ids (-1 elsewhere)."""
     W = model.config.block_width
     chunk = max(1, chunk_tokens // W) * W  # whole blocks: a call that ended inside a block would commit it early
+    if drop is not None:
+        check_choice("drop", drop, DROPS)
+        chunk = W
     inputs, labels = batch.inputs.to(model.device), batch.labels.to(model.device)
     ignore = model.config.ignore_index
     ids = torch.full_like(labels, -1)
@@ -44,6 +54,8 @@ def predict(model: BlockRecurrentModel, batch: TaskBatch, chunk_tokens: int = CH
                 end = min(begin + chunk, inputs.shape[1])
                 if not (labels[:, begin:] != ignore).any():
                     break  # nothing left to score: the rest is padding
+                if drop is not None and state is not None:
+                    state = drop_carried(state, drop)
                 logits, state = model.run(inputs[:, begin:end], state)  # (B, N, V)
                 scored = labels[:, begin:end] != ignore
                 if scored.any():
@@ -69,6 +81,7 @@ class TaskScores:
     loss_sum: np.ndarray  # (len(distances),) summed answer-token losses in nats
     loss_tokens: np.ndarray  # (len(distances),) answer tokens
     gaps: dict = field(default_factory=dict)  # distance -> (shortest, longest) tokens from a needle to its answer
+    drop: str | None = None  # what was dropped after every block (None: everything carried)
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -101,13 +114,13 @@ class TaskScores:
                 "depths": list(self.depths), "correct": self.correct.tolist(), "total": self.total.tolist(),
                 "by_distance": [dict(distance=d, exact_match=m, answers=n, answer_loss=l)
                                 for d, m, n, l in self.by_distance()],
-                "gaps": {str(k): list(v) for k, v in self.gaps.items()}}
+                "gaps": {str(k): list(v) for k, v in self.gaps.items()}, "drop": self.drop}
 
 
 def score(
     model: BlockRecurrentModel, task: TextTask, distances: Sequence[int], *, depths: Sequence[float] = DEFAULT_DEPTHS,
     samples: int = 20, seed: int = 0, batch_size: int = 8, segment_len: int | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int = CHUNK_TOKENS, drop: str | None = None,
 ) -> TaskScores:
     """Exact match of ``task``'s answers by distance (haystack tokens) and depth.
 
@@ -115,7 +128,8 @@ def score(
     that places its needle (passkey) example i sits at ``depths[i % len(depths)]``; tasks that spread their needles
     draw them, and each answer is counted at the depth nearest its needle's. ``segment_len``: move needles off the
     multiples of it (see :meth:`TextTask.example`); by default they sit exactly where drawn, as scoring carries the
-    state exactly across every boundary.
+    state exactly across every boundary. ``drop``: ``"state"``, ``"memory"`` or ``"both"`` dropped after every
+    block (:func:`~block_recurrent.inference.diagnostics.drop_carried`); None carries everything.
     """
     if not isinstance(model, BlockRecurrentModel):
         raise TypeError(f"model must be a BlockRecurrentModel, got {type(model).__name__}")
@@ -133,13 +147,15 @@ def score(
         check_float("depths", d, 0.0, 1.0)
     check_int("samples", samples, 1)
     check_int("batch_size", batch_size, 1)
+    if drop is not None:
+        check_choice("drop", drop, DROPS)
     if getattr(task.tokenizer, "vocab_size", 0) > model.config.num_tokens:
         raise ValueError(f"the task's tokenizer has {task.tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.num_tokens}")
     shape = (len(depths), len(distances))
     counts = np.zeros(shape, dtype=np.int64)
     scores = TaskScores(task.describe(), task.chance, distances, depths, counts, counts.copy(),
-                        np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64))
+                        np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64), drop=drop)
     grid = np.asarray(depths)
     for j, distance in enumerate(distances):
         check_seed("seed", seed)
@@ -150,7 +166,7 @@ def score(
         gaps = []
         for begin in range(0, samples, batch_size):
             batch = collate(examples[begin : begin + batch_size], ignore_index=model.config.ignore_index)
-            ids, losses = predict(model, batch, chunk_tokens)
+            ids, losses = predict(model, batch, chunk_tokens, drop)
             scored = batch.labels != model.config.ignore_index
             scores.loss_sum[j] += float(losses[scored].sum())
             scores.loss_tokens[j] += int(scored.sum())

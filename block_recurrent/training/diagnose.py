@@ -31,7 +31,8 @@ def add_eval_diagnostics(evaluate: argparse.ArgumentParser) -> None:
     group = evaluate.add_argument_group("diagnostics (block_recurrent.inference.diagnostics)")
     group.add_argument("--ablate", nargs="+", choices=DROPS, default=None,
                        help="also score with what is carried dropped after every block: state (every block reads "
-                            "the learned initial state), memory (no block sees the previous one), both")
+                            "the learned initial state), memory (no block sees the previous one), both; with --task, "
+                            "the task's exact match on the same examples")
     group.add_argument("--positions", action="store_true",
                        help="print bits per byte by position in the document, in log-spaced ranges to 1 MB")
 
