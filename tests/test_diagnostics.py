@@ -84,6 +84,8 @@ def test_keep_values_of_both_gates():
     summary = keep_values(fixed)[0]
     torch.testing.assert_close(summary.keep, torch.sigmoid(fixed.cells[0].gate.keep_bias.double()))
     assert (summary.layer, summary.kind, summary.blocks) == (2, "fixed", 0)
+    torch.testing.assert_close(summary.write, 1 - summary.keep)
+    assert summary.keep_range is None
     torch.testing.assert_close(summary.half_lives(), math.log(0.5) / torch.log(summary.keep))
 
     lstm = make_model(gate="lstm", gate_keep_init=3.0, state_update="dual")
@@ -91,6 +93,7 @@ def test_keep_values_of_both_gates():
     zero = keep_values(lstm)
     assert [(s.gate, s.kind) for s in zero] == [("gate", "lstm"), ("ff_gate", "lstm")]
     torch.testing.assert_close(zero[0].keep, torch.sigmoid(gate.to_gates.bias[TINY["dim"]:] + 3.0))
+    torch.testing.assert_close(zero[0].write, torch.sigmoid(gate.to_gates.bias[: TINY["dim"]] - 1.0))
 
     # with documents: the forget gate sigmoid(W_f h + b_f + 3) of every update written, averaged
     updates = []
@@ -101,9 +104,14 @@ def test_keep_values_of_both_gates():
     with torch.no_grad():
         W_f, b_f = gate.to_gates.weight[TINY["dim"]:], gate.to_gates.bias[TINY["dim"]:]
         forget = torch.cat([torch.sigmoid(u.clone() @ W_f.T + b_f + 3.0).reshape(-1, TINY["dim"]) for u in updates])
+        W_i, b_i = gate.to_gates.weight[: TINY["dim"]], gate.to_gates.bias[: TINY["dim"]]
+        written = torch.cat([torch.sigmoid(u.clone() @ W_i.T + b_i - 1.0).reshape(-1, TINY["dim"]) for u in updates])
     measured = keep_values(lstm, documents)[0]
     assert measured.blocks == forget.shape[0] == 5 * TINY["num_state_vectors"]  # 3 + 2 blocks
     torch.testing.assert_close(measured.keep, forget.mean(dim=0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(measured.write, written.mean(dim=0), rtol=1e-12, atol=1e-12)
+    low, high = torch.quantile(forget.mean(dim=1), torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
+    assert measured.keep_range == pytest.approx((low, high), rel=1e-12) and low < high  # it moves with the update
     assert "| 2 | gate (lstm) |" in format_keep([measured]) and "ff_gate" in format_keep(zero)
 
 

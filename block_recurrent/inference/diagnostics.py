@@ -9,7 +9,9 @@ contribute, the loss by position to the end of the longest document, and the kee
   1 M and beyond), every document pooled, from results scored with ``bucket_size``.
 - :func:`keep_values`: per gate of every recurrent layer, the share of the old state kept per channel: the fixed
   gate's sigmoid(b), the LSTM gate's forget gate averaged over the documents' blocks, and the half-lives in blocks
-  they mean (k ** h = 1/2).
+  they mean (k ** h = 1/2); for the LSTM gate also its input gate (the share of the new candidate written) and how
+  far the keep moves from one update to another: a gate that keeps and writes the same whatever the block holds
+  cannot hold a fact through text that follows it.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ class KeepSummary:
     kind: str  # "fixed" or "lstm"
     keep: Tensor  # (dim,) float64: sigmoid(b) for the fixed gate, the forget gate's mean over blocks for the LSTM
     blocks: int  # slot updates (rows x slots x blocks) the LSTM's keep was averaged over (0: none)
+    write: Tensor | None = None  # (dim,) float64: the share of the candidate written (LSTM: the input gate's mean)
+    keep_range: tuple[float, float] | None = None  # 10 % and 90 % over slot updates of the keep's channel mean
 
     def half_lives(self) -> Tensor:
         """Blocks until half of a written value is left, per channel: log(1/2) / log(keep) (inf at keep 1)."""
@@ -168,13 +172,17 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
     for layer, name, gate in _gates(model):
         if isinstance(gate, FixedGate) or not documents:
             continue
-        sums[layer, name] = [torch.zeros(model.config.dim, dtype=torch.float64), 0]
+        sums[layer, name] = [torch.zeros(model.config.dim, dtype=torch.float64), 0,
+                             torch.zeros(model.config.dim, dtype=torch.float64), []]
 
         def record(module, inputs, output, key=(layer, name)):
             state, update = inputs
-            keep = module.keep(update, state.dtype).double()
-            sums[key][0] += keep.reshape(-1, keep.shape[-1]).sum(dim=0).cpu()
-            sums[key][1] += keep.numel() // keep.shape[-1]
+            _, written, keep = module.gates(update, state.dtype)
+            keep, written = keep.double().reshape(-1, keep.shape[-1]), written.double().reshape(-1, keep.shape[-1])
+            sums[key][0] += keep.sum(dim=0).cpu()
+            sums[key][1] += keep.shape[0]
+            sums[key][2] += written.sum(dim=0).cpu()
+            sums[key][3].append(keep.mean(dim=-1).cpu())
 
         hooks.append(gate.register_forward_hook(record))
     try:
@@ -187,13 +195,23 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
     with eval_no_grad(model):
         for layer, name, gate in _gates(model):
             kind = "fixed" if isinstance(gate, FixedGate) else "lstm"
+            keep_range = None
             if (layer, name) in sums and sums[layer, name][1]:
-                total, count = sums[layer, name]
-                keep, blocks = total / count, count
+                total, count, written, per_update = sums[layer, name]
+                keep, blocks, write = total / count, count, written / count
+                per_update = torch.cat(per_update)
+                keep_range = tuple(torch.quantile(per_update, torch.tensor([0.1, 0.9], dtype=per_update.dtype))
+                                   .tolist())
             else:
                 zero = torch.zeros(1, model.config.dim, device=model.device, dtype=model.dtype)
-                keep, blocks = gate.keep(zero, torch.float64).reshape(-1, model.config.dim)[0], 0
-            summaries.append(KeepSummary(layer, name, kind, keep.double().cpu(), blocks))
+                blocks = 0
+                if kind == "fixed":
+                    keep = gate.keep(zero, torch.float64).reshape(-1, model.config.dim)[0]
+                    write = 1 - keep
+                else:
+                    _, write, keep = (t.reshape(-1, model.config.dim)[0] for t in gate.gates(zero, torch.float64))
+            summaries.append(KeepSummary(layer, name, kind, keep.double().cpu(), blocks, write.double().cpu(),
+                                         keep_range))
     return summaries
 
 
@@ -203,11 +221,15 @@ def format_keep(summaries: Sequence[KeepSummary]) -> str:
         return torch.quantile(t, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=t.dtype)).tolist()
 
     lines = ["| layer | gate | keep: min | 10 % | median | 90 % | max | half-life in blocks: median | 90 % | max "
-             "| measured on |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| write: median | keep per update: 10 % | 90 % | measured on |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
         keep, lives = quantiles(s.keep), quantiles(s.half_lives())
+        write = "-" if s.write is None else f"{s.write.median().item():.3f}"
+        spread = ["-", "-"] if s.keep_range is None else [f"{k:.3f}" for k in s.keep_range]
         where = (f"{s.blocks:,} slot updates" if s.blocks else "its biases" if s.kind == "fixed"
                  else "a zero update (no documents)")
         lines.append(f"| {s.layer} | {s.gate} ({s.kind}) | " + " | ".join(f"{k:.3f}" for k in keep) + " | "
-                     + " | ".join(f"{h:.1f}" for h in lives[2:]) + f" | {where} |")
+                     + " | ".join(f"{h:.1f}" for h in lives[2:]) + f" | {write} | " + " | ".join(spread)
+                     + f" | {where} |")
     return "\n".join(lines)

@@ -87,7 +87,7 @@ class LSTMGate(nn.Module):
         self.register_buffer("offsets", torch.tensor([-1.0, self.forget_offset]).repeat_interleave(dim),
                              persistent=False)
 
-    def _gates(self, update: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def gates(self, update: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """(candidate z before its tanh, input gate i, forget gate f), in ``dtype``."""
         gates = self.to_gates(update)
         if self.projection:
@@ -100,10 +100,10 @@ class LSTMGate(nn.Module):
 
     def keep(self, update: Tensor, dtype: torch.dtype) -> Tensor:
         """The share of the old state kept, per row, slot and channel: the forget gate."""
-        return self._gates(update, dtype)[2]
+        return self.gates(update, dtype)[2]
 
     def forward(self, state: Tensor, update: Tensor) -> Tensor:
-        candidate, input_gate, keep = self._gates(update, state.dtype)
+        candidate, input_gate, keep = self.gates(update, state.dtype)
         return state * keep + torch.tanh(candidate) * input_gate
 
 
