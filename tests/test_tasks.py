@@ -438,6 +438,12 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
                  "--json", str(scores)]) == 0  # another task: its own defaults
     assert json.loads(scores.read_text())["task"]["separator"] == ""
     assert "as tuned" not in capsys.readouterr().out
+    # tuning a tuned model again goes on with the task as it was tuned
+    again = tmp_path / "again"
+    assert main(["tune", "--task", "passkey", "--checkpoint", str(tuned), "--out-dir", str(again), "--max-steps", "1",
+                 "--batch-size", "2", "--max-distance", "40"]) == 0
+    assert "passkey as tuned" in capsys.readouterr().out
+    assert json.loads((again / "tune.json").read_text())["task"]["digits"] == 3
     (tuned / "tune.json").write_text("{not json")
     assert main(["eval", "--task", "passkey", "--checkpoint", str(tuned), "--distances", "0", "--samples", "1"]) == 2
     assert "is not a brt tune summary" in capsys.readouterr().err

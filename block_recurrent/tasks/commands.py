@@ -124,17 +124,32 @@ def write_tune_summary(folder: Path, task: dict[str, Any], **details: Any) -> No
 
 def tuned_task(folder: Path, task: str) -> dict[str, Any]:
     """The settings ``brt tune`` trained ``folder``'s model on (its ``tune.json``), when that was ``task``: the
-    haystack and the task options, the defaults of ``brt eval --task`` on it. Empty for any other folder."""
+    haystack and the task options, the defaults of ``brt tune`` and ``brt eval --task`` on it. Empty for any other
+    folder."""
     path = folder / TUNE_FILE
     if not path.is_file():
         return {}
     try:
         described = json.loads(path.read_text())["task"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a brt tune summary ({error!r}); move it away to score without it") from None
+        raise ValueError(f"{path} is not a brt tune summary ({error!r}); move it away to go on without it") from None
     if not isinstance(described, dict) or described.get("task") != task:
         return {}
     return {name: value for name, value in described.items() if name != "task"}
+
+
+def task_settings(args: argparse.Namespace, folder: Path | None) -> tuple[str | None, dict[str, Any]]:
+    """(haystack, task options) for ``brt tune`` and ``brt eval --task``: a model tuned by ``brt tune`` goes on with
+    the task as it was tuned (the text's format: separators, digits, the preamble, read from ``folder``'s
+    ``tune.json``, and printed); ``--haystack`` and ``--task-option`` override."""
+    tuned = {} if folder is None else tuned_task(folder, args.task)
+    tuned_haystack = tuned.pop("haystack", None)
+    haystack = args.haystack or tuned_haystack
+    options = {**tuned, **task_options(args.task_option)}
+    if tuned:
+        print(f"{args.task} as tuned ({folder / TUNE_FILE}; --haystack and --task-option override): " + ", ".join(
+            f"{name}={json.dumps(value)}" for name, value in [("haystack", haystack), *options.items()]))
+    return haystack, options
 
 
 def fresh_model(preset: str, changes: dict[str, Any], seed: int, device: str):
@@ -163,14 +178,16 @@ def run_tune(args: argparse.Namespace) -> int:
                          "give a new folder")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
     model_options = task_options(args.model_option, "--model-option")
+    folder = None
     if args.preset is not None:
         model, tokenizer, tokenizer_file = fresh_model(args.preset, model_options, config.seed, args.device)
     elif model_options:
         raise ValueError("--model-option changes a fresh model's config: give it with --preset, not --checkpoint")
     else:
-        model, tokenizer, tokenizer_file, _ = load_model(args.checkpoint, args.device)
+        model, tokenizer, tokenizer_file, folder = load_model(args.checkpoint, args.device)
+    haystack, options = task_settings(args, folder)
     # the corpus haystack of training comes from the training files; brt eval --task reads the held-out ones
-    task = make_task(args.task, tokenizer, args.haystack, "train", **task_options(args.task_option))
+    task = make_task(args.task, tokenizer, haystack, "train", **options)
     print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
           f"{config.max_distance}, {config.max_steps} steps")
 
@@ -195,15 +212,7 @@ def run_task_eval(args: argparse.Namespace) -> int:
     if getattr(args, "positions", False):
         raise ValueError("--positions scores documents by position; with --task use --distances and --depths")
     model, tokenizer, _, folder = load_model(args.checkpoint, args.device)
-    # a model tuned by brt tune is scored on the task as it was tuned (the text's format: separators, digits, the
-    # preamble); --haystack and --task-option override
-    tuned = tuned_task(folder, args.task)
-    tuned_haystack = tuned.pop("haystack", None)
-    haystack = args.haystack or tuned_haystack
-    options = {**tuned, **task_options(args.task_option)}
-    if tuned:
-        print(f"{args.task} as tuned ({folder / TUNE_FILE}; --haystack and --task-option override): " + ", ".join(
-            f"{name}={json.dumps(value)}" for name, value in [("haystack", haystack), *options.items()]))
+    haystack, options = task_settings(args, folder)  # as tuned, where brt tune made the model
     task = make_task(args.task, tokenizer, haystack, "validation", **options)
     # float32 unless --bf16 is given: an argmax between two near-equal digits may flip under bf16
     runs = {}  # drop -> scores, the same examples each time
