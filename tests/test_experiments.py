@@ -180,3 +180,24 @@ def test_reference_env_names_the_interpreter_without_creating_one(tmp_path, monk
     assert reference_env.reference_python(create=False) is None
     for name in ("bench_train", "bench_generate", "bench_eval"):  # they import it as a sibling
         assert load_script("benchmarks", name).reference_python is reference_env.reference_python
+
+
+def test_gate_by_block_splits_every_block_into_needle_or_haystack(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.tasks import PasskeyTask
+
+    script = experiment("gate_by_block")
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", gate="lstm", gate_keep_init=3.0)).eval()
+    W = model.config.block_width
+    rows = script.gate_by_block(model, PasskeyTask(), 100, examples=2, seed=0)
+    examples = PasskeyTask().examples(2, 100, 0)  # the same lengths: the haystack is exactly `distance` tokens
+    assert sum(len(v) for v in rows.values()) == sum(len(e.tokens) // W for e in examples)
+    assert len(rows["needle"]) >= 2 and ((rows["haystack"] > 0) & (rows["haystack"] < 1)).all()
+    save_pretrained(model, tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["gate_by_block.py", "--checkpoint", str(tmp_path / "model"), "--task", "passkey",
+                                      "--distance", "60", "--examples", "2"])
+    script.main()
+    assert "| needle |" in capsys.readouterr().out
