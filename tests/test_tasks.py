@@ -17,6 +17,7 @@ from block_recurrent.inference.generation import generate
 from block_recurrent.tasks import (
     TASKS, FactsTask, MQARTask, PasskeyTask, TuneConfig, collate, make_task, plot_heatmap, score, tune,
 )
+from block_recurrent.tasks.commands import write_tune_summary
 from block_recurrent.tasks.scoring import predict
 from block_recurrent.tasks.text import FILLER, TextHaystack, place_needles
 from block_recurrent.training.data import ByteTokenizer
@@ -444,6 +445,16 @@ def test_commands_end_to_end(tiny, tmp_path, capsys):
                  "--batch-size", "2", "--max-distance", "40"]) == 0
     assert "passkey as tuned" in capsys.readouterr().out
     assert json.loads((again / "tune.json").read_text())["task"]["digits"] == 3
+    # a summary whose task scored differs from the one trained on (experiments/long_context_tasks.py --save): brt tune
+    # goes on with the trained one, brt eval scores the other
+    write_tune_summary(again, PasskeyTask(digits=3).describe(), train_task=PasskeyTask(digits=4).describe())
+    assert main(["tune", "--task", "passkey", "--checkpoint", str(again), "--out-dir", str(tmp_path / "third"),
+                 "--max-steps", "1", "--batch-size", "2", "--max-distance", "40"]) == 0
+    assert json.loads((tmp_path / "third" / "tune.json").read_text())["task"]["digits"] == 4
+    assert main(["eval", "--task", "passkey", "--checkpoint", str(again), "--distances", "0", "--samples", "1",
+                 "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["task"]["digits"] == 3
+    capsys.readouterr()
     (tuned / "tune.json").write_text("{not json")
     assert main(["eval", "--task", "passkey", "--checkpoint", str(tuned), "--distances", "0", "--samples", "1"]) == 2
     assert "is not a brt tune summary" in capsys.readouterr().err

@@ -122,27 +122,31 @@ def write_tune_summary(folder: Path, task: dict[str, Any], **details: Any) -> No
     replace_file(Path(folder) / TUNE_FILE, json.dumps({"task": task, **details}, indent=2) + "\n")
 
 
-def tuned_task(folder: Path, task: str) -> dict[str, Any]:
+def tuned_task(folder: Path, task: str, training: bool = False) -> dict[str, Any]:
     """The settings ``brt tune`` trained ``folder``'s model on (its ``tune.json``), when that was ``task``: the
     haystack and the task options, the defaults of ``brt tune`` and ``brt eval --task`` on it. Empty for any other
-    folder."""
+    folder. Where the task scored differs from the one trained on (``train_task``, written by
+    ``experiments/long_context_tasks.py``), ``training`` picks the one trained on."""
     path = folder / TUNE_FILE
     if not path.is_file():
         return {}
     try:
-        described = json.loads(path.read_text())["task"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        summary = json.loads(path.read_text())
+        described = summary.get("train_task", summary["task"]) if training else summary["task"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a brt tune summary ({error!r}); move it away to go on without it") from None
     if not isinstance(described, dict) or described.get("task") != task:
         return {}
     return {name: value for name, value in described.items() if name != "task"}
 
 
-def task_settings(args: argparse.Namespace, folder: Path | None) -> tuple[str | None, dict[str, Any]]:
-    """(haystack, task options) for ``brt tune`` and ``brt eval --task``: a model tuned by ``brt tune`` goes on with
-    the task as it was tuned (the text's format: separators, digits, the preamble, read from ``folder``'s
-    ``tune.json``, and printed); ``--haystack`` and ``--task-option`` override."""
-    tuned = {} if folder is None else tuned_task(folder, args.task)
+def task_settings(
+    args: argparse.Namespace, folder: Path | None, training: bool = False
+) -> tuple[str | None, dict[str, Any]]:
+    """(haystack, task options) for ``brt tune`` (``training``) and ``brt eval --task``: a model tuned by ``brt tune``
+    goes on with the task as it was tuned (the text's format: separators, digits, the preamble, read from
+    ``folder``'s ``tune.json``, and printed); ``--haystack`` and ``--task-option`` override."""
+    tuned = {} if folder is None else tuned_task(folder, args.task, training)
     tuned_haystack = tuned.pop("haystack", None)
     haystack = args.haystack or tuned_haystack
     options = {**tuned, **task_options(args.task_option)}
@@ -185,7 +189,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError("--model-option changes a fresh model's config: give it with --preset, not --checkpoint")
     else:
         model, tokenizer, tokenizer_file, folder = load_model(args.checkpoint, args.device)
-    haystack, options = task_settings(args, folder)
+    haystack, options = task_settings(args, folder, training=True)
     # the corpus haystack of training comes from the training files; brt eval --task reads the held-out ones
     task = make_task(args.task, tokenizer, haystack, "train", **options)
     print(f"tuning on {args.task} ({json.dumps(task.describe())}), distances {config.min_distance}-"
