@@ -1,12 +1,13 @@
 """Score a model on a task by distance and depth: exact match per answer, a table, a heat map.
 
 Every example is run through ``model.run`` in chunks of whole blocks with the state carried, so memory stays
-constant however long the haystack; only the predictions at the answers are kept. ``drop`` scores the same
-examples with what is carried dropped after every block (the ablations of
-:func:`~block_recurrent.inference.diagnostics.drop_carried`), to show what the recurrent state and the XL memory
-each contribute to an answer. An answer counts as right when
+constant however long the haystack; only the predictions at the answers are kept. An answer counts as right when
 each of its tokens is the argmax given the true tokens before it (teacher forcing), which is exactly when greedy
 decoding would write it.
+
+``drop`` scores the same examples with what is carried dropped after every block (the ablations of
+:func:`~block_recurrent.inference.diagnostics.drop_carried`): what the recurrent state and the XL memory each
+contribute to the answers.
 """
 
 from __future__ import annotations
