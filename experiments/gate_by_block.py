@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
 from block_recurrent.tasks import make_task  # noqa: E402
-from block_recurrent.tasks.commands import load_model, task_settings  # noqa: E402
+from block_recurrent.tasks.commands import TASK_NAMES, load_model, task_settings  # noqa: E402
 
 
 def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[str, np.ndarray]:
@@ -62,7 +62,7 @@ def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--task", required=True, choices=("passkey", "mqar", "qa1", "qa2"))
+    parser.add_argument("--task", required=True, choices=TASK_NAMES)
     parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
     parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
     parser.add_argument("--distance", type=int, default=2048)

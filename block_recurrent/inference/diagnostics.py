@@ -172,17 +172,17 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
     for layer, name, gate in _gates(model):
         if isinstance(gate, FixedGate) or not documents:
             continue
-        sums[layer, name] = [torch.zeros(model.config.dim, dtype=torch.float64), 0,
-                             torch.zeros(model.config.dim, dtype=torch.float64), []]
+        # per channel: the summed keep and write; per slot update: the keep's channel mean (their count)
+        sums[layer, name] = {"keep": torch.zeros(model.config.dim, dtype=torch.float64),
+                             "write": torch.zeros(model.config.dim, dtype=torch.float64), "per_update": []}
 
         def record(module, inputs, output, key=(layer, name)):
             state, update = inputs
             _, written, keep = module.gates(update, state.dtype)
             keep, written = keep.double().reshape(-1, keep.shape[-1]), written.double().reshape(-1, keep.shape[-1])
-            sums[key][0] += keep.sum(dim=0).cpu()
-            sums[key][1] += keep.shape[0]
-            sums[key][2] += written.sum(dim=0).cpu()
-            sums[key][3].append(keep.mean(dim=-1).cpu())
+            sums[key]["keep"] += keep.sum(dim=0).cpu()
+            sums[key]["write"] += written.sum(dim=0).cpu()
+            sums[key]["per_update"].append(keep.mean(dim=-1).cpu())
 
         hooks.append(gate.register_forward_hook(record))
     try:
@@ -196,10 +196,10 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
         for layer, name, gate in _gates(model):
             kind = "fixed" if isinstance(gate, FixedGate) else "lstm"
             keep_range = None
-            if (layer, name) in sums and sums[layer, name][1]:
-                total, count, written, per_update = sums[layer, name]
-                keep, blocks, write = total / count, count, written / count
-                per_update = torch.cat(per_update)
+            if (layer, name) in sums and sums[layer, name]["per_update"]:
+                per_update = torch.cat(sums[layer, name]["per_update"])
+                blocks = len(per_update)
+                keep, write = sums[layer, name]["keep"] / blocks, sums[layer, name]["write"] / blocks
                 keep_range = tuple(torch.quantile(per_update, torch.tensor([0.1, 0.9], dtype=per_update.dtype))
                                    .tolist())
             else:
