@@ -32,6 +32,7 @@ blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -67,8 +68,9 @@ def one_thread() -> None:
 PRESETS = {"mini": {}, "hour": dict(gate="lstm", gate_keep_init=3.0, state_cell_scale=0.1)}
 
 
-def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset: str = "mini"):
-    """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE")."""
+def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset: str = "mini",
+            state_lr_scale: float | None = None):
+    """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE"); ``state_lr_scale`` overrides brt train's."""
     from block_recurrent import BlockRecurrentConfig, TrainConfig
 
     variant, shape = run.split("-")
@@ -79,6 +81,8 @@ def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset
     train = TrainConfig(data=data, documents="package", batch_size=rows, max_steps=steps, seed=seed, bf16=True,
                         out_dir=str(out / f"{run}-seed{seed}"), eval_every=0, checkpoint_every=0, sample_tokens=0,
                         final_eval=False, progress=False, keep_last=1, log_every=50)
+    if state_lr_scale is not None:
+        train = dataclasses.replace(train, state_lr_scale=state_lr_scale)
     return model, train
 
 
@@ -128,7 +132,7 @@ def measure(runs: list[str], rounds: int, data: str | None, out: Path, preset: s
 
 
 def train_one(unit: tuple) -> dict:
-    run, seed, steps, out, data, preset = unit
+    run, seed, steps, out, data, preset, state_lr_scale = unit
     import torch
 
     from block_recurrent.inference.diagnostics import log_curve, whole
@@ -137,7 +141,7 @@ def train_one(unit: tuple) -> dict:
     from block_recurrent.training.trainer import train
 
     one_thread()
-    model_config, config = configs(run, seed, steps, Path(out), data, preset)
+    model_config, config = configs(run, seed, steps, Path(out), data, preset, state_lr_scale)
     began, cpu = time.perf_counter(), time.process_time()
     last = train(model_config, config)
     trained, trained_cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -150,7 +154,7 @@ def train_one(unit: tuple) -> dict:
               "train_cpu_s": round(trained_cpu, 1), "eval_s": round(time.perf_counter() - began, 1),
               "train_bpb": last.get("bpb"), "held_out_bpb": whole(results), "parameters": model.num_parameters(),
               "ranges": log_curve(results), "curve": position_curve(results), "documents": len(docs),
-              "bytes": sum(len(d) for d in docs)}
+              "bytes": sum(len(d) for d in docs), "state_lr_scale": config.state_lr_scale}
     append(Path(out) / "results.jsonl", record)  # as soon as it is done: a later failure loses nothing
     return record
 
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="a folder of packages instead of the built-in corpus")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--preset", default="mini", choices=sorted(PRESETS), help="the model's width and blocks")
+    parser.add_argument("--state-lr-scale", type=float, default=None,
+                        help="train: the state cells' learning rate against the rest (brt train's default if not given)")
     args = parser.parse_args(argv)
     out = Path(args.out)
 
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
         units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data,
-                  args.preset) for seed in args.seeds for run in args.runs]
+                  args.preset, args.state_lr_scale) for seed in args.seeds for run in args.runs]
         print("steps: " + ", ".join(f"{unit[0]} seed {unit[1]}: {unit[2]}" for unit in units), flush=True)
         for result in map_units(train_one, units, args.jobs, start="spawn"):
             print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "

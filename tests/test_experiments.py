@@ -4,6 +4,7 @@ record, not checked here."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -134,6 +135,11 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     xl, _ = ld.configs("xl-8blocks", 1, 10, out, None, "hour")
     assert (rec.dim, rec.block_width, rec.max_seq_len, rec.gate, rec.state_cell_scale) == (192, 32, 256, "lstm", 0.1)
     assert xl.recurrent_layers == () and xl.dim == 192 and train.batch_size == 16
+    # --state-lr-scale overrides brt train's rate for the state cells and leaves the rest as it was
+    _, faster = ld.configs("rec-1block", 0, 10, out, None, "mini", state_lr_scale=3.0)
+    _, default = ld.configs("rec-1block", 0, 10, out, None, "mini")
+    assert faster.state_lr_scale == 3.0 and default.state_lr_scale == 1.0
+    assert dataclasses.replace(faster, state_lr_scale=1.0) == default
 
 
 def test_mqar_lookup_runs_both_models_and_both_layouts(capsys):
