@@ -38,6 +38,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from harness import map_units
 
@@ -286,22 +287,38 @@ def finish_position_axes(axes, shape: str, ticks: list[int]) -> None:
     axes.legend(fontsize=7)
 
 
-def report(out: Path, plot: str | None) -> str:
+def labelled(run: str, record: dict) -> str:
+    """A run's name in a report: "VARIANT-SHAPE", with the state cells' rate where it is not brt train's
+    ("rec@cells3-1block"), so that runs of several folders can share a table and a plot."""
+    scale = record.get("state_lr_scale", 1.0)
+    if scale == 1.0:
+        return run
+    variant, shape = run.split("-")
+    return f"{variant}@cells{scale:g}-{shape}"
+
+
+def report(out: Path, plot: str | None, also: Sequence[Path] = ()) -> str:
+    """The tables of ``out``'s runs (and of the folders ``also``), and the per-position plots."""
     from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary
 
     import torch
 
-    results = {(r["run"], r["seed"]): r for r in load(out / "results.jsonl")}  # a later run of the same wins
+    results, diagnostics = {}, []
+    for folder in (out, *also):
+        found = {(r["run"], r["seed"]): r for r in load(folder / "results.jsonl")}  # a later run of the same wins
+        results.update({(labelled(run, r), seed): r for (run, seed), r in found.items()})
+        for d in load(folder / "diagnostics.jsonl"):
+            diagnostics.append({**d, "run": labelled(d["run"], found.get((d["run"], d["seed"]), {}))})
     lines = ["| run | seed | parameters | steps | step ms (CPU, measured) | train s (wall) | held-out bits per byte |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     times = json.loads((out / "step_times.json").read_text()) if (out / "step_times.json").exists() else {}
     for (run, seed), r in sorted(results.items()):
-        step = times.get(run, {}).get("step_s", float("nan")) * 1e3
+        step = times.get(r["run"], {}).get("step_s", float("nan")) * 1e3
         lines.append(f"| {run} | {seed} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {step:.1f} | "
                      f"{r['train_s']:.0f} | {r['held_out_bpb']:.4f} |")
     lines += ["", format_curves({f"{run} seed {seed}": (r["held_out_bpb"], [tuple(x) for x in r["ranges"]])
                                  for (run, seed), r in sorted(results.items())})]
-    for d in load(out / "diagnostics.jsonl"):
+    for d in diagnostics:
         base = results.get((d["run"], d["seed"]))
         rows = {}
         if base is not None:
@@ -322,6 +339,8 @@ def report(out: Path, plot: str | None) -> str:
         shapes = sorted({run.split("-")[1] for run, _ in results}, key=list(SHAPES).index)
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         colours = {variant: f"C{i}" for i, variant in enumerate(VARIANTS)}
+        for run, _ in sorted(results):  # a colour for each variant beyond the three (another cells' rate)
+            colours.setdefault(run.split("-")[0], f"C{len(colours)}")
         ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
         for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, seed 1 dashed
             for (run, seed), r in sorted(results.items()):
@@ -374,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--data", default=None, help="a folder of packages instead of the built-in corpus")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--also", nargs="+", default=[], help="report: more folders of runs, in the same tables")
     parser.add_argument("--preset", default="mini", choices=sorted(PRESETS), help="the model's width and blocks")
     parser.add_argument("--state-lr-scale", type=float, default=None,
                         help="train: the state cells' learning rate against the rest (brt train's default if not given)")
@@ -406,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "stream":
         print(stream_table(out, args.runs, args.seeds))
     else:
-        print(report(out, args.plot))
+        print(report(out, args.plot, [Path(folder) for folder in args.also]))
 
 
 if __name__ == "__main__":

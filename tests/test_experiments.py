@@ -128,6 +128,15 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     out_text = capsys.readouterr().out
     assert "| rec-8blocks | 0 | 0.90 M | 2 |" in out_text and "| state dropped after every block |" in out_text
     assert "| 2 | gate (lstm) |" in out_text and (tmp_path / "positions.png").exists()
+    # a run with the state cells at another rate, in its own folder, reported beside the others under its own name
+    faster = tmp_path / "faster"
+    ld.main(["train", "--runs", "rec-8blocks", "--max-steps", "2", "--state-lr-scale", "3", "--data", str(data),
+             "--out", str(faster)])
+    capsys.readouterr()
+    ld.main(["report", "--also", str(faster), "--plot", str(tmp_path / "both.png"), *common])
+    out_text = capsys.readouterr().out
+    assert "| rec-8blocks | 0 |" in out_text and "| rec@cells3-8blocks | 0 | 0.90 M | 2 |" in out_text
+    assert "| rec@cells3-8blocks seed 0 |" in out_text and (tmp_path / "both_against_xl.png").exists()
     experiment("document_lengths").main(["--data", str(data)])
     assert "| held out | 1 |" in capsys.readouterr().out
     # --preset hour: the hour recipe's width and blocks with mini's cell; XL without the recurrence
