@@ -297,17 +297,21 @@ def labelled(run: str, record: dict) -> str:
     return f"{variant}@cells{scale:g}-{shape}"
 
 
-def report(out: Path, plot: str | None, also: Sequence[Path] = ()) -> str:
-    """The tables of ``out``'s runs (and of the folders ``also``), and the per-position plots."""
+def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequence[str] | None = None) -> str:
+    """The tables of ``out``'s runs (and of the folders ``also``; only ``runs`` if given), and the per-position
+    plots."""
     from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary
 
     import torch
 
     results, diagnostics = {}, []
     for folder in (out, *also):
-        found = {(r["run"], r["seed"]): r for r in load(folder / "results.jsonl")}  # a later run of the same wins
+        found = {(r["run"], r["seed"]): r for r in load(folder / "results.jsonl")  # a later run of the same wins
+                 if runs is None or r["run"] in runs}
         results.update({(labelled(run, r), seed): r for (run, seed), r in found.items()})
         for d in load(folder / "diagnostics.jsonl"):
+            if runs is not None and d["run"] not in runs:
+                continue
             diagnostics.append({**d, "run": labelled(d["run"], found.get((d["run"], d["seed"]), {}))})
     lines = ["| run | seed | parameters | steps | step ms (CPU, measured) | train s (wall) | held-out bits per byte |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -383,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("measure", "train", "diagnose", "documents", "stream", "report"))
     runs = [f"{v}-{s}" for s in SHAPES for v in VARIANTS]
-    parser.add_argument("--runs", nargs="+", choices=runs, default=[r for r in runs if "4blocks" not in r])
+    parser.add_argument("--runs", nargs="+", choices=runs, default=None,
+                        help="the runs to train, diagnose or score (all but the 4blocks ones); report: all if not given")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", type=float, default=420.0, help="CPU seconds of training per run")
     parser.add_argument("--rounds", type=int, default=15, help="measure: steps per run (the first 3 not counted)")
@@ -399,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train: the state cells' learning rate against the rest (brt train's default if not given)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    chosen = args.runs
+    if args.runs is None:
+        args.runs = [r for r in runs if "4blocks" not in r]
 
     if args.command == "measure":
         result = measure(args.runs, args.rounds, args.data, out, args.preset)
@@ -426,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "stream":
         print(stream_table(out, args.runs, args.seeds))
     else:
-        print(report(out, args.plot, [Path(folder) for folder in args.also]))
+        print(report(out, args.plot, [Path(folder) for folder in args.also], chosen))
 
 
 if __name__ == "__main__":

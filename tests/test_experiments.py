@@ -137,6 +137,9 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     out_text = capsys.readouterr().out
     assert "| rec-8blocks | 0 |" in out_text and "| rec@cells3-8blocks | 0 | 0.90 M | 2 |" in out_text
     assert "| rec@cells3-8blocks seed 0 |" in out_text and (tmp_path / "both_against_xl.png").exists()
+    ld.main(["report", "--runs", "xl-8blocks", "--also", str(faster), *common])  # only the runs named
+    out_text = capsys.readouterr().out
+    assert "| xl-8blocks | 0 |" in out_text and "| rec-8blocks | 0 |" not in out_text and "rec@cells3" not in out_text
     experiment("document_lengths").main(["--data", str(data)])
     assert "| held out | 1 |" in capsys.readouterr().out
     # --preset hour: the hour recipe's width and blocks with mini's cell; XL without the recurrence
