@@ -304,21 +304,22 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
 
     import torch
 
-    results, diagnostics = {}, []
+    results, step_ms, diagnostics = {}, {}, []
     for folder in (out, *also):
         found = {(r["run"], r["seed"]): r for r in load(folder / "results.jsonl")  # a later run of the same wins
                  if runs is None or r["run"] in runs}
-        results.update({(labelled(run, r), seed): r for (run, seed), r in found.items()})
+        times = json.loads((folder / "step_times.json").read_text()) if (folder / "step_times.json").exists() else {}
+        for (run, seed), r in found.items():
+            results[labelled(run, r), seed] = r
+            step_ms[labelled(run, r), seed] = times.get(run, {}).get("step_s", float("nan")) * 1e3
         for d in load(folder / "diagnostics.jsonl"):
             if runs is not None and d["run"] not in runs:
                 continue
             diagnostics.append({**d, "run": labelled(d["run"], found.get((d["run"], d["seed"]), {}))})
     lines = ["| run | seed | parameters | steps | step ms (CPU, measured) | train s (wall) | held-out bits per byte |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    times = json.loads((out / "step_times.json").read_text()) if (out / "step_times.json").exists() else {}
     for (run, seed), r in sorted(results.items()):
-        step = times.get(r["run"], {}).get("step_s", float("nan")) * 1e3
-        lines.append(f"| {run} | {seed} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {step:.1f} | "
+        lines.append(f"| {run} | {seed} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {step_ms[run, seed]:.1f} | "
                      f"{r['train_s']:.0f} | {r['held_out_bpb']:.4f} |")
     lines += ["", format_curves({f"{run} seed {seed}": (r["held_out_bpb"], [tuple(x) for x in r["ranges"]])
                                  for (run, seed), r in sorted(results.items())})]
