@@ -405,12 +405,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="train: the state cells' learning rate against the rest (brt train's default if not given)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    chosen = args.runs
-    if args.runs is None:
-        args.runs = [r for r in runs if "4blocks" not in r]
+    selected = args.runs or [r for r in runs if "4blocks" not in r]  # (report takes every run if none is named)
 
     if args.command == "measure":
-        result = measure(args.runs, args.rounds, args.data, out, args.preset)
+        result = measure(selected, args.rounds, args.data, out, args.preset)
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
             xl = result.get("xl-" + run.split("-")[1], r)
@@ -419,23 +417,23 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
         units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data,
-                  args.preset, args.state_lr_scale) for seed in args.seeds for run in args.runs]
+                  args.preset, args.state_lr_scale) for seed in args.seeds for run in selected]
         print("steps: " + ", ".join(f"{unit[0]} seed {unit[1]}: {unit[2]}" for unit in units), flush=True)
         for result in map_units(train_one, units, args.jobs, start="spawn"):
             print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "
                   f"held-out {result['held_out_bpb']:.4f}", flush=True)
     elif args.command == "diagnose":
-        units = [(run, seed, args.drop, str(out), args.data) for seed in args.seeds for run in args.runs]
+        units = [(run, seed, args.drop, str(out), args.data) for seed in args.seeds for run in selected]
         for record in map_units(diagnose_one, units, args.jobs, start="spawn"):
             print(f"{record['run']} seed {record['seed']}: " + ", ".join(
                 f"{drop} dropped {a['held_out_bpb']:.4f}" for drop, a in record["ablations"].items()), flush=True)
     elif args.command == "documents":
-        units = [(run, seed, str(out), args.data) for seed in args.seeds for run in args.runs]
+        units = [(run, seed, str(out), args.data) for seed in args.seeds for run in selected]
         print(documents_table(list(map_units(documents_one, units, args.jobs, start="spawn"))))
     elif args.command == "stream":
-        print(stream_table(out, args.runs, args.seeds))
+        print(stream_table(out, selected, args.seeds))
     else:
-        print(report(out, args.plot, [Path(folder) for folder in args.also], chosen))
+        print(report(out, args.plot, [Path(folder) for folder in args.also], args.runs))
 
 
 if __name__ == "__main__":
