@@ -655,6 +655,25 @@ def test_state_cell_scale_changes_how_fast_adam_moves_the_cell_not_what_the_mode
     torch.testing.assert_close(stored * 0.1, cell.to_update.weight, rtol=0, atol=0)
 
 
+
+def test_a_run_scales_each_cell_parameter_once_whatever_the_number_of_blocks(monkeypatch):
+    """The scaled parameters are computed once per call (parametrize.cached), not once per block and use: a run of
+    four blocks costs as many products by the scale as a run of one."""
+    from block_recurrent.model.recurrent import Scaled
+
+    model = make_model(state_cell_scale=0.1)
+    calls = []
+    forward = Scaled.forward
+    monkeypatch.setattr(Scaled, "forward", lambda self, stored: calls.append(1) or forward(self, stored))
+    W = TINY["block_width"]
+    counts = []
+    for blocks in (1, 4):
+        calls.clear()
+        model.run(random_tokens(2, blocks * W))
+        counts.append(len(calls))
+    scaled = sum(len(m.parametrizations) for m in model.modules() if hasattr(m, "parametrizations"))
+    assert counts[1] == counts[0] <= scaled
+
 def _effective(model) -> dict[str, torch.Tensor]:
     """Every parameter as the model uses it, by its plain name (a scaled one's value, not what is stored)."""
     values = {}

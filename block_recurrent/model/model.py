@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .config import BlockRecurrentConfig
 from .layer import LayerCache, TransformerLayer, block_keys, position
@@ -207,14 +208,16 @@ class BlockRecurrentModel(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         hidden, W = [], self.config.block_width
         whole = x.shape[1] // W * W
-        if self.blocks_side_by_side and whole >= 2 * W:  # (a checked state's memories hold at most a block)
-            block, state = self.forward_blocks(x[:, :whole], state, write_last=write_last or whole < x.shape[1])
-            hidden.append(block)
-            x = x[:, whole:]
-        pieces = x.split(W, dim=1) if x.shape[1] else ()
-        for index, block in enumerate(pieces):
-            block, state = self.forward_block(block, state, write=write_last or index + 1 < len(pieces))
-            hidden.append(block)
+        # a state cell's scaled parameters (state_cell_scale) computed once for all of the call's blocks
+        with parametrize.cached():
+            if self.blocks_side_by_side and whole >= 2 * W:  # (a checked state's memories hold at most a block)
+                block, state = self.forward_blocks(x[:, :whole], state, write_last=write_last or whole < x.shape[1])
+                hidden.append(block)
+                x = x[:, whole:]
+            pieces = x.split(W, dim=1) if x.shape[1] else ()
+            for index, block in enumerate(pieces):
+                block, state = self.forward_block(block, state, write=write_last or index + 1 < len(pieces))
+                hidden.append(block)
         return self.logits(torch.cat(hidden, dim=1)), state
 
     def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
