@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+from block_recurrent.cli import main
 
 TINY = dict(
     num_tokens=32, dim=32, depth=3, dim_head=8, heads=2, max_seq_len=16, block_width=4,
@@ -57,3 +58,24 @@ def sigint_handled():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+# the command line on a tiny corpus (tests/test_cli.py, tests/test_run_files.py)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i))
+    return folder
+
+
+def brt(*argv):
+    return main([str(a) for a in argv])
+
+
+def tiny_run(corpus, run, *extra):
+    return ("train", "--preset", "tiny", "--data", corpus, "--out-dir", run, "--batch-size", 2, "--warmup-steps", 1,
+            "--log-every", 1, "--no-progress", "--eval-tokens", 200, "--sample-tokens", 5, *extra)

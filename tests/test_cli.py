@@ -10,26 +10,7 @@ import time
 import pytest
 
 from block_recurrent.persistence.checkpoint import latest_checkpoint, load_training_checkpoint
-from block_recurrent.cli import main
-from conftest import HAS_CPP_COMPILER, interruptible
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(8):
-        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i))
-    return folder
-
-
-def brt(*argv):
-    return main([str(a) for a in argv])
-
-
-def tiny_run(corpus, run, *extra):
-    return ("train", "--preset", "tiny", "--data", corpus, "--out-dir", run, "--batch-size", 2, "--warmup-steps", 1,
-            "--log-every", 1, "--no-progress", "--eval-tokens", 200, "--sample-tokens", 5, *extra)
+from conftest import HAS_CPP_COMPILER, brt, interruptible, tiny_run
 
 
 def test_train_resume_eval_generate(tmp_path, corpus, capsys):

@@ -9,34 +9,16 @@ import time
 import pytest
 import torch
 
-from block_recurrent.cli import main
 from block_recurrent.model.config import BlockRecurrentConfig
 from block_recurrent.persistence.checkpoint import load_training_checkpoint
 from block_recurrent.training.run_config import RUN_FILE, read_run_file, run_file_text
 from block_recurrent.training.train_config import TrainConfig
+from conftest import brt, tiny_run
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(8):
-        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i))
-    return folder
-
-
-def brt(*argv):
-    return main([str(a) for a in argv])
-
-
-def tiny_run(corpus, run, *extra):
-    return ("train", "--preset", "tiny", "--data", corpus, "--out-dir", run, "--batch-size", 2, "--warmup-steps", 1,
-            "--log-every", 1, "--no-progress", "--eval-tokens", 200, "--sample-tokens", 5, *extra)
 
 
 def records(run):
