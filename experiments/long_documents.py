@@ -287,6 +287,9 @@ def finish_position_axes(axes, shape: str, ticks: list[int]) -> None:
     axes.legend(fontsize=7)
 
 
+SEED_LINES = ("-", "--", ":", "-.")  # seeds 0, 1, 2, 3 (then again)
+
+
 def labelled(run: str, record: dict) -> str:
     """A run's name in a report: "VARIANT-SHAPE", with the state cells' rate where it is not brt train's
     ("rec@cells3-1block"), so that runs of several folders can share a table and a plot."""
@@ -347,13 +350,13 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
         for run, _ in sorted(results):  # a colour for each variant beyond the three (another cells' rate)
             colours.setdefault(run.split("-")[0], f"C{len(colours)}")
         ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
-        for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, seed 1 dashed
+        for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, a line style per seed
             for (run, seed), r in sorted(results.items()):
                 if run.split("-")[1] != shape:
                     continue
                 ranges = [tuple(x) for x in r["ranges"]]
                 axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[run.split("-")[0]],
-                          marker="o", markersize=3, linestyle="-" if seed == 0 else "--",
+                          marker="o", markersize=3, linestyle=SEED_LINES[seed % len(SEED_LINES)],
                           label=f"{run.split('-')[0]} seed {seed}")
             finish_position_axes(axes, shape, ticks)
         panels[0][0].set_ylabel("held-out bits per byte")
@@ -371,8 +374,8 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
                 base = {(b, e): bits for b, e, bits, _ in [tuple(x) for x in xl["ranges"]]}
                 ranges = [tuple(x) for x in r["ranges"] if (x[0], x[1]) in base]
                 axes.plot(range_middles(ranges), [bits - base[(b, e)] for b, e, bits, _ in ranges],
-                          color=colours[variant], marker="o", markersize=3, linestyle="-" if seed == 0 else "--",
-                          label=f"{variant} - xl, seed {seed}")
+                          color=colours[variant], marker="o", markersize=3,
+                          linestyle=SEED_LINES[seed % len(SEED_LINES)], label=f"{variant} - xl, seed {seed}")
             axes.axhline(0, color="black", linewidth=0.8)
             finish_position_axes(axes, shape, ticks)
         panels[0][0].set_ylabel("bits per byte minus XL's (same shape and seed)")
