@@ -15,7 +15,9 @@ block cached) and ``slide`` (no recurrence and no cache: each token sees exactly
 more, as the paper's Slide:13 against 12). Shapes: ``1block`` (128 rows of one block per step, the segments of
 every recipe so far) and ``8blocks`` (16 rows of eight blocks: the state's gradient spans eight writes, as the
 paper's segments do); both read 2,048 bytes per step. ``--preset hour``: the hour recipe's width and blocks (192,
-blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``.
+blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``. ``--set FIELD=JSON`` changes a model
+field of every run (a lever: ``num_state_vectors=32``, ``gate_keep_init=5.0``), also in another ``--out``: it is
+recorded in results.jsonl and the report names the run by it ("rec@num_state_vectors=32-8blocks").
 
 1. ``measure`` times each variant's training step (the trainer's own ``train_step``) side by side in one process,
    one thread, alternating, in CPU time, and writes runs/long-docs/step_times.json.
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from harness import map_units
+from harness import map_units, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "long-docs"
@@ -70,15 +72,16 @@ PRESETS = {"mini": {}, "hour": dict(gate="lstm", gate_keep_init=3.0, state_cell_
 
 
 def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset: str = "mini",
-            state_lr_scale: float | None = None):
-    """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE"); ``state_lr_scale`` overrides brt train's."""
+            state_lr_scale: float | None = None, model_options: dict | None = None):
+    """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE"); ``state_lr_scale`` overrides brt train's,
+    ``model_options`` (``--set``) the model config's fields after the preset and the variant."""
     from block_recurrent import BlockRecurrentConfig, TrainConfig
 
     variant, shape = run.split("-")
     rows, blocks = SHAPES[shape]
     width = BlockRecurrentConfig.from_name(preset).block_width
     model = BlockRecurrentConfig.from_name(preset, max_seq_len=width * blocks,
-                                           **{**PRESETS[preset], **VARIANTS[variant]})
+                                           **{**PRESETS[preset], **VARIANTS[variant], **(model_options or {})})
     train = TrainConfig(data=data, documents="package", batch_size=rows, max_steps=steps, seed=seed, bf16=True,
                         out_dir=str(out / f"{run}-seed{seed}"), eval_every=0, checkpoint_every=0, sample_tokens=0,
                         final_eval=False, progress=False, keep_last=1, log_every=50)
@@ -103,14 +106,15 @@ def held_out(data: str | None, with_names: bool = False):
 # 1. step times, side by side
 
 
-def measure(runs: list[str], rounds: int, data: str | None, out: Path, preset: str = "mini") -> dict:
+def measure(runs: list[str], rounds: int, data: str | None, out: Path, preset: str = "mini",
+            model_options: dict | None = None) -> dict:
     from block_recurrent.training.trainer import Trainer
 
     one_thread()
     trainers = {}
     with tempfile.TemporaryDirectory() as folder:
         for run in runs:
-            model, train = configs(run, 0, 10**6, Path(folder), data, preset)
+            model, train = configs(run, 0, 10**6, Path(folder), data, preset, model_options=model_options)
             trainers[run] = Trainer(model, train)
         times = {run: [] for run in runs}
         for round_ in range(rounds):
@@ -133,7 +137,7 @@ def measure(runs: list[str], rounds: int, data: str | None, out: Path, preset: s
 
 
 def train_one(unit: tuple) -> dict:
-    run, seed, steps, out, data, preset, state_lr_scale = unit
+    run, seed, steps, out, data, preset, state_lr_scale, model_options = unit
     import torch
 
     from block_recurrent.inference.diagnostics import log_curve, whole
@@ -142,7 +146,7 @@ def train_one(unit: tuple) -> dict:
     from block_recurrent.training.trainer import train
 
     one_thread()
-    model_config, config = configs(run, seed, steps, Path(out), data, preset, state_lr_scale)
+    model_config, config = configs(run, seed, steps, Path(out), data, preset, state_lr_scale, model_options)
     began, cpu = time.perf_counter(), time.process_time()
     last = train(model_config, config)
     trained, trained_cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -155,7 +159,8 @@ def train_one(unit: tuple) -> dict:
               "train_cpu_s": round(trained_cpu, 1), "eval_s": round(time.perf_counter() - began, 1),
               "train_bpb": last.get("bpb"), "held_out_bpb": whole(results), "parameters": model.num_parameters(),
               "ranges": log_curve(results), "curve": position_curve(results), "documents": len(docs),
-              "bytes": sum(len(d) for d in docs), "state_lr_scale": config.state_lr_scale}
+              "bytes": sum(len(d) for d in docs), "state_lr_scale": config.state_lr_scale,
+              "model_options": model_options}
     append(Path(out) / "results.jsonl", record)  # as soon as it is done: a later failure loses nothing
     return record
 
@@ -291,13 +296,16 @@ SEED_LINES = ("-", "--", ":", "-.")  # seeds 0, 1, 2, 3 (then again)
 
 
 def labelled(run: str, record: dict) -> str:
-    """A run's name in a report: "VARIANT-SHAPE", with the state cells' rate where it is not brt train's
-    ("rec@cells3-1block"), so that runs of several folders can share a table and a plot."""
+    """A run's name in a report: "VARIANT-SHAPE", with the state cells' rate where it is not brt train's and the
+    model fields it changed ("rec@cells3-1block", "rec@num_state_vectors=32-8blocks"), so that runs of several
+    folders can share a table and a plot."""
     scale = record.get("state_lr_scale", 1.0)
-    if scale == 1.0:
+    changes = ([f"cells{scale:g}"] if scale != 1.0 else []) + [
+        f"{name}={json.dumps(value)}" for name, value in (record.get("model_options") or {}).items()]
+    if not changes:
         return run
     variant, shape = run.split("-")
-    return f"{variant}@cells{scale:g}-{shape}"
+    return f"{variant}@{','.join(changes)}-{shape}"
 
 
 def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequence[str] | None = None) -> str:
@@ -344,18 +352,18 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        shapes = sorted({run.split("-")[1] for run, _ in results}, key=list(SHAPES).index)
+        shapes = sorted({run.rsplit("-", 1)[1] for run, _ in results}, key=list(SHAPES).index)
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         colours = {variant: f"C{i}" for i, variant in enumerate(VARIANTS)}
         for run, _ in sorted(results):  # a colour for each variant beyond the three (another cells' rate)
-            colours.setdefault(run.split("-")[0], f"C{len(colours)}")
+            colours.setdefault(run.rsplit("-", 1)[0], f"C{len(colours)}")
         ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
         for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, a line style per seed
             for (run, seed), r in sorted(results.items()):
-                if run.split("-")[1] != shape:
+                if run.rsplit("-", 1)[1] != shape:
                     continue
                 ranges = [tuple(x) for x in r["ranges"]]
-                axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[run.split("-")[0]],
+                axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[run.rsplit("-", 1)[0]],
                           marker="o", markersize=3, linestyle=SEED_LINES[seed % len(SEED_LINES)],
                           label=f"{run.split('-')[0]} seed {seed}")
             finish_position_axes(axes, shape, ticks)
@@ -367,9 +375,9 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         for axes, shape in zip(panels[0], shapes):
             for (run, seed), r in sorted(results.items()):
-                variant = run.split("-")[0]
+                variant = run.rsplit("-", 1)[0]
                 xl = results.get((f"xl-{shape}", seed))
-                if run.split("-")[1] != shape or variant == "xl" or xl is None:
+                if run.rsplit("-", 1)[1] != shape or variant == "xl" or xl is None:
                     continue
                 base = {(b, e): bits for b, e, bits, _ in [tuple(x) for x in xl["ranges"]]}
                 ranges = [tuple(x) for x in r["ranges"] if (x[0], x[1]) in base]
@@ -406,21 +414,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="mini", choices=sorted(PRESETS), help="the model's width and blocks")
     parser.add_argument("--state-lr-scale", type=float, default=None,
                         help="train: the state cells' learning rate against the rest (brt train's default if not given)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="measure, train: a model config field for every run, e.g. num_state_vectors=32 or "
+                             "gate_keep_init=5.0 (after the preset and the variant; recorded in results.jsonl and "
+                             "named in the report); repeatable")
     args = parser.parse_args(argv)
     out = Path(args.out)
     selected = args.runs or [r for r in runs if "4blocks" not in r]  # (report takes every run if none is named)
 
     if args.command == "measure":
-        result = measure(selected, args.rounds, args.data, out, args.preset)
+        result = measure(selected, args.rounds, args.data, out, args.preset, parse_sets(args.set))
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
-            xl = result.get("xl-" + run.split("-")[1], r)
+            xl = result.get("xl-" + run.rsplit("-", 1)[1], r)
             print(f"| {run} | {r['parameters'] / 1e6:.2f} M | {r['step_s'] * 1e3:.1f} | "
                   f"{r['step_s'] / xl['step_s']:.3f} |")
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
         units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data,
-                  args.preset, args.state_lr_scale) for seed in args.seeds for run in selected]
+                  args.preset, args.state_lr_scale, parse_sets(args.set)) for seed in args.seeds for run in selected]
         print("steps: " + ", ".join(f"{unit[0]} seed {unit[1]}: {unit[2]}" for unit in units), flush=True)
         for result in map_units(train_one, units, args.jobs, start="spawn"):
             print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "

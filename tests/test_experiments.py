@@ -140,6 +140,18 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     ld.main(["report", "--runs", "xl-8blocks", "--also", str(faster), *common])  # only the runs named
     out_text = capsys.readouterr().out
     assert "| xl-8blocks | 0 |" in out_text and "| rec-8blocks | 0 |" not in out_text and "rec@cells3" not in out_text
+    # --set changes a model field of every run; the run is saved with it and named by it in the report
+    fewer = tmp_path / "fewer"
+    ld.main(["train", "--runs", "rec-8blocks", "--max-steps", "2", "--set", "num_state_vectors=8", "--set",
+             "gate_keep_init=-1.0", "--data", str(data), "--out", str(fewer)])
+    from block_recurrent.persistence.checkpoint import from_pretrained
+
+    saved = from_pretrained(fewer / "rec-8blocks-seed0").config
+    assert (saved.num_state_vectors, saved.gate_keep_init) == (8, -1.0)
+    capsys.readouterr()
+    ld.main(["report", "--also", str(fewer), "--plot", str(tmp_path / "fewer.png"), *common])
+    out_text = capsys.readouterr().out
+    assert "| rec@num_state_vectors=8,gate_keep_init=-1.0-8blocks | 0 |" in out_text and "| rec-8blocks | 0 |" in out_text
     experiment("document_lengths").main(["--data", str(data)])
     assert "| held out | 1 |" in capsys.readouterr().out
     # --preset hour: the hour recipe's width and blocks with mini's cell; XL without the recurrence
