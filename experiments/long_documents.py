@@ -308,6 +308,12 @@ def labelled(run: str, record: dict) -> str:
     return f"{variant}@{','.join(changes)}-{shape}"
 
 
+def variant_and_shape(label: str) -> tuple[str, str]:
+    """A report label's two parts; the shape follows the last "-" (a ``--set`` value may hold one: ``=-1.0``)."""
+    variant, shape = label.rsplit("-", 1)
+    return variant, shape
+
+
 def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequence[str] | None = None) -> str:
     """The tables of ``out``'s runs (and of the folders ``also``; only ``runs`` if given), and the per-position
     plots."""
@@ -352,20 +358,21 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        shapes = sorted({run.rsplit("-", 1)[1] for run, _ in results}, key=list(SHAPES).index)
+        shapes = sorted({variant_and_shape(run)[1] for run, _ in results}, key=list(SHAPES).index)
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         colours = {variant: f"C{i}" for i, variant in enumerate(VARIANTS)}
-        for run, _ in sorted(results):  # a colour for each variant beyond the three (another cells' rate)
-            colours.setdefault(run.rsplit("-", 1)[0], f"C{len(colours)}")
+        for run, _ in sorted(results):  # a colour for each variant beyond the three (another cells' rate, a --set)
+            colours.setdefault(variant_and_shape(run)[0], f"C{len(colours)}")
         ticks = [b for b, _, _, _ in [tuple(x) for x in next(iter(results.values()))["ranges"]]][1::2]
         for axes, shape in zip(panels[0], shapes):  # one panel per shape, a colour per variant, a line style per seed
             for (run, seed), r in sorted(results.items()):
-                if run.rsplit("-", 1)[1] != shape:
+                variant, run_shape = variant_and_shape(run)
+                if run_shape != shape:
                     continue
                 ranges = [tuple(x) for x in r["ranges"]]
-                axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[run.rsplit("-", 1)[0]],
+                axes.plot(range_middles(ranges), [bits for _, _, bits, _ in ranges], color=colours[variant],
                           marker="o", markersize=3, linestyle=SEED_LINES[seed % len(SEED_LINES)],
-                          label=f"{run.split('-')[0]} seed {seed}")
+                          label=f"{variant} seed {seed}")
             finish_position_axes(axes, shape, ticks)
         panels[0][0].set_ylabel("held-out bits per byte")
         figure.tight_layout()
@@ -375,9 +382,9 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
         figure, panels = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), sharey=True, squeeze=False)
         for axes, shape in zip(panels[0], shapes):
             for (run, seed), r in sorted(results.items()):
-                variant = run.rsplit("-", 1)[0]
+                variant, run_shape = variant_and_shape(run)
                 xl = results.get((f"xl-{shape}", seed))
-                if run.rsplit("-", 1)[1] != shape or variant == "xl" or xl is None:
+                if run_shape != shape or variant == "xl" or xl is None:
                     continue
                 base = {(b, e): bits for b, e, bits, _ in [tuple(x) for x in xl["ranges"]]}
                 ranges = [tuple(x) for x in r["ranges"] if (x[0], x[1]) in base]
@@ -426,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(selected, args.rounds, args.data, out, args.preset, parse_sets(args.set))
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
-            xl = result.get("xl-" + run.rsplit("-", 1)[1], r)
+            xl = result.get("xl-" + variant_and_shape(run)[1], r)
             print(f"| {run} | {r['parameters'] / 1e6:.2f} M | {r['step_s'] * 1e3:.1f} | "
                   f"{r['step_s'] / xl['step_s']:.3f} |")
     elif args.command == "train":
