@@ -428,9 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     selected = args.runs or [r for r in runs if "4blocks" not in r]  # (report takes every run if none is named)
+    model_options = parse_sets(args.set)
 
     if args.command == "measure":
-        result = measure(selected, args.rounds, args.data, out, args.preset, parse_sets(args.set))
+        result = measure(selected, args.rounds, args.data, out, args.preset, model_options)
         print("| run | parameters | step ms (CPU, 1 thread) | against xl of its shape |\n|---|---:|---:|---:|")
         for run, r in result.items():
             xl = result.get("xl-" + variant_and_shape(run)[1], r)
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train":
         times = json.loads((out / "step_times.json").read_text()) if args.max_steps is None else {}
         units = [(run, seed, args.max_steps or max(1, round(args.budget / times[run]["step_s"])), str(out), args.data,
-                  args.preset, args.state_lr_scale, parse_sets(args.set)) for seed in args.seeds for run in selected]
+                  args.preset, args.state_lr_scale, model_options) for seed in args.seeds for run in selected]
         print("steps: " + ", ".join(f"{unit[0]} seed {unit[1]}: {unit[2]}" for unit in units), flush=True)
         for result in map_units(train_one, units, args.jobs, start="spawn"):
             print(f"{result['run']} seed {result['seed']}: {result['steps']} steps, {result['train_s']:.0f} s, "
