@@ -1,15 +1,18 @@
 """Diagnostics: ablations that change exactly what they say, the log-spaced per-position curve, the gates' keep
-values, and `brt eval --ablate --positions` / `brt inspect` on a tiny checkpoint."""
+values, the gradient reaching the state across blocks, and `brt eval --ablate --positions` / `brt inspect` on a
+tiny checkpoint."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from block_recurrent import save_pretrained
 from block_recurrent.cli import main
 from block_recurrent.inference.diagnostics import (
-    drop_carried, evaluate_ablated, format_curves, format_keep, keep_values, log_curve, log_edges, whole,
+    _windows, drop_carried, evaluate_ablated, format_curves, format_keep, format_state_gradients, keep_values,
+    log_curve, log_edges, state_gradients, whole,
 )
 from block_recurrent.inference.evaluation import evaluate_documents
 from block_recurrent.model.state import ModelState, XLMemory
@@ -115,6 +118,41 @@ def test_keep_values_of_both_gates():
     assert "| 2 | gate (lstm) |" in format_keep([measured]) and "ff_gate" in format_keep(zero)
 
 
+def test_state_gradients_equal_a_segment_run_in_one_call():
+    """The gradient at the farthest distance is the one a segment of ``span`` blocks run in one call (blocks side
+    by side, another code path) sends to the state it starts from; the state alone (memory detached) gets the
+    same gradient at d = 0, where no memory lies between, and less of it further back."""
+    model = make_model(gate="lstm")
+    span, warmup = 4, 2
+    documents = [random_tokens(1, n, seed=n)[0] for n in (40 * W, 13 * W + 1, 5 * W)]  # the last holds no window
+    every_path = state_gradients(model, documents, span=span, warmup=warmup, max_windows=5, batch_size=2)[0]
+    state_alone = state_gradients(model, documents, span=span, warmup=warmup, max_windows=5, batch_size=2,
+                                  through_memory=False)[0]
+    windows = _windows(documents, (warmup + span) * W + 1, 5)
+    assert len(windows) == every_path.windows == 5
+    norms = []
+    for window in windows:
+        tokens = window[None]
+        with torch.no_grad():
+            _, carried = model.run(tokens[:, : warmup * W])
+        start = carried.states[0].detach().requires_grad_()
+        logits, _ = model.run(tokens[:, warmup * W : -1], ModelState(carried.memories, (start,)))
+        loss = F.cross_entropy(logits[0, -W:], tokens[0, -W:])
+        norms.append(torch.autograd.grad(loss, start)[0].norm().item())
+    assert every_path.norms[-1].item() == pytest.approx(sum(norms) / len(norms), rel=1e-12)
+    assert every_path.norms[0].item() == pytest.approx(state_alone.norms[0].item(), rel=1e-12)
+    assert not torch.allclose(every_path.norms[1:], state_alone.norms[1:], rtol=1e-6)
+    assert every_path.relative()[0] == 1 and (every_path.norms > 0).all()
+    table = format_state_gradients({"every path": [every_path], "state alone": [state_alone]})
+    assert "| 3 |" in table and "every path: layer 2" in table and "norm at 0" in table
+    with pytest.raises(ValueError, match="recurrent layer"):
+        state_gradients(make_model(recurrent_layers=()), documents)
+    with pytest.raises(ValueError, match="no document holds a window"):
+        state_gradients(model, documents[2:], span=span, warmup=warmup)
+    with pytest.raises(ValueError, match="span must be"):
+        state_gradients(model, documents, span=0)
+
+
 def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
     data = tmp_path / "data"
     for package in ("alpha", "beta"):
@@ -132,6 +170,10 @@ def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
     assert main(["inspect", "--checkpoint", str(checkpoint), "--data", str(data), "--max-tokens", "500"]) == 0
     out = capsys.readouterr().out
     assert "recurrent layers [2]" in out and "| 2 | gate (lstm) |" in out and "slot updates" in out
+    assert main(["inspect", "--checkpoint", str(checkpoint), "--data", str(data), "--state-gradient", "3",
+                 "--gradient-windows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 windows of 8 + 3 blocks" in out and "| 0 | 1.000 | 1.000 |" in out and "| 2 |" in out
     with pytest.raises(SystemExit) as exit:
         main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--ablate", "gates"])
     assert exit.value.code == 2 and "invalid choice: 'gates'" in capsys.readouterr().err

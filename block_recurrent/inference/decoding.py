@@ -108,19 +108,25 @@ class DecodeState:
 
 
 @contextlib.contextmanager
-def eval_no_grad(model: nn.Module, inference: bool = False):
-    """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards. ``inference``: under
-    ``torch.inference_mode``, which skips autograd's bookkeeping on every operator; for callers whose tensors
-    never leave the context (a decode state would, and its buffers could then not be written outside it)."""
+def eval_mode(model: nn.Module):
+    """Run in eval mode (no dropout); restore the caller's mode afterwards."""
     was_training = model.training
     if was_training:  # switching walks every module: skip it when already in eval mode
         model.eval()
     try:
-        with torch.inference_mode() if inference else torch.no_grad():
-            yield
+        yield
     finally:
         if was_training:
             model.train()
+
+
+@contextlib.contextmanager
+def eval_no_grad(model: nn.Module, inference: bool = False):
+    """Run in eval mode (no dropout) without autograd; restore the caller's mode afterwards. ``inference``: under
+    ``torch.inference_mode``, which skips autograd's bookkeeping on every operator; for callers whose tensors
+    never leave the context (a decode state would, and its buffers could then not be written outside it)."""
+    with eval_mode(model), torch.inference_mode() if inference else torch.no_grad():
+        yield
 
 
 # opening, feeding and committing blocks

@@ -12,6 +12,10 @@ contribute, the loss by position to the end of the longest document, and the kee
   they mean (k ** h = 1/2); for the LSTM gate also its input gate (the share of the new candidate written) and how
   far the keep moves from one update to another: a gate that keeps and writes the same whatever the block holds
   cannot hold a fact through text that follows it.
+- :func:`state_gradients`: how much of a block's loss gradient reaches the state written d blocks before it, as a
+  segment of several blocks sees it in training: the norm of dL/ds per distance d. The state's gradient across
+  blocks is what a segment of many blocks trains and a segment of one block never sees; a gate that keeps
+  little lets it fade in a few updates.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..model.checks import check_choice, check_int
 from ..model.model import BlockRecurrentModel
 from ..model.recurrent import FixedGate
 from ..model.state import ModelState, XLMemory
-from .decoding import eval_no_grad
+from .decoding import eval_mode, eval_no_grad
 from .evaluation import EvalResult, curve_range, evaluate_documents, position_curve
 
 DROPS = ("state", "memory", "both")
@@ -232,4 +236,100 @@ def format_keep(summaries: Sequence[KeepSummary]) -> str:
         lines.append(f"| {s.layer} | {s.gate} ({s.kind}) | " + " | ".join(f"{k:.3f}" for k in keep) + " | "
                      + " | ".join(f"{h:.1f}" for h in lives[2:]) + f" | {write} | " + " | ".join(spread)
                      + f" | {where} |")
+    return "\n".join(lines)
+
+
+# the gradient reaching the state across blocks
+
+
+@dataclass(frozen=True)
+class StateGradient:
+    """The loss gradient that reaches one recurrent layer's state across blocks.
+
+    ``norms[d]``: over the windows scored, the mean of ||dL/ds|| (per row, over the state's slots and channels),
+    where L is the mean loss of a window's last block and s the state that block reads (d = 0) or the state d
+    writes before it (the state the block d blocks earlier read).
+    """
+
+    layer: int  # the recurrent layer (1-based)
+    norms: Tensor  # (span,) float64
+    windows: int  # rows the norms were averaged over
+    through_memory: bool  # False: the XL memory carried no gradient from block to block (the state's path alone)
+
+    def relative(self) -> Tensor:
+        """``norms`` over the norm at d = 0: the share of the gradient left after d state updates."""
+        return self.norms / self.norms[0]
+
+
+def _windows(documents: Sequence[Tensor], length: int, max_windows: int) -> list[Tensor]:
+    """Consecutive windows of ``length`` tokens cut from every document (the rest of a document dropped), at most
+    ``max_windows`` of them, evenly spaced over the list so that every part of the documents is drawn."""
+    windows = [doc[begin : begin + length] for doc in documents for begin in range(0, len(doc) - length + 1, length)]
+    if len(windows) > max_windows:
+        picks = torch.linspace(0, len(windows) - 1, max_windows).round().long().tolist()
+        windows = [windows[i] for i in picks]
+    return windows
+
+
+def state_gradients(
+    model: BlockRecurrentModel, documents: Sequence[Tensor], *, span: int = 8, warmup: int = 8,
+    max_windows: int = 64, batch_size: int = 16, through_memory: bool = True,
+) -> list[StateGradient]:
+    """Per recurrent layer, the gradient of a block's loss with respect to the states of the ``span`` - 1 blocks
+    before it (see :class:`StateGradient`), over windows of ``warmup`` + ``span`` blocks cut from ``documents``.
+
+    Each window runs its first ``warmup`` blocks without gradient (so the state is one the model has written),
+    then ``span`` blocks one per call with the graph kept, as a training segment of ``span`` blocks runs them;
+    only the last block is scored. ``through_memory`` False detaches the XL memory after every block, so the
+    gradient reaches an earlier state through the state's own updates alone. Dropout is off (eval mode)."""
+    check_int("span", span, 1)
+    check_int("warmup", warmup, 1)
+    check_int("max_windows", max_windows, 1)
+    check_int("batch_size", batch_size, 1)
+    if not model.config.recurrent_layers:
+        raise ValueError("state_gradients needs a model with a recurrent layer (recurrent_layers is empty)")
+    W = model.config.block_width
+    windows = _windows(documents, (warmup + span) * W + 1, max_windows)
+    if not windows:
+        raise ValueError(f"no document holds a window of warmup + span = {warmup + span} blocks of {W} tokens "
+                         "and one more token")
+    sums = torch.zeros(len(model.cells), span, dtype=torch.float64)
+    with eval_mode(model):
+        for first in range(0, len(windows), batch_size):
+            tokens = torch.stack(windows[first : first + batch_size]).to(model.device)
+            inputs, labels = tokens[:, :-1], tokens[:, 1:]
+            with torch.no_grad():
+                _, state = model.run(inputs[:, : warmup * W])
+            state = ModelState(state.memories, tuple(s.detach().requires_grad_() for s in state.states))
+            read = []  # per block of the span, the states it reads
+            with torch.enable_grad():
+                for block in range(warmup, warmup + span):
+                    read.append(state.states)
+                    if block > warmup and not through_memory:
+                        state = ModelState(tuple(None if m is None else m.detach() for m in state.memories),
+                                           state.states)
+                    hidden, state = model.forward_block(model.embed(inputs[:, block * W : (block + 1) * W]), state)
+                losses = model.loss(model.logits(hidden), labels[:, -W:], reduction="none")
+                loss = losses.view(len(tokens), W).mean(dim=1).sum()  # rows are independent: summed
+                flat = [s for states in read for s in states]
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            for index, grad in enumerate(grads):
+                block, cell = divmod(index, len(model.cells))
+                if grad is not None:  # no path (the state is not read) leaves a zero gradient
+                    sums[cell, span - 1 - block] += grad.double().flatten(1).norm(dim=1).sum().cpu()
+    return [StateGradient(layer, sums[i] / len(windows), len(windows), through_memory)
+            for i, layer in enumerate(model.config.recurrent_layers)]
+
+
+def format_state_gradients(rows: dict[str, Sequence[StateGradient]]) -> str:
+    """A markdown table: per distance d, each named result's share of the gradient left after d state updates
+    (``relative``), and the norm at d = 0 in the last row."""
+    columns = [(name, g) for name, gradients in rows.items() for g in gradients]
+    span = max(len(g.norms) for _, g in columns)
+    lines = ["| blocks back | " + " | ".join(f"{name}: layer {g.layer}" for name, g in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    for d in range(span):
+        cells = [f"{g.relative()[d].item():.3f}" if d < len(g.norms) else "-" for _, g in columns]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines.append("| norm at 0 | " + " | ".join(f"{g.norms[0].item():.3g}" for _, g in columns) + " |")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from ..model.checks import check_int
 
 DROPS = ("state", "memory", "both")
 INSPECT_TOKENS = 65536  # held-out tokens an LSTM gate's keep values are averaged over
+GRADIENT_WARMUP = 8  # blocks each --state-gradient window runs without gradient first, so its state is a written one
 
 
 def add_document_options(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +47,16 @@ def add_inspect_command(commands) -> None:
                               "corpus's held-out documents")
     add_document_options(inspect)
     inspect.add_argument("--max-tokens", type=int, default=INSPECT_TOKENS,
-                         help=f"tokens of those documents to run (default: {INSPECT_TOKENS})")
+                         help=f"tokens of those documents to run, the first max-tokens / documents of each "
+                             f"(default: {INSPECT_TOKENS})")
     inspect.add_argument("--batch-size", type=int, default=16, help="documents side by side (default: 16)")
+    inspect.add_argument("--state-gradient", type=int, default=None, metavar="SPAN",
+                         help="also print how much of a block's loss gradient reaches the state 0 to SPAN - 1 "
+                              "blocks before it, over windows of those documents (as a segment of SPAN blocks "
+                              "trains it): through every path, and through the state's own updates alone")
+    inspect.add_argument("--gradient-windows", type=int, default=64,
+                         help=f"windows of {GRADIENT_WARMUP} + SPAN blocks --state-gradient averages over "
+                              "(default: 64)")
     inspect.add_argument("--device", default="auto")
 
 
@@ -60,21 +69,15 @@ def load_documents_for(args: argparse.Namespace):
     return split_source(documents, args.documents)[1] if args.data is None else documents
 
 
-def _token_documents(model, corpus, max_tokens: int | None) -> list:
-    """The corpus's documents as token tensors on the model's device, in order, until ``max_tokens``."""
+def _token_documents(model, corpus, max_tokens: int | None, spread: bool = False) -> list:
+    """The corpus's documents as token tensors on the model's device (see
+    :func:`~.validation.take_documents`)."""
     import torch
 
-    docs, budget = [], corpus.token_count if max_tokens is None else max_tokens
-    for i in range(len(corpus)):
-        doc = corpus.document(i)[:budget]
-        if len(doc) >= 2:
-            docs.append(torch.from_numpy(doc.astype("int64")).to(model.device))
-            budget -= len(doc)
-        if budget < 2:
-            break
-    if not docs:
-        raise ValueError(f"nothing was scored: no document of at least 2 tokens within max_tokens={max_tokens}")
-    return docs
+    from .validation import take_documents
+
+    return [torch.from_numpy(doc.astype("int64")).to(model.device)
+            for doc in take_documents(corpus, max_tokens, spread)]
 
 
 def run_eval_diagnostics(args: argparse.Namespace, model, corpus, autocast) -> int:
@@ -97,12 +100,16 @@ def run_eval_diagnostics(args: argparse.Namespace, model, corpus, autocast) -> i
 
 
 def run_inspect(args: argparse.Namespace, load: Callable) -> int:
-    """Print the checkpoint's model and the keep values of its gates (an LSTM gate's over held-out text)."""
-    from ..inference.diagnostics import format_keep, keep_values
+    """Print the checkpoint's model and the keep values of its gates (an LSTM gate's over held-out text), and with
+    ``--state-gradient`` the gradient reaching its states across blocks."""
+    from ..inference.diagnostics import format_keep, format_state_gradients, keep_values, state_gradients
     from .data import TokenCorpus
 
     check_int("--max-tokens", args.max_tokens, 2)
     check_int("--batch-size", args.batch_size, 1)
+    if args.state_gradient is not None:
+        check_int("--state-gradient", args.state_gradient, 1)
+        check_int("--gradient-windows", args.gradient_windows, 1)
     model, tokenizer = load(args.checkpoint, args.device)
     c = model.config
     print(f"{args.checkpoint}: {model.num_parameters():,} parameters, width {c.dim}, {c.depth} layers, blocks of "
@@ -112,11 +119,22 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
         print("no recurrent layer: nothing is kept but the XL memory")
         return 0
     docs = None
-    if c.gate == "lstm":
+    if c.gate == "lstm" or args.state_gradient is not None:
         corpus = TokenCorpus.from_documents(load_documents_for(args), tokenizer)
-        docs = _token_documents(model, corpus, args.max_tokens)
+        docs = _token_documents(model, corpus, args.max_tokens, spread=True)
+    if c.gate == "lstm":
         print(f"the LSTM gates' keep values averaged over every block of {sum(len(d) for d in docs)} tokens of "
               f"{len(docs)} documents")
     print()
-    print(format_keep(keep_values(model, docs, batch_size=args.batch_size)))
+    print(format_keep(keep_values(model, docs if c.gate == "lstm" else None, batch_size=args.batch_size)))
+    if args.state_gradient is not None:
+        span, warmup = args.state_gradient, GRADIENT_WARMUP
+        rows = {how: state_gradients(model, docs, span=span, warmup=warmup, max_windows=args.gradient_windows,
+                                     batch_size=args.batch_size, through_memory=how == "every path")
+                for how in ("every path", "state alone")}
+        windows = rows["every path"][0].windows
+        print(f"\nthe loss gradient of a block reaching the state d blocks before it, as a share of d = 0 "
+              f"({windows} windows of {warmup} + {span} blocks of those documents; 'state alone': the XL memory "
+              f"carries no gradient):\n")
+        print(format_state_gradients(rows))
     return 0
