@@ -14,7 +14,8 @@ settings (AdamW at 3e-3, the state cells at 0.1x, the write replayed where a pas
 block cached) and ``slide`` (no recurrence and no cache: each token sees exactly the 16 before it, and one layer
 more, as the paper's Slide:13 against 12). Shapes: ``1block`` (128 rows of one block per step, the segments of
 every recipe so far) and ``8blocks`` (16 rows of eight blocks: the state's gradient spans eight writes, as the
-paper's segments do); both read 2,048 bytes per step. ``--preset hour``: the hour recipe's width and blocks (192,
+paper's segments do); both read 2,048 bytes per step, as do ``4blocks`` and ``16blocks`` (8 rows of sixteen blocks:
+the state's gradient spans sixteen writes). ``--preset hour``: the hour recipe's width and blocks (192,
 blocks of 32, so 4,096 bytes per step) with mini's cell, in another ``--out``. ``--set FIELD=JSON`` changes a model
 field of every run (a lever: ``num_state_vectors=32``, ``gate_keep_init=5.0``), also in another ``--out``: it is
 recorded in results.jsonl and the report names the run by it ("rec@num_state_vectors=32-8blocks").
@@ -25,7 +26,8 @@ recorded in results.jsonl and the report names the run by it ("rec@num_state_vec
    wall-clock on a machine of equal load whatever other load there is while they run; each is then scored on the
    held-out packages (whole split and by position in the document, log-spaced to 1 MB) and appended to
    runs/long-docs/results.jsonl.
-3. ``diagnose`` scores trained runs with the state / the memory dropped after every block, and the keep values.
+3. ``diagnose`` scores trained runs with the state / the memory dropped after every block, and measures the keep
+   values and the loss gradient reaching the state up to 15 blocks back.
 4. ``documents`` scores trained runs package by package; ``stream`` compares the runs' training streams (their
    logged bits per byte, unseen text while in the first epoch) at equal steps and at equal shares of the budget.
 5. ``report`` prints the tables and plots the per-position curves.
@@ -52,8 +54,9 @@ VARIANTS = {
     "xl": dict(recurrent_layers=(), read_recurrent_layers=None),
     "slide": dict(depth=5, recurrent_layers=(), read_recurrent_layers=None, attention_window="sliding"),
 }
-SHAPES = {"1block": (128, 1), "4blocks": (32, 4), "8blocks": (16, 8)}  # rows, blocks per segment
+SHAPES = {"1block": (128, 1), "4blocks": (32, 4), "8blocks": (16, 8), "16blocks": (8, 16)}  # rows, blocks per segment
 BUCKET = 1024  # positions are scored in buckets of this many bytes, pooled into log-spaced ranges
+GRADIENT_SPAN = 16  # diagnose: the state gradient from a block's loss to the states up to 15 blocks before it
 
 
 def one_thread() -> None:
@@ -172,7 +175,7 @@ def diagnose_one(unit: tuple) -> dict:
     run, seed, drops, out, data = unit
     import torch
 
-    from block_recurrent.inference.diagnostics import evaluate_ablated, keep_values, log_curve, whole
+    from block_recurrent.inference.diagnostics import evaluate_ablated, keep_values, log_curve, state_gradients, whole
     from block_recurrent.persistence.checkpoint import from_pretrained
 
     one_thread()
@@ -189,6 +192,11 @@ def diagnose_one(unit: tuple) -> dict:
         sample = [d[:16384] for d in docs]  # the first 16 K of every held-out package
         record["keep"] = [{"layer": s.layer, "gate": s.gate, "kind": s.kind, "blocks": s.blocks,
                            "keep": s.keep.tolist()} for s in keep_values(model, sample)]
+        # the loss gradient reaching the state 0-15 blocks back, 64 windows spread over the held-out packages
+        record["state_gradient"] = [
+            {"layer": g.layer, "through_memory": g.through_memory, "windows": g.windows, "norms": g.norms.tolist()}
+            for through_memory in (True, False)
+            for g in state_gradients(model, docs, span=GRADIENT_SPAN, through_memory=through_memory)]
     append(Path(out) / "diagnostics.jsonl", record)
     return record
 
@@ -317,7 +325,9 @@ def variant_and_shape(label: str) -> tuple[str, str]:
 def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequence[str] | None = None) -> str:
     """The tables of ``out``'s runs (and of the folders ``also``; only ``runs`` if given), and the per-position
     plots."""
-    from block_recurrent.inference.diagnostics import format_curves, format_keep, KeepSummary
+    from block_recurrent.inference.diagnostics import (
+        format_curves, format_keep, format_state_gradients, KeepSummary, StateGradient,
+    )
 
     import torch
 
@@ -352,6 +362,14 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
             summaries = [KeepSummary(k["layer"], k["gate"], k["kind"], torch.tensor(k["keep"], dtype=torch.float64),
                                      k["blocks"]) for k in d["keep"]]
             lines += ["", format_keep(summaries)]
+        if d.get("state_gradient"):
+            gradients = {}
+            for g in d["state_gradient"]:
+                gradients.setdefault("every path" if g["through_memory"] else "state alone", []).append(
+                    StateGradient(g["layer"], torch.tensor(g["norms"], dtype=torch.float64), g["windows"],
+                                  g["through_memory"]))
+            lines += ["", "the loss gradient reaching the state d blocks back, as a share of d = 0:", "",
+                      format_state_gradients(gradients)]
     if plot and results:
         import matplotlib
 
@@ -407,12 +425,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=("measure", "train", "diagnose", "documents", "stream", "report"))
     runs = [f"{v}-{s}" for s in SHAPES for v in VARIANTS]
     parser.add_argument("--runs", nargs="+", choices=runs, default=None,
-                        help="the runs to train, diagnose or score (all but the 4blocks ones); report: all if not given")
+                        help="the runs to train, diagnose or score (the 1block and 8blocks ones if not given); "
+                             "report: all if not given")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", type=float, default=420.0, help="CPU seconds of training per run")
     parser.add_argument("--rounds", type=int, default=15, help="measure: steps per run (the first 3 not counted)")
     parser.add_argument("--max-steps", type=int, default=None, help="instead of the budget (to check the script)")
-    parser.add_argument("--drop", nargs="+", choices=("state", "memory", "both"), default=["state", "memory"])
+    parser.add_argument("--drop", nargs="*", choices=("state", "memory", "both"), default=["state", "memory"],
+                        help="diagnose: what to drop after every block (none given: only the keep values and the "
+                             "state gradient)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--data", default=None, help="a folder of packages instead of the built-in corpus")
@@ -427,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
                              "named in the report); repeatable")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    selected = args.runs or [r for r in runs if "4blocks" not in r]  # (report takes every run if none is named)
+    selected = args.runs or [r for r in runs if r.endswith(("-1block", "-8blocks"))]  # (report takes every run if none is named)
     model_options = parse_sets(args.set)
 
     if args.command == "measure":

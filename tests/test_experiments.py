@@ -128,6 +128,8 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     out_text = capsys.readouterr().out
     assert "| rec-8blocks | 0 | 0.90 M | 2 |" in out_text and "| state dropped after every block |" in out_text
     assert "| 2 | gate (lstm) |" in out_text and (tmp_path / "positions.png").exists()
+    assert "reaching the state d blocks back" in out_text and "| 15 |" in out_text
+    assert "| blocks back | every path: layer 2 | state alone: layer 2 |" in out_text
     # a run with the state cells at another rate, in its own folder, reported beside the others under its own name
     faster = tmp_path / "faster"
     ld.main(["train", "--runs", "rec-8blocks", "--max-steps", "2", "--state-lr-scale", "3", "--data", str(data),
@@ -155,6 +157,8 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     experiment("document_lengths").main(["--data", str(data)])
     assert "| held out | 1 |" in capsys.readouterr().out
     # --preset hour: the hour recipe's width and blocks with mini's cell; XL without the recurrence
+    sixteen, rows = ld.configs("rec-16blocks", 1, 10, out, None)
+    assert (sixteen.max_seq_len, rows.batch_size) == (256, 8)  # the same 2,048 bytes a step
     rec, train = ld.configs("rec-8blocks", 1, 10, out, None, "hour")
     xl, _ = ld.configs("xl-8blocks", 1, 10, out, None, "hour")
     assert (rec.dim, rec.block_width, rec.max_seq_len, rec.gate, rec.state_cell_scale) == (192, 32, 256, "lstm", 0.1)
