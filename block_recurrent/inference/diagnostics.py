@@ -14,8 +14,8 @@ contribute, the loss by position to the end of the longest document, and the kee
   cannot hold a fact through text that follows it.
 - :func:`state_gradients`: how much of a block's loss gradient reaches the state written d blocks before it, as a
   segment of several blocks sees it in training: the norm of dL/ds per distance d. The state's gradient across
-  blocks is what a segment of many blocks trains and a segment of one block never sees; a gate that keeps
-  little lets it fade in a few updates.
+  blocks is what a segment of many blocks trains and a segment of one block never sees; how much of it is left
+  after d updates says whether the segment's end or the state's own decay bounds how far back the state learns.
 """
 
 from __future__ import annotations
