@@ -363,11 +363,8 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
                                      k["blocks"]) for k in d["keep"]]
             lines += ["", format_keep(summaries)]
         if d.get("state_gradient"):
-            gradients = {}
-            for g in d["state_gradient"]:
-                gradients.setdefault("every path" if g["through_memory"] else "state alone", []).append(
-                    StateGradient(g["layer"], torch.tensor(g["norms"], dtype=torch.float64), g["windows"],
-                                  g["through_memory"]))
+            gradients = [StateGradient(g["layer"], torch.tensor(g["norms"], dtype=torch.float64), g["windows"],
+                                       g["through_memory"]) for g in d["state_gradient"]]
             lines += ["", "the loss gradient reaching the state d blocks back, as a share of d = 0:", "",
                       format_state_gradients(gradients)]
     if plot and results:

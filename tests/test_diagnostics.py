@@ -143,7 +143,7 @@ def test_state_gradients_equal_a_segment_run_in_one_call():
     assert every_path.norms[0].item() == pytest.approx(state_alone.norms[0].item(), rel=1e-12)
     assert not torch.allclose(every_path.norms[1:], state_alone.norms[1:], rtol=1e-6)
     assert every_path.relative()[0] == 1 and (every_path.norms > 0).all()
-    table = format_state_gradients({"every path": [every_path], "state alone": [state_alone]})
+    table = format_state_gradients([every_path, state_alone])
     assert "| 3 |" in table and "every path: layer 2" in table and "norm at 0" in table
     with pytest.raises(ValueError, match="recurrent layer"):
         state_gradients(make_model(recurrent_layers=()), documents)

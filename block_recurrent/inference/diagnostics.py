@@ -260,6 +260,11 @@ class StateGradient:
         """``norms`` over the norm at d = 0: the share of the gradient left after d state updates."""
         return self.norms / self.norms[0]
 
+    @property
+    def path(self) -> str:
+        """"every path", or "state alone" where the XL memory carried no gradient."""
+        return "every path" if self.through_memory else "state alone"
+
 
 def _windows(documents: Sequence[Tensor], length: int, max_windows: int) -> list[Tensor]:
     """Consecutive windows of ``length`` tokens cut from every document (the rest of a document dropped), at most
@@ -321,15 +326,14 @@ def state_gradients(
             for i, layer in enumerate(model.config.recurrent_layers)]
 
 
-def format_state_gradients(rows: dict[str, Sequence[StateGradient]]) -> str:
-    """A markdown table: per distance d, each named result's share of the gradient left after d state updates
-    (``relative``), and the norm at d = 0 in the last row."""
-    columns = [(name, g) for name, gradients in rows.items() for g in gradients]
-    span = max(len(g.norms) for _, g in columns)
-    lines = ["| blocks back | " + " | ".join(f"{name}: layer {g.layer}" for name, g in columns) + " |",
-             "|---:|" + "---:|" * len(columns)]
+def format_state_gradients(gradients: Sequence[StateGradient]) -> str:
+    """A markdown table: per distance d, each result's share of the gradient left after d state updates
+    (``relative``), a column per path and layer, and the norm at d = 0 in the last row."""
+    span = max(len(g.norms) for g in gradients)
+    lines = ["| blocks back | " + " | ".join(f"{g.path}: layer {g.layer}" for g in gradients) + " |",
+             "|---:|" + "---:|" * len(gradients)]
     for d in range(span):
-        cells = [f"{g.relative()[d].item():.3f}" if d < len(g.norms) else "-" for _, g in columns]
+        cells = [f"{g.relative()[d].item():.3f}" if d < len(g.norms) else "-" for g in gradients]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines.append("| norm at 0 | " + " | ".join(f"{g.norms[0].item():.3g}" for _, g in columns) + " |")
+    lines.append("| norm at 0 | " + " | ".join(f"{g.norms[0].item():.3g}" for g in gradients) + " |")
     return "\n".join(lines)

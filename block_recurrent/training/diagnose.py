@@ -129,12 +129,13 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
     print(format_keep(keep_values(model, docs if c.gate == "lstm" else None, batch_size=args.batch_size)))
     if args.state_gradient is not None:
         span, warmup = args.state_gradient, GRADIENT_WARMUP
-        rows = {how: state_gradients(model, docs, span=span, warmup=warmup, max_windows=args.gradient_windows,
-                                     batch_size=args.batch_size, through_memory=how == "every path")
-                for how in ("every path", "state alone")}
-        windows = rows["every path"][0].windows
+        gradients = [g for through_memory in (True, False)
+                     for g in state_gradients(model, docs, span=span, warmup=warmup,
+                                              max_windows=args.gradient_windows, batch_size=args.batch_size,
+                                              through_memory=through_memory)]
+        windows = gradients[0].windows
         print(f"\nthe loss gradient of a block reaching the state d blocks before it, as a share of d = 0 "
               f"({windows} windows of {warmup} + {span} blocks of those documents; 'state alone': the XL memory "
               f"carries no gradient):\n")
-        print(format_state_gradients(rows))
+        print(format_state_gradients(gradients))
     return 0
