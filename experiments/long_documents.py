@@ -194,7 +194,8 @@ def diagnose_one(unit: tuple) -> dict:
                            "keep": s.keep.tolist()} for s in keep_values(model, sample)]
         # the loss gradient reaching the state 0-15 blocks back, 64 windows spread over the held-out packages
         record["state_gradient"] = [
-            {"layer": g.layer, "through_memory": g.through_memory, "windows": g.windows, "norms": g.norms.tolist()}
+            {"layer": g.layer, "through_memory": g.through_memory, "windows": g.windows, "norms": g.norms.tolist(),
+             "median_shares": g.median_shares.tolist()}
             for through_memory in (True, False)
             for g in state_gradients(model, docs, span=GRADIENT_SPAN, through_memory=through_memory)]
     append(Path(out) / "diagnostics.jsonl", record)
@@ -364,7 +365,11 @@ def report(out: Path, plot: str | None, also: Sequence[Path] = (), runs: Sequenc
             lines += ["", format_keep(summaries)]
         if d.get("state_gradient"):
             gradients = [StateGradient(g["layer"], torch.tensor(g["norms"], dtype=torch.float64), g["windows"],
-                                       g["through_memory"]) for g in d["state_gradient"]]
+                                       g["through_memory"],
+                                       # (records before the medians were kept have none)
+                                       torch.tensor(g["median_shares"], dtype=torch.float64)
+                                       if "median_shares" in g else None)
+                         for g in d["state_gradient"]]
             lines += ["", "the loss gradient reaching the state d blocks back, as a share of d = 0:", "",
                       format_state_gradients(gradients)]
     if plot and results:

@@ -130,7 +130,7 @@ def test_state_gradients_equal_a_segment_run_in_one_call():
                                   through_memory=False)[0]
     windows = _windows(documents, (warmup + span) * W + 1, 5)
     assert len(windows) == every_path.windows == 5
-    norms = []
+    norms, nearest = [], []  # per window: the gradient on the state the span starts from, and on the last block's
     for window in windows:
         tokens = window[None]
         with torch.no_grad():
@@ -139,12 +139,23 @@ def test_state_gradients_equal_a_segment_run_in_one_call():
         logits, _ = model.run(tokens[:, warmup * W : -1], ModelState(carried.memories, (start,)))
         loss = F.cross_entropy(logits[0, -W:], tokens[0, -W:])
         norms.append(torch.autograd.grad(loss, start)[0].norm().item())
+        with torch.no_grad():
+            _, before = model.run(tokens[:, : (warmup + span - 1) * W])
+        last = before.states[0].detach().requires_grad_()
+        logits, _ = model.run(tokens[:, (warmup + span - 1) * W : -1], ModelState(before.memories, (last,)))
+        loss = F.cross_entropy(logits[0], tokens[0, -W:])
+        nearest.append(torch.autograd.grad(loss, last)[0].norm().item())
     assert every_path.norms[-1].item() == pytest.approx(sum(norms) / len(norms), rel=1e-12)
+    assert every_path.norms[0].item() == pytest.approx(sum(nearest) / len(nearest), rel=1e-12)
+    shares = torch.tensor(norms, dtype=torch.float64) / torch.tensor(nearest, dtype=torch.float64)
+    assert every_path.median_shares[-1].item() == pytest.approx(shares.median().item(), rel=1e-12)
+    assert every_path.median_shares[0] == 1
     assert every_path.norms[0].item() == pytest.approx(state_alone.norms[0].item(), rel=1e-12)
     assert not torch.allclose(every_path.norms[1:], state_alone.norms[1:], rtol=1e-6)
     assert every_path.relative()[0] == 1 and (every_path.norms > 0).all()
     table = format_state_gradients([every_path, state_alone])
     assert "| 3 |" in table and "every path: layer 2" in table and "norm at 0" in table
+    assert f"({every_path.median_shares[3].item():.3f})" in table
     with pytest.raises(ValueError, match="recurrent layer"):
         state_gradients(make_model(recurrent_layers=()), documents)
     with pytest.raises(ValueError, match="no document holds a window"):
@@ -173,7 +184,7 @@ def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
     assert main(["inspect", "--checkpoint", str(checkpoint), "--data", str(data), "--state-gradient", "3",
                  "--gradient-windows", "4"]) == 0
     out = capsys.readouterr().out
-    assert "4 windows of 8 + 3 blocks" in out and "| 0 | 1.000 | 1.000 |" in out and "| 2 |" in out
+    assert "4 windows of 8 + 3 blocks" in out and "| 0 | 1.000 (1.000) | 1.000 (1.000) |" in out and "| 2 |" in out
     with pytest.raises(SystemExit) as exit:
         main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--ablate", "gates"])
     assert exit.value.code == 2 and "invalid choice: 'gates'" in capsys.readouterr().err

@@ -130,6 +130,7 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     assert "| 2 | gate (lstm) |" in out_text and (tmp_path / "positions.png").exists()
     assert "reaching the state d blocks back" in out_text and "| 15 |" in out_text
     assert "| blocks back | every path: layer 2 | state alone: layer 2 |" in out_text
+    assert "| 0 | 1.000 (1.000) | 1.000 (1.000) |" in out_text  # the windows' median shares, recorded
     # a run with the state cells at another rate, in its own folder, reported beside the others under its own name
     faster = tmp_path / "faster"
     ld.main(["train", "--runs", "rec-8blocks", "--max-steps", "2", "--state-lr-scale", "3", "--data", str(data),

@@ -248,16 +248,19 @@ class StateGradient:
 
     ``norms[d]``: over the windows scored, the mean of ||dL/ds|| (per row, over the state's slots and channels),
     where L is the mean loss of a window's last block and s the state that block reads (d = 0) or the state d
-    writes before it (the state the block d blocks earlier read).
+    writes before it (the state the block d blocks earlier read). ``median_shares[d]``: the median over the
+    windows of each window's own share ||dL/ds_d|| / ||dL/ds_0||, which a few windows whose gradient grows
+    cannot move as they move the mean (None where it was not recorded).
     """
 
     layer: int  # the recurrent layer (1-based)
     norms: Tensor  # (span,) float64
     windows: int  # rows the norms were averaged over
     through_memory: bool  # False: the XL memory carried no gradient from block to block (the state's path alone)
+    median_shares: Tensor | None = None  # (span,) float64
 
     def relative(self) -> Tensor:
-        """``norms`` over the norm at d = 0: the share of the gradient left after d state updates."""
+        """``norms`` over the norm at d = 0: the share of the (mean) gradient left after d state updates."""
         return self.norms / self.norms[0]
 
     @property
@@ -298,7 +301,7 @@ def state_gradients(
     if not windows:
         raise ValueError(f"no document holds a window of warmup + span = {warmup + span} blocks of {W} tokens "
                          "and one more token")
-    sums = torch.zeros(len(model.cells), span, dtype=torch.float64)
+    norms = torch.zeros(len(model.cells), len(windows), span, dtype=torch.float64)  # per window row
     with eval_mode(model):
         for first in range(0, len(windows), batch_size):
             tokens = torch.stack(windows[first : first + batch_size]).to(model.device)
@@ -321,19 +324,28 @@ def state_gradients(
             for index, grad in enumerate(grads):
                 block, cell = divmod(index, len(model.cells))
                 if grad is not None:  # no path (the state is not read) leaves a zero gradient
-                    sums[cell, span - 1 - block] += grad.double().flatten(1).norm(dim=1).sum().cpu()
-    return [StateGradient(layer, sums[i] / len(windows), len(windows), through_memory)
+                    rows = slice(first, first + len(tokens))
+                    norms[cell, rows, span - 1 - block] = grad.double().flatten(1).norm(dim=1).cpu()
+    shares = norms / norms[:, :, :1]  # each window's own share of its d = 0 gradient
+    return [StateGradient(layer, norms[i].mean(dim=0), len(windows), through_memory,
+                          shares[i].nanmedian(dim=0).values)  # (a window with no gradient at 0 gives no share)
             for i, layer in enumerate(model.config.recurrent_layers)]
 
 
 def format_state_gradients(gradients: Sequence[StateGradient]) -> str:
     """A markdown table: per distance d, each result's share of the gradient left after d state updates
-    (``relative``), a column per path and layer, and the norm at d = 0 in the last row."""
+    (``relative``, then the windows' median share in brackets where recorded), a column per path and layer, and
+    the norm at d = 0 in the last row."""
+    def cell(g: StateGradient, d: int) -> str:
+        if d >= len(g.norms):
+            return "-"
+        median = "" if g.median_shares is None else f" ({g.median_shares[d].item():.3f})"
+        return f"{g.relative()[d].item():.3f}{median}"
+
     span = max(len(g.norms) for g in gradients)
     lines = ["| blocks back | " + " | ".join(f"{g.path}: layer {g.layer}" for g in gradients) + " |",
              "|---:|" + "---:|" * len(gradients)]
     for d in range(span):
-        cells = [f"{g.relative()[d].item():.3f}" if d < len(g.norms) else "-" for g in gradients]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append(f"| {d} | " + " | ".join(cell(g, d) for g in gradients) + " |")
     lines.append("| norm at 0 | " + " | ".join(f"{g.norms[0].item():.3g}" for g in gradients) + " |")
     return "\n".join(lines)
