@@ -2,7 +2,7 @@
 ``mini``'s and the hour recipe's shapes, on the CPU, with the cost split into the state's read, its write and the
 replayed write.
 
-    python benchmarks/bench_recurrence.py                       # every shape, one thread, 12 rounds
+    python benchmarks/bench_recurrence.py                       # every shape but paper, one thread, 12 rounds
     python benchmarks/bench_recurrence.py --shapes mini --profile   # and torch.profiler's top operators
     git archive 8d768d5 block_recurrent | tar -x -C /tmp/before    # an older tree, to compare with:
     python benchmarks/bench_recurrence.py --baseline /tmp/before    # its steps alternate with this tree's
@@ -50,9 +50,13 @@ from block_recurrent.training.trainer import fused_adamw_supported  # noqa: E402
 SHAPES = {
     "mini": ("mini", {}, 128, True),  # brt train's default: 128 rows x one block of 16
     "mini-8blocks": ("mini", dict(max_seq_len=128), 16, False),  # 16 rows x 8 blocks of 16
+    "mini-16blocks": ("mini", dict(max_seq_len=256), 8, False),  # brt train --recipe long: 8 rows x 16 blocks
     "hour": ("hour", {}, 128, False),  # the hour recipe: 128 rows x one block of 32, no replay
     "hour-replay": ("hour", {}, 128, True),
     "hour-4blocks": ("hour", dict(max_seq_len=128), 32, False),
+    # the paper's model (one recurrent layer of twelve, width 1,024, 512 states), one row of one block of 512: where
+    # the products dominate. Seconds per step: pass --shapes paper --rounds 6
+    "paper": ("paper", dict(max_seq_len=512), 1, False),
 }
 SETUPS = ("xl", "read", "write", "rec")
 
@@ -133,7 +137,7 @@ def profile(setup: Setup, autocast, rows: int = 25) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=[s for s in SHAPES if s != "paper"], choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=12, help="steps of each set-up (the first 2 not counted)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
