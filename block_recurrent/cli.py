@@ -190,10 +190,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         if args.resume:
             raise ValueError("--recipe sets up a new run; a resumed run keeps the settings it was started with")
-        preset, model_changes, settings = recipe(args.recipe)
+        preset, settings = recipe(args.recipe)
         args.preset, options = preset, {**settings, **options}
-        if model_changes:  # the [model] fields of a run file that names the recipe change its model further
-            args.model_fields = {**model_changes, **(getattr(args, "model_fields", None) or {})}
     try:
         if args.resume:  # the run's settings and model come from its checkpoint; a model given must be the same
             out_dir = options.pop("out_dir", TrainConfig.out_dir)

@@ -83,24 +83,7 @@ def test_a_named_recipe_sets_the_preset_and_training_settings_and_options_still_
     assert brt("train", "--recipe", "hour", "--resume", "--out-dir", run) == 2
     assert "a resumed run keeps the settings" in capsys.readouterr().err
     assert brt("train", "--recipe", "week") == 2
-    assert "recipe must be one of 'default', 'hour', 'long', got 'week'" in capsys.readouterr().err
-    # a recipe that changes its preset's fields: long segments of long documents
-    run = tmp_path / "long"
-    assert brt("train", "--recipe", "long", "--data", corpus, "--documents", "file", "--out-dir", run, "--max-steps", 1,
-               "--batch-size", 2, "--warmup-steps", 1, "--no-progress", "--no-final-eval", "--sample-tokens", 0) == 0
-    saved = load_training_checkpoint(run)
-    assert saved.config == BlockRecurrentConfig(**{**PRESETS["mini"], "max_seq_len": 256})
-    settings = saved.trainer["train_config"]
-    assert (settings["state_lr_scale"], settings["eval_every"]) == (3.0, 2000)  # from the recipe
-    assert (settings["documents"], settings["batch_size"]) == ("file", 2)  # options beside it win
-    # and a run file that names the recipe changes its model further with its [model] fields
-    (tmp_path / "run.toml").write_text("recipe = 'long'\n[model]\nnum_state_vectors = 8\n")
-    run = tmp_path / "long-8"
-    assert brt("train", "--config", tmp_path / "run.toml", "--data", corpus, "--documents", "file",
-               "--out-dir", run, "--max-steps", 1, "--batch-size", 2, "--warmup-steps", 1, "--no-progress",
-               "--no-final-eval", "--sample-tokens", 0) == 0
-    assert load_training_checkpoint(run).config == BlockRecurrentConfig(
-        **{**PRESETS["mini"], "max_seq_len": 256, "num_state_vectors": 8})
+    assert "recipe must be one of 'default', 'hour', got 'week'" in capsys.readouterr().err
 
 
 def test_conflicting_and_mismatched_runs(tmp_path, corpus, capsys):

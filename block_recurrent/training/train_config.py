@@ -153,32 +153,24 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# named recipes: a model preset (with ``model`` fields changed), and the training settings measured with it
-# (docs/experiments/default-recipe.md, hour-recipe.md, 2026-12-05-long-documents.md); ``brt train --recipe NAME``
-# starts from them, and options given beside it still win
+# named recipes: a model preset and the training settings measured with it (docs/experiments/default-recipe.md,
+# hour-recipe.md); ``brt train
+# --recipe NAME`` starts from them, and options given beside it still win
 RECIPES: dict[str, dict[str, Any]] = {
     # what `brt train` runs with no options: five minutes on two CPU cores
-    "default": dict(preset="mini", model={}, train={}),
+    "default": dict(preset="mini", train={}),
     # about an hour on two CPU cores (bf16 autocast); pinned as it was measured, without the write's replay and
     # the slow state cells (with them its 20-minute version scored worse, docs/experiments/hour-recipe.md)
-    "hour": dict(preset="hour", model={}, train=dict(batch_size=128, max_steps=9000, eval_every=3000,
-                                                     checkpoint_every=3000, out_dir="runs/brt-hour",
-                                                     replay_write=False, state_lr_scale=1.0)),
-    # long documents (each standard-library package one document): segments of sixteen blocks, so that the state's
-    # gradient spans fifteen writes, on 8 rows; the state cells at 3x. The shape where the recurrent model beat
-    # Transformer-XL and the sliding window at equal training time (docs/experiments/2026-12-05-long-documents.md)
-    "long": dict(preset="mini", model=dict(max_seq_len=256),
-                 train=dict(documents="package", batch_size=8, max_steps=10380, state_lr_scale=3.0, eval_every=2000,
-                            checkpoint_every=2000, out_dir="runs/brt-long")),
+    "hour": dict(preset="hour", train=dict(batch_size=128, max_steps=9000, eval_every=3000, checkpoint_every=3000,
+                                           out_dir="runs/brt-hour", replay_write=False, state_lr_scale=1.0)),
 }
 
 
-def recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A named recipe's model preset, the preset's fields it changes, and its training settings (TrainConfig
-    fields)."""
+def recipe(name: str) -> tuple[str, dict[str, Any]]:
+    """A named recipe's model preset and training settings (TrainConfig fields)."""
     check_choice("recipe", name, RECIPES)
     chosen = RECIPES[name]
-    return chosen["preset"], dict(chosen["model"]), dict(chosen["train"])
+    return chosen["preset"], dict(chosen["train"])
 
 
 # every command checks its seed the same way: torch and numpy take any int in this range
