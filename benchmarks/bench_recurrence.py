@@ -50,7 +50,7 @@ from block_recurrent.training.trainer import fused_adamw_supported  # noqa: E402
 SHAPES = {
     "mini": ("mini", {}, 128, True),  # brt train's default: 128 rows x one block of 16
     "mini-8blocks": ("mini", dict(max_seq_len=128), 16, False),  # 16 rows x 8 blocks of 16
-    "mini-16blocks": ("mini", dict(max_seq_len=256), 8, False),  # brt train --recipe long: 8 rows x 16 blocks
+    "mini-16blocks": ("mini", dict(max_seq_len=256), 8, False),  # 8 rows x 16 blocks (the long-documents runs)
     "hour": ("hour", {}, 128, False),  # the hour recipe: 128 rows x one block of 32, no replay
     "hour-replay": ("hour", {}, 128, True),
     "hour-4blocks": ("hour", dict(max_seq_len=128), 32, False),
