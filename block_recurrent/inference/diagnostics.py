@@ -326,9 +326,11 @@ def state_gradients(
                 if grad is not None:  # no path (the state is not read) leaves a zero gradient
                     rows = slice(first, first + len(tokens))
                     norms[cell, rows, span - 1 - block] = grad.double().flatten(1).norm(dim=1).cpu()
-    shares = norms / norms[:, :, :1]  # each window's own share of its d = 0 gradient
-    return [StateGradient(layer, norms[i].mean(dim=0), len(windows), through_memory,
-                          shares[i].nanmedian(dim=0).values)  # (a window with no gradient at 0 gives no share)
+    # each window's own share of its d = 0 gradient; a window with none at d = 0 has no share (NaN, which the
+    # median skips)
+    nearest = norms[:, :, :1]
+    shares = torch.where(nearest > 0, norms / nearest, torch.nan)
+    return [StateGradient(layer, norms[i].mean(dim=0), len(windows), through_memory, shares[i].nanmedian(dim=0).values)
             for i, layer in enumerate(model.config.recurrent_layers)]
 
 

@@ -135,7 +135,7 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
                                               through_memory=through_memory)]
         windows = gradients[0].windows
         print(f"\nthe loss gradient of a block reaching the state d blocks before it, as a share of d = 0, the "
-              f"windows' median share in brackets ({windows} windows of {warmup} + {span} blocks of those documents; 'state alone': the XL memory "
-              f"carries no gradient):\n")
+              f"windows' median share in brackets ({windows} windows of {warmup} + {span} blocks of those documents; "
+              f"'state alone': the XL memory carries no gradient):\n")
         print(format_state_gradients(gradients))
     return 0
