@@ -475,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{drop} dropped {a['held_out_bpb']:.4f}" for drop, a in record["ablations"].items()), flush=True)
     elif args.command == "documents":
         units = [(run, seed, str(out), args.data) for seed in args.seeds for run in selected]
+        # checked before scoring any: the table needs every run, and scoring one takes minutes
+        from block_recurrent.persistence.checkpoint import latest_checkpoint
+
+        missing = [f"{run}-seed{seed}" for run, seed, _, _ in units if latest_checkpoint(out / f"{run}-seed{seed}") is None]
+        if missing:
+            parser.error(f"no saved model in {out} for: {', '.join(missing)} (train them first, or leave them out)")
         print(documents_table(list(map_units(documents_one, units, args.jobs, start="spawn"))))
     elif args.command == "stream":
         print(stream_table(out, selected, args.seeds))

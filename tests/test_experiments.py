@@ -118,6 +118,10 @@ def test_long_documents_measure_train_diagnose_report_and_lengths(tmp_path, caps
     assert "| rec-8blocks | 0.90 M |" in capsys.readouterr().out
     ld.main(["train", "--runs", "rec-8blocks", "xl-8blocks", "--max-steps", "2", *common])
     ld.main(["diagnose", "--runs", "rec-8blocks", "--drop", "state", *common])
+    with pytest.raises(SystemExit):  # a run not trained is named before any run is scored
+        ld.main(["documents", "--runs", "rec-8blocks", "slide-8blocks", *common])
+    error = capsys.readouterr().err
+    assert "no saved model" in error and "slide-8blocks-seed0" in error and "rec-8blocks-seed0" not in error
     ld.main(["documents", "--runs", "rec-8blocks", "xl-8blocks", *common])
     table = capsys.readouterr().out
     assert "| package | bytes | rec-8blocks s0 | xl-8blocks s0 | xl-8blocks s0 - rec-8blocks s0 |" in table

@@ -327,10 +327,12 @@ def state_gradients(
                     rows = slice(first, first + len(tokens))
                     norms[cell, rows, span - 1 - block] = grad.double().flatten(1).norm(dim=1).cpu()
     # each window's own share of its d = 0 gradient; a window with none at d = 0 has no share (NaN, which the
-    # median skips)
+    # median skips). nanquantile, not nanmedian: for an even count the median is the mean of the middle two,
+    # where nanmedian returns the lower one
     nearest = norms[:, :, :1]
     shares = torch.where(nearest > 0, norms / nearest, torch.nan)
-    return [StateGradient(layer, norms[i].mean(dim=0), len(windows), through_memory, shares[i].nanmedian(dim=0).values)
+    return [StateGradient(layer, norms[i].mean(dim=0), len(windows), through_memory,
+                          torch.nanquantile(shares[i], 0.5, dim=0))
             for i, layer in enumerate(model.config.recurrent_layers)]
 
 
