@@ -74,6 +74,11 @@ def one_thread() -> None:
 PRESETS = {"mini": {}, "hour": dict(gate="lstm", gate_keep_init=3.0, state_cell_scale=0.1)}
 
 
+def run_folder(out: str | Path, run: str, seed: int) -> Path:
+    """Where ``train`` saves a run and the other commands read it."""
+    return Path(out) / f"{run}-seed{seed}"
+
+
 def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset: str = "mini",
             state_lr_scale: float | None = None, model_options: dict | None = None):
     """The model config and TrainConfig of ``run`` ("VARIANT-SHAPE"); ``state_lr_scale`` overrides brt train's,
@@ -86,7 +91,7 @@ def configs(run: str, seed: int, steps: int, out: Path, data: str | None, preset
     model = BlockRecurrentConfig.from_name(preset, max_seq_len=width * blocks,
                                            **{**PRESETS[preset], **VARIANTS[variant], **(model_options or {})})
     train = TrainConfig(data=data, documents="package", batch_size=rows, max_steps=steps, seed=seed, bf16=True,
-                        out_dir=str(out / f"{run}-seed{seed}"), eval_every=0, checkpoint_every=0, sample_tokens=0,
+                        out_dir=str(run_folder(out, run, seed)), eval_every=0, checkpoint_every=0, sample_tokens=0,
                         final_eval=False, progress=False, keep_last=1, log_every=50)
     if state_lr_scale is not None:
         train = dataclasses.replace(train, state_lr_scale=state_lr_scale)
@@ -179,7 +184,7 @@ def diagnose_one(unit: tuple) -> dict:
     from block_recurrent.persistence.checkpoint import from_pretrained
 
     one_thread()
-    model = from_pretrained(Path(out) / f"{run}-seed{seed}")
+    model = from_pretrained(run_folder(out, run, seed))
     docs = held_out(data)
     record = {"run": run, "seed": seed, "ablations": {}}
     for drop in drops:
@@ -214,7 +219,7 @@ def documents_one(unit: tuple) -> dict:
     from block_recurrent.persistence.checkpoint import from_pretrained
 
     one_thread()
-    model = from_pretrained(Path(out) / f"{run}-seed{seed}")
+    model = from_pretrained(run_folder(out, run, seed))
     names, docs = held_out(data, with_names=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         results = evaluate_documents(model, docs)
@@ -244,7 +249,7 @@ def stream_table(out: Path, runs: list[str], seeds: list[int], window: int = 500
     for seed in seeds:
         logs = {}
         for run in runs:
-            rows = [r for r in load(out / f"{run}-seed{seed}" / "metrics.jsonl") if "bpb" in r]
+            rows = [r for r in load(run_folder(out, run, seed) / "metrics.jsonl") if "bpb" in r]
             logs[run] = {k: np.array([r[k] for r in rows]) for k in ("step", "bpb", "elapsed_s", "tokens_seen")}
         first, others = runs[0], runs[1:]
         lines += [f"seed {seed}, equal steps:", "", "| steps | MB read | " + " | ".join(f"{o} - {first}" for o in others) + " |",
@@ -478,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         # checked before scoring any: the table needs every run, and scoring one takes minutes
         from block_recurrent.persistence.checkpoint import latest_checkpoint
 
-        missing = [f"{run}-seed{seed}" for run, seed, _, _ in units if latest_checkpoint(out / f"{run}-seed{seed}") is None]
+        folders = [run_folder(out, run, seed) for run, seed, _, _ in units]
+        missing = [folder.name for folder in folders if latest_checkpoint(folder) is None]
         if missing:
             parser.error(f"no saved model in {out} for: {', '.join(missing)} (train them first, or leave them out)")
         print(documents_table(list(map_units(documents_one, units, args.jobs, start="spawn"))))
