@@ -240,3 +240,84 @@ def test_gate_by_block_splits_every_block_into_needle_or_haystack(tmp_path, caps
                                       "--distance", "60", "--examples", "2"])
     script.main()
     assert "| needle |" in capsys.readouterr().out
+
+
+def test_gate_shift_freezing_the_state_equals_dropping_it_and_restores_the_gates(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.tasks import PasskeyTask
+    from block_recurrent.tasks.scoring import predict
+    from block_recurrent.tasks.text import collate
+
+    script = experiment("gate_shift")
+    torch.manual_seed(0)
+    config = BlockRecurrentConfig.from_name("tiny", gate="lstm", gate_keep_init=3.0)
+    model = BlockRecurrentModel(config).double().eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = collate(PasskeyTask().examples(3, 100, 0), ignore_index=config.ignore_index)
+    scored = batch.labels != config.ignore_index
+    _, dropped = predict(model, batch, drop="state")
+    _, carried = predict(model, batch)
+    with script.shifted_gates(model, forget=40.0, input=-40.0):  # keep 1, write 0: the state stays the initial one
+        _, frozen = predict(model, batch)
+    torch.testing.assert_close(frozen[scored], dropped[scored], rtol=0, atol=1e-12)
+    assert (carried[scored] - dropped[scored]).abs().max() > 1e-6  # the state matters here: the check can fail
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="no LSTM gate"):
+        with script.shifted_gates(BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", gate="fixed"))):
+            pass
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["gate_shift.py", "--checkpoint", str(tmp_path / "model"), "--task", "passkey",
+                                      "--forget-shift", "0", "2", "--distances", "40", "--samples", "2"])
+    script.main()
+    assert len(table_rows(capsys.readouterr().out)) == 3  # the header and a row per shift
+
+
+def test_facts_answers_sorts_wrong_answers_and_reads_the_story(tmp_path, capsys, monkeypatch):
+    import re
+
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.tasks import FactsTask
+    from block_recurrent.tasks.facts import PLACES
+
+    script = experiment("facts_answers")
+    facts = ["Mary went to the kitchen.", "John moved to the garden.", "Mary went back to the office."]
+    assert script.classify("office", facts, "Mary", exact=True) == "right"
+    assert script.classify("kitchen", facts, "Mary", exact=False) == "the person's earlier place"
+    assert script.classify("garden", facts, "Mary", exact=False) == "another fact's place"
+    assert script.classify("bedroom", facts, "Mary", exact=False) == "a place not in the story"
+    assert script.classify("def", facts, "Mary", exact=False) == "no place"
+
+    def reader(model, prompts, max_new_tokens, temperature):
+        """A model that reads the story from the prompt's text: right in even rows, "nowhere" in odd ones."""
+        assert temperature == 0.0
+        out = []
+        for row, prompt in enumerate(prompts):
+            text = bytes(prompt.tolist()).decode()
+            asked = re.findall(r"Where is (\w+)\?", text)[-1]
+            places = [p for person, p in re.findall(r"(Mary|John|Daniel|Sandra) [a-z ]+ the (\w+)\.", text)
+                      if person == asked]
+            # what follows the place is never trained: the answer is the place the text starts with
+            out.append(torch.tensor(list(f" {places[-1] if row % 2 == 0 else 'nowhere'}Qu".encode())))
+        return out
+
+    monkeypatch.setattr(script, "generate", reader)
+    rows = script.answers(None, FactsTask(haystack="filler"), 300, samples=6, seed=3, batch_size=4)
+    assert [r["exact"] for r in rows] == [True, False] * 3
+    assert all(r["answer"] in PLACES for r in rows[::2]) and all(r["answer"] == "nowhereQu" for r in rows[1::2])
+    assert all(len(r["facts"]) == 4 and any(f.startswith(r["asked"] + " ") for f in r["facts"]) for r in rows)
+    assert [script.classify(r["answer"], r["facts"], r["asked"], r["exact"]) for r in rows] == ["right",
+                                                                                               "no place"] * 3
+    monkeypatch.undo()
+
+    torch.manual_seed(0)
+    save_pretrained(BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny")), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["facts_answers.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distances", "40", "--samples", "3"])
+    script.main()
+    assert len(table_rows(capsys.readouterr().out)) == 2  # the header and a row per distance
