@@ -27,6 +27,7 @@ from block_recurrent.inference.generation import generate  # noqa: E402
 from block_recurrent.tasks import make_task  # noqa: E402
 from block_recurrent.tasks.commands import load_model, task_settings  # noqa: E402
 from block_recurrent.tasks.facts import PLACES  # noqa: E402
+from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
 
 KINDS = ("right", "another fact's place", "the person's earlier place", "a place not in the story", "no place")
 FACT = re.compile(r"(\w+) .* the (\w+)\.")
@@ -46,11 +47,10 @@ def classify(answer: str, facts: list[str], asked: str, exact: bool) -> str:
 
 
 def answers(model, task, distance: int, samples: int, seed: int, batch_size: int) -> list[dict]:
-    """Per example (drawn as :func:`~block_recurrent.tasks.scoring.score` draws them): the story's facts, the person
+    """Per example (those :func:`~block_recurrent.tasks.scoring.score` scores): the story's facts, the person
     asked, the place the model's answer starts with (else all it wrote) and whether it wrote the answer's tokens."""
     decode = task.tokenizer.decode
-    rng = np.random.default_rng([seed, distance])
-    examples = [task.example(distance, rng, None, None) for _ in range(samples)]
+    examples = draw_examples(task, distance, samples, seed)
     out = []
     for begin in range(0, samples, batch_size):
         batch = examples[begin : begin + batch_size]
@@ -58,14 +58,14 @@ def answers(model, task, distance: int, samples: int, seed: int, batch_size: int
         longest = max(e.answers[0].length for e in batch)
         written = generate(model, prompts, max_new_tokens=longest + 1, temperature=0.0)
         for example, new in zip(batch, written):
-            text = decode(example.tokens.tolist())
-            facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
-            asked = re.findall(r"Question: Where is (\w+)\?", text)[-1]
             answer = example.answers[0]
+            facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
+            question = decode(example.tokens[example.needles[-1][1] : answer.start].tolist())
+            asked = re.findall(r"Question: Where is (\w+)\?", question)[-1]
             truth = example.tokens[answer.start : answer.start + answer.length]
             # the place the answer starts with: what follows it was never trained (the loss is on the answer only)
-            written = decode(new.tolist()).lstrip()
-            place = next((p for p in PLACES if written.startswith(p)), written)
+            reply = decode(new.tolist()).lstrip()
+            place = next((p for p in PLACES if reply.startswith(p)), reply)
             out.append(dict(facts=facts, asked=asked, answer=place,
                             exact=np.array_equal(new[: answer.length].numpy(), truth)))
     return out

@@ -26,7 +26,7 @@ from ..inference.diagnostics import DROPS, drop_carried
 from ..model.checks import check_choice, check_float, check_int
 from ..model.model import BlockRecurrentModel
 from ..training.train_config import check_seed
-from .text import TaskBatch, TextTask, answer_correct, collate
+from .text import Example, TaskBatch, TextTask, answer_correct, collate
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHUNK_TOKENS = 1024  # tokens per model.run call when scoring (rounded to whole blocks)
@@ -118,6 +118,18 @@ class TaskScores:
                 "gaps": {str(k): list(v) for k, v in self.gaps.items()}, "drop": self.drop}
 
 
+def draw_examples(
+    task: TextTask, distance: int, samples: int, seed: int, depths: Sequence[float] = DEFAULT_DEPTHS,
+    segment_len: int | None = None,
+) -> list[Example]:
+    """The ``samples`` examples :func:`score` scores at ``distance``: drawn from (``seed``, ``distance``), so they
+    are the same whatever the other distances; with a task that places its needle, example i at
+    ``depths[i % len(depths)]``."""
+    rng = np.random.default_rng([seed, distance])
+    return [task.example(distance, rng, depths[i % len(depths)] if task.fixed_depth else None, segment_len)
+            for i in range(samples)]
+
+
 def score(
     model: BlockRecurrentModel, task: TextTask, distances: Sequence[int], *, depths: Sequence[float] = DEFAULT_DEPTHS,
     samples: int = 20, seed: int = 0, batch_size: int = 8, segment_len: int | None = None,
@@ -158,11 +170,9 @@ def score(
     scores = TaskScores(task.describe(), task.chance, distances, depths, counts, counts.copy(),
                         np.zeros(len(distances)), np.zeros(len(distances), dtype=np.int64), drop=drop)
     grid = np.asarray(depths)
+    check_seed("seed", seed)
     for j, distance in enumerate(distances):
-        check_seed("seed", seed)
-        rng = np.random.default_rng([seed, distance])  # the same examples at a distance, whatever the others
-        examples = [task.example(distance, rng, depths[i % len(depths)] if task.fixed_depth else None, segment_len)
-                    for i in range(samples)]
+        examples = draw_examples(task, distance, samples, seed, depths, segment_len)
         rows = {id(e): i % len(depths) for i, e in enumerate(examples)}  # the depth each example was asked for
         gaps = []
         for begin in range(0, samples, batch_size):
