@@ -24,10 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.inference.generation import generate  # noqa: E402
-from block_recurrent.tasks import make_task  # noqa: E402
-from block_recurrent.tasks.commands import load_model, task_settings  # noqa: E402
 from block_recurrent.tasks.facts import PLACES  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
+from harness import add_tuned_task_arguments, load_tuned_task  # noqa: E402
 
 KINDS = ("right", "another fact's place", "the person's earlier place", "a place not in the story", "no place")
 FACT = re.compile(r"(\w+) .* the (\w+)\.")
@@ -73,18 +72,13 @@ def answers(model, task, distance: int, samples: int, seed: int, batch_size: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
-    parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
+    add_tuned_task_arguments(parser, task="qa1")
     parser.add_argument("--distances", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    args.task = "qa1"
-    model, tokenizer, _, folder = load_model(args.checkpoint, "cpu")
-    haystack, options = task_settings(args, folder)  # as tuned, where brt tune made the model
-    task = make_task("qa1", tokenizer, haystack, "validation", **{**options, "num_questions": 1})
+    model, task = load_tuned_task(args, num_questions=1)
     print(f"{args.checkpoint}: qa1 {task.describe()}, {args.samples} stories per distance (seed {args.seed}); "
           "share of answers")
     print("| distance | " + " | ".join(KINDS) + " | story's last place | wrong, the story's last place |")

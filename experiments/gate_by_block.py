@@ -21,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
-from block_recurrent.tasks import make_task  # noqa: E402
-from block_recurrent.tasks.commands import TASK_NAMES, load_model, task_settings  # noqa: E402
+from harness import add_tuned_task_arguments, load_tuned_task  # noqa: E402
 
 
 def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[str, np.ndarray]:
@@ -61,19 +60,14 @@ def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--task", required=True, choices=TASK_NAMES)
-    parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
-    parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
+    add_tuned_task_arguments(parser)
     parser.add_argument("--distance", type=int, default=2048)
     parser.add_argument("--examples", type=int, default=24)
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer, _, folder = load_model(args.checkpoint, "cpu")
+    model, task = load_tuned_task(args)
     model.eval()
-    haystack, options = task_settings(args, folder)  # as tuned, where brt tune made the model
-    task = make_task(args.task, tokenizer, haystack, "validation", **options)
     print(f"{args.checkpoint}: {args.task} {task.describe()}, {args.examples} examples at distance {args.distance}")
     print("| blocks holding | blocks | input gate: mean | 10 % | 90 % | forget gate: mean | 10 % | 90 % |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

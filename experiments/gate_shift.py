@@ -21,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
-from block_recurrent.tasks import make_task  # noqa: E402
-from block_recurrent.tasks.commands import TASK_NAMES, load_model, task_settings  # noqa: E402
 from block_recurrent.tasks.scoring import score  # noqa: E402
+from harness import add_tuned_task_arguments, load_tuned_task  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -54,10 +53,7 @@ def shifted_gates(model, forget: float = 0.0, input: float = 0.0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--task", required=True, choices=TASK_NAMES)
-    parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
-    parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
+    add_tuned_task_arguments(parser)
     parser.add_argument("--forget-shift", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     parser.add_argument("--input-shift", type=float, nargs="+", default=[0.0])
     parser.add_argument("--distances", type=int, nargs="+", default=[256, 1024, 4096])
@@ -65,9 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    model, tokenizer, _, folder = load_model(args.checkpoint, "cpu")
-    haystack, options = task_settings(args, folder)  # as tuned, where brt tune made the model
-    task = make_task(args.task, tokenizer, haystack, "validation", **options)
+    model, task = load_tuned_task(args)
     print(f"{args.checkpoint}: {args.task}, exact match (answer loss, nats/token) by distance; {args.samples} "
           f"examples per distance, seed {args.seed}")
     print("| forget shift | input shift | " + " | ".join(str(d) for d in args.distances) + " |")
