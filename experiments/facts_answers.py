@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.inference.generation import generate  # noqa: E402
+from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.facts import PLACES  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
-from harness import add_tuned_task_arguments, load_tuned_task  # noqa: E402
+from harness import add_tuned_task_arguments  # noqa: E402
 
 KINDS = ("right", "another fact's place", "the person's earlier place", "a place not in the story", "no place")
 FACT = re.compile(r"(\w+) .* the (\w+)\.")
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    model, task = load_tuned_task(args, num_questions=1)
+    model, task = load_scored_task(args, "cpu", num_questions=1)
     print(f"{args.checkpoint}: qa1 {task.describe()}, {args.samples} stories per distance (seed {args.seed}); "
           "share of answers")
     print("| distance | " + " | ".join(KINDS) + " | story's last place | wrong, the story's last place |")

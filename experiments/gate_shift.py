@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
+from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.scoring import score  # noqa: E402
-from harness import add_tuned_task_arguments, load_tuned_task  # noqa: E402
+from harness import add_tuned_task_arguments  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    model, task = load_tuned_task(args)
+    model, task = load_scored_task(args, "cpu")
     print(f"{args.checkpoint}: {args.task}, exact match (answer loss, nats/token) by distance; {args.samples} "
           f"examples per distance, seed {args.seed}")
     print("| forget shift | input shift | " + " | ".join(str(d) for d in args.distances) + " |")

@@ -1,5 +1,5 @@
 """What the research scripts share: the optimiser (the trainer's parameter groups), one training step, the recall
-trainer, ``--set FIELD=JSON``, the held-out split as tensors, a tuned checkpoint with its task, and running
+trainer, ``--set FIELD=JSON``, the held-out split as tensors, a checkpoint-and-task's arguments, and running
 independent units in worker processes.
 
 The scripts import it as a sibling (``from harness import ...``): run them from anywhere as
@@ -17,12 +17,12 @@ import torch
 
 from block_recurrent import BlockRecurrentModel, BlockRecurrentTransformer, RecurrentTrainerWrapper
 from block_recurrent.training.data import ByteTokenizer, TokenCorpus, load_documents, split_documents
-from block_recurrent.tasks import RecallTask, TextTask, make_task
-from block_recurrent.tasks.commands import TASK_NAMES, load_model, task_settings
+from block_recurrent.tasks import RecallTask
+from block_recurrent.tasks.commands import TASK_NAMES
 from block_recurrent.training.trainer import parameter_groups
 
-__all__ = ["RecallTask", "RecallScore", "adamw", "add_tuned_task_arguments", "held_out_documents", "load_tuned_task",
-           "map_units", "parse_sets", "recall_model", "train_recall", "train_step"]
+__all__ = ["RecallTask", "RecallScore", "adamw", "add_tuned_task_arguments", "held_out_documents", "map_units",
+           "parse_sets", "recall_model", "train_recall", "train_step"]
 
 # the recall runs' tiny model: width 64, 3 layers of 4 heads of 16, recurrence in layer 2, 8 state vectors
 RECALL_SHAPE = dict(dim=64, depth=3, heads=4, dim_head=16, num_state_vectors=8, recurrent_layers=(2,))
@@ -122,7 +122,8 @@ def held_out_documents(data: str | None = None) -> list[torch.Tensor]:
 
 def add_tuned_task_arguments(parser: argparse.ArgumentParser, task: str | None = None) -> None:
     """``--checkpoint`` and the task to score it on: ``--task`` (unless ``task`` fixes it), ``--haystack`` and
-    ``--task-option``, as ``brt eval --task`` takes them."""
+    ``--task-option``, as ``brt eval --task`` takes them (load both with
+    :func:`block_recurrent.tasks.commands.load_scored_task`)."""
     parser.add_argument("--checkpoint", required=True)
     if task is None:
         parser.add_argument("--task", required=True, choices=TASK_NAMES)
@@ -131,13 +132,6 @@ def add_tuned_task_arguments(parser: argparse.ArgumentParser, task: str | None =
     parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
     parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
 
-
-def load_tuned_task(args: argparse.Namespace, **options) -> tuple[BlockRecurrentModel, TextTask]:
-    """(model on the CPU, task) from :func:`add_tuned_task_arguments`' arguments: a model that ``brt tune`` made is
-    scored on the task as tuned (its ``tune.json``), the arguments and then ``options`` overriding."""
-    model, tokenizer, _, folder = load_model(args.checkpoint, "cpu")
-    haystack, tuned = task_settings(args, folder)
-    return model, make_task(args.task, tokenizer, haystack, "validation", **{**tuned, **options})
 
 
 def map_units(work: Callable, units: list, jobs: int, start: str = "fork") -> list:

@@ -207,17 +207,25 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_scored_task(args: argparse.Namespace, device: str, **options: Any):
+    """(model, task): ``args.checkpoint``'s model and the task ``brt eval --task`` scores it on, from the held-out
+    text: as tuned, where ``brt tune`` made the model (:func:`task_settings`), ``--haystack``, ``--task-option``
+    and then ``options`` overriding."""
+    from . import make_task
+
+    model, tokenizer, _, folder = load_model(args.checkpoint, device)
+    haystack, tuned = task_settings(args, folder)
+    return model, make_task(args.task, tokenizer, haystack, "validation", **{**tuned, **options})
+
+
 def run_task_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import make_task
     from .scoring import plot_heatmap, score
 
     if getattr(args, "positions", False):
         raise ValueError("--positions scores documents by position; with --task use --distances and --depths")
-    model, tokenizer, _, folder = load_model(args.checkpoint, args.device)
-    haystack, options = task_settings(args, folder)  # as tuned, where brt tune made the model
-    task = make_task(args.task, tokenizer, haystack, "validation", **options)
+    model, task = load_scored_task(args, args.device)
     # float32 unless --bf16 is given: an argmax between two near-equal digits may flip under bf16
     runs = {}  # drop -> scores, the same examples each time
     for drop in [None, *(args.ablate or [])]:
