@@ -33,12 +33,12 @@ KINDS = ("right", "another fact's place", "the person's earlier place", "a place
 FACT = re.compile(r"(\w+) .* the (\w+)\.")
 
 
-def classify(answer: str, facts: list[str], asked: str, exact: bool) -> str:
+def classify(answer: str, moves: list[tuple[str, str]], asked: str, exact: bool) -> str:
     """Which of :data:`KINDS` ``answer`` (the place written) is, for a question about ``asked``, given the
-    story's ``facts`` in order; ``exact``: the answer's tokens were written (the exact match of ``brt eval``)."""
+    story's ``moves`` (person, place) in order; ``exact``: the answer's tokens were written (the exact match of
+    ``brt eval``)."""
     if exact:
         return KINDS[0]
-    moves = [FACT.fullmatch(fact).groups() for fact in facts]
     if answer in [place for person, place in moves if person == asked]:
         return KINDS[2]
     if answer in [place for _, place in moves]:
@@ -47,8 +47,8 @@ def classify(answer: str, facts: list[str], asked: str, exact: bool) -> str:
 
 
 def answers(model, task, distance: int, samples: int, seed: int, batch_size: int) -> list[dict]:
-    """Per example (those :func:`~block_recurrent.tasks.scoring.score` scores): the story's facts, the person
-    asked, the place the model's answer starts with (else all it wrote) and whether it wrote the answer's tokens."""
+    """Per example (those :func:`~block_recurrent.tasks.scoring.score` scores): the story's moves (person,
+    place), the person asked, the place the model's answer starts with (else all it wrote) and whether it wrote the answer's tokens."""
     decode = task.tokenizer.decode
     examples = draw_examples(task, distance, samples, seed)
     out = []
@@ -60,13 +60,14 @@ def answers(model, task, distance: int, samples: int, seed: int, batch_size: int
         for example, new in zip(batch, written):
             answer = example.answers[0]
             facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
+            moves = [FACT.fullmatch(fact).groups() for fact in facts]
             question = decode(example.tokens[example.needles[-1][1] : answer.start].tolist())
             asked = re.findall(r"Question: Where is (\w+)\?", question)[-1]
             truth = example.tokens[answer.start : answer.start + answer.length]
             # the place the answer starts with: what follows it was never trained (the loss is on the answer only)
             reply = decode(new.tolist()).lstrip()
             place = next((p for p in PLACES if reply.startswith(p)), reply)
-            out.append(dict(facts=facts, asked=asked, answer=place,
+            out.append(dict(moves=moves, asked=asked, answer=place,
                             exact=np.array_equal(new[: answer.length].numpy(), truth)))
     return out
 
@@ -86,8 +87,8 @@ def main() -> None:
     print("|---:|" + "---:|" * (len(KINDS) + 2))
     for distance in args.distances:
         rows = answers(model, task, distance, args.samples, args.seed, args.batch_size)
-        kinds = [classify(r["answer"], r["facts"], r["asked"], r["exact"]) for r in rows]
-        last = [r["answer"] == FACT.fullmatch(r["facts"][-1]).group(2) for r in rows]
+        kinds = [classify(r["answer"], r["moves"], r["asked"], r["exact"]) for r in rows]
+        last = [r["answer"] == r["moves"][-1][1] for r in rows]
         wrong_last = [is_last and not r["exact"] for is_last, r in zip(last, rows)]
         cells = [f"{kinds.count(kind) / len(rows):.2f}" for kind in KINDS]
         cells += [f"{np.mean(last):.2f}", f"{np.mean(wrong_last):.2f}"]

@@ -286,12 +286,14 @@ def test_facts_answers_sorts_wrong_answers_and_reads_the_story(tmp_path, capsys,
     from block_recurrent.tasks.facts import PLACES
 
     script = experiment("facts_answers")
-    facts = ["Mary went to the kitchen.", "John moved to the garden.", "Mary went back to the office."]
-    assert script.classify("office", facts, "Mary", exact=True) == "right"
-    assert script.classify("kitchen", facts, "Mary", exact=False) == "the person's earlier place"
-    assert script.classify("garden", facts, "Mary", exact=False) == "another fact's place"
-    assert script.classify("bedroom", facts, "Mary", exact=False) == "a place not in the story"
-    assert script.classify("def", facts, "Mary", exact=False) == "no place"
+    moves = [script.FACT.fullmatch(fact).groups() for fact in
+             ["Mary went to the kitchen.", "John moved to the garden.", "Mary went back to the office."]]
+    assert moves == [("Mary", "kitchen"), ("John", "garden"), ("Mary", "office")]
+    assert script.classify("office", moves, "Mary", exact=True) == "right"
+    assert script.classify("kitchen", moves, "Mary", exact=False) == "the person's earlier place"
+    assert script.classify("garden", moves, "Mary", exact=False) == "another fact's place"
+    assert script.classify("bedroom", moves, "Mary", exact=False) == "a place not in the story"
+    assert script.classify("def", moves, "Mary", exact=False) == "no place"
 
     def reader(model, prompts, max_new_tokens, temperature):
         """A model that reads the story from the prompt's text: right in even rows, "nowhere" in odd ones."""
@@ -310,8 +312,8 @@ def test_facts_answers_sorts_wrong_answers_and_reads_the_story(tmp_path, capsys,
     rows = script.answers(None, FactsTask(haystack="filler"), 300, samples=6, seed=3, batch_size=4)
     assert [r["exact"] for r in rows] == [True, False] * 3
     assert all(r["answer"] in PLACES for r in rows[::2]) and all(r["answer"] == "nowhereQu" for r in rows[1::2])
-    assert all(len(r["facts"]) == 4 and any(f.startswith(r["asked"] + " ") for f in r["facts"]) for r in rows)
-    assert [script.classify(r["answer"], r["facts"], r["asked"], r["exact"]) for r in rows] == ["right",
+    assert all(len(r["moves"]) == 4 and r["asked"] in [person for person, _ in r["moves"]] for r in rows)
+    assert [script.classify(r["answer"], r["moves"], r["asked"], r["exact"]) for r in rows] == ["right",
                                                                                                "no place"] * 3
     monkeypatch.undo()
 
