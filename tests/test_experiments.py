@@ -323,3 +323,85 @@ def test_facts_answers_sorts_wrong_answers_and_reads_the_story(tmp_path, capsys,
                                       "filler", "--distances", "40", "--samples", "3"])
     script.main()
     assert len(table_rows(capsys.readouterr().out)) == 2  # the header and a row per distance
+
+
+def test_facts_probe_reads_the_recurrent_layer_input_and_the_answer_as_one_pass(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.tasks import FactsTask
+    from block_recurrent.tasks.scoring import draw_examples, predict
+    from block_recurrent.tasks.text import collate
+
+    script = experiment("facts_probe")
+    # a linear probe finds a label written linearly into the features, and stays near chance on noise
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=400)
+    features = rng.normal(size=(400, 32))
+    features[:, 0] += 6.0 * labels  # classes six standard deviations apart
+    assert script.probe(features[:300], labels[:300], features[300:], labels[300:])[0] > 0.9
+    accuracy, chance = script.probe(rng.normal(size=(300, 32)), labels[:300], rng.normal(size=(100, 32)), labels[300:])
+    assert accuracy < 0.5 and 0.1 < chance < 0.45
+
+    torch.manual_seed(0)
+    # the tiny preset's state is written in layer 1: the layer's input is the token embedding
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny")).double().eval()
+    task = FactsTask(haystack="filler")
+    examples = draw_examples(task, 90, 4, seed=5)
+    ids, losses = predict(model, collate(examples, ignore_index=model.config.ignore_index))
+    for row, example in enumerate(examples):
+        story = script.read_story(model, task, example)
+        answer = example.answers[0]
+        span = slice(answer.start - 1, answer.start - 1 + answer.length)  # labels are the next tokens
+        assert story.exact == bool((ids[row, span] == torch.from_numpy(example.tokens[span.start + 1 : span.stop + 1])).all())
+        assert story.loss == pytest.approx(losses[row, span].mean().item(), rel=1e-6)  # predict keeps float32
+        assert len(story.moves) == 4 and story.asked in [person for person, _ in story.moves]
+        stops = [end - 2 for _, end in example.needles]  # " Mary went to the kitchen. ": the full stop
+        assert all(example.tokens[i] == ord(".") for i in stops)
+        embedded = model.token_emb(torch.from_numpy(example.tokens[stops])).detach().float().numpy()
+        np.testing.assert_allclose(story.stops, embedded, rtol=0, atol=1e-6)
+        values = model.layers[0].project(torch.from_numpy(embedded).double()[None])[2][0].detach().float().numpy()
+        np.testing.assert_allclose(story.values, values, rtol=0, atol=1e-5)
+        assert story.values.shape == (4, model.config.kv_dim)
+        assert story.state.shape == (16 * 64,)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["facts_probe.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distance", "60", "--fit", "24", "--test", "8"])
+    script.main()
+    assert len(table_rows(capsys.readouterr().out)) == 11  # two headers, seven probes, two rows on the questions
+
+
+@pytest.mark.parametrize("narrow, kv_heads", [(1, 2), (1, 4), (2, 4)])  # from 2, the order of the copies matters
+def test_widen_kv_heads_computes_the_same_function(tmp_path, narrow, kv_heads, monkeypatch, capsys):
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, from_pretrained, save_pretrained
+
+    script = experiment("widen_kv_heads")
+    torch.manual_seed(0)
+    # the LSTM gate and scaled (parametrised) state cells, a state read above its writer, rotary positions
+    config = BlockRecurrentConfig.from_name("tiny", depth=3, recurrent_layers=(1,), gate="lstm", gate_keep_init=3.0,
+                                            state_cell_scale=0.1, max_seq_len=16, block_width=16, kv_heads=narrow)
+    model = BlockRecurrentModel(config).double()
+    for p in model.parameters():  # away from the initial values, so that every head differs from the others
+        p.data += 0.05 * torch.randn_like(p)
+    wide = script.widen(model, kv_heads)
+    assert wide.config.kv_heads == kv_heads and wide.config.replace(kv_heads=narrow) == config
+    assert wide.num_parameters() > model.num_parameters()
+    tokens = torch.randint(0, 256, (2, 56))  # three whole blocks and a part
+    with torch.no_grad():
+        logits, state = model.run(tokens)
+        wide_logits, wide_state = wide.run(tokens)
+    torch.testing.assert_close(wide_logits, logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(wide_state.states[0], state.states[0], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="kv_heads must be a multiple"):
+        script.widen(model, 3)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    (tmp_path / "model" / "tune.json").write_text('{"task": {"task": "qa1"}}\n')
+    monkeypatch.setattr(sys, "argv", ["widen_kv_heads.py", "--checkpoint", str(tmp_path / "model"), "--kv-heads",
+                                      str(kv_heads), "--out", str(tmp_path / "wide")])
+    script.main()
+    loaded = from_pretrained(tmp_path / "wide")
+    assert loaded.config.kv_heads == kv_heads and (tmp_path / "wide" / "tune.json").exists()
