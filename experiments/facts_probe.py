@@ -184,7 +184,8 @@ def main() -> None:
     print("| probe | items | accuracy | chance (the most common label) |\n|---|---:|---:|---:|")
     for name, items, accuracy, chance in probe_rows(fit, test):
         print(f"| {name} | {items} | {accuracy:.3f} | {chance:.3f} |")
-    print("\n| on the asked questions | questions | accuracy | recency (the story's last place) |\n|---|---:|---:|---:|")
+    print("\n| on the asked questions | questions | accuracy | recency (the story's last place) |")
+    print("|---|---:|---:|---:|")
     for name, items, accuracy, recency in asked_rows(fit, test):
         print(f"| {name} | {items} | {accuracy:.3f} | {recency:.3f} |")
     print(f"\nthe model's answer loss on them: {np.mean([s.loss for s in test]):.3f} nats per token")

@@ -353,7 +353,8 @@ def test_facts_probe_reads_the_recurrent_layer_input_and_the_answer_as_one_pass(
         story = script.read_story(model, task, example)
         answer = example.answers[0]
         span = slice(answer.start - 1, answer.start - 1 + answer.length)  # labels are the next tokens
-        assert story.exact == bool((ids[row, span] == torch.from_numpy(example.tokens[span.start + 1 : span.stop + 1])).all())
+        truth = torch.from_numpy(example.tokens[span.start + 1 : span.stop + 1])
+        assert story.exact == bool((ids[row, span] == truth).all())
         assert story.loss == pytest.approx(losses[row, span].mean().item(), rel=1e-6)  # predict keeps float32
         assert len(story.moves) == 4 and story.asked in [person for person, _ in story.moves]
         stops = [end - 2 for _, end in example.needles]  # " Mary went to the kitchen. ": the full stop
