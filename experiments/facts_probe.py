@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -88,20 +89,27 @@ def read_story(model, task, example) -> Story:
     )
 
 
-def probe(fit_x: np.ndarray, fit_y, test_x: np.ndarray, test_y) -> tuple[float, float]:
-    """(test accuracy, chance: the share of the fitting set's most common label among the test labels) of a linear
-    probe fitted on (fit_x, fit_y)."""
-    fit_y, test_y = np.asarray(fit_y), np.asarray(test_y)
-    values, counts = np.unique(fit_y, return_counts=True)
-    chance = float(np.mean(test_y == values[counts.argmax()]))
-    if len(values) < 2:
-        return chance, chance
+def fit_probe(x: np.ndarray, y) -> object:
+    """A linear probe fitted on (x, y); one that always answers the label when y has only one."""
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return DummyClassifier(strategy="most_frequent").fit(x, y)
     classifier = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], cv=3,
                                                                       scoring="accuracy", max_iter=2000))
     with warnings.catch_warnings():  # scikit-learn 1.9 announces changes of defaults this script does not rely on
         warnings.simplefilter("ignore", FutureWarning)
-        classifier.fit(fit_x, fit_y)
-    return float(classifier.score(test_x, test_y)), chance
+        return classifier.fit(x, y)
+
+
+def chance(fit_y, test_y) -> float:
+    """The share of the fitting labels' most common label among the test labels."""
+    values, counts = np.unique(np.asarray(fit_y), return_counts=True)
+    return float(np.mean(np.asarray(test_y) == values[counts.argmax()]))
+
+
+def probe(fit_x: np.ndarray, fit_y, test_x: np.ndarray, test_y) -> tuple[float, float]:
+    """(test accuracy, :func:`chance`) of a linear probe fitted on (fit_x, fit_y)."""
+    return float(fit_probe(fit_x, fit_y).score(test_x, np.asarray(test_y))), chance(fit_y, test_y)
 
 
 def last_place(moves, person) -> str | None:
@@ -112,8 +120,21 @@ def in_story(story: Story, place: str) -> bool:
     return any(where == place for _, where in story.moves)
 
 
-def probe_rows(fit: list[Story], test: list[Story]) -> list[tuple[str, int, float, float]]:
-    """(probe, test items, accuracy, chance) for every probe of the module's docstring."""
+def people_probes(fit: list[Story]) -> dict[str, tuple[object, list[str]]]:
+    """Per person who moved in some fitting story: a probe of their last place from the state, and the labels it
+    was fitted on."""
+    out = {}
+    for person in PEOPLE:
+        stories = [s for s in fit if last_place(s.moves, person)]
+        if stories:
+            labels = [last_place(s.moves, person) for s in stories]
+            out[person] = fit_probe(np.stack([s.state for s in stories]), labels), labels
+    return out
+
+
+def probe_rows(fit: list[Story], test: list[Story], people: dict) -> list[tuple[str, int, float, float]]:
+    """(probe, test items, accuracy, chance) for every probe of the module's docstring; ``people``:
+    :func:`people_probes` of ``fit``."""
     rows = []
     for features in ("stops", "values"):
         for target, index in (("person", 0), ("place", 1)):
@@ -121,46 +142,33 @@ def probe_rows(fit: list[Story], test: list[Story]) -> list[tuple[str, int, floa
             ys = [[move[index] for s in stories for move in s.moves] for stories in (fit, test)]
             name = {"stops": "token: the fact's", "values": "token's write values: the fact's"}[features]
             rows.append((f"{name} {target}", len(ys[1]), *probe(xs[0], ys[0], xs[1], ys[1])))
-    # each person's last place: one probe per person, pooled (items weighted by their count)
+    # each person's last place, pooled over the people (items weighted by their count)
     hits, chances, items = 0.0, 0.0, 0
-    for person in PEOPLE:
-        fit_s = [s for s in fit if last_place(s.moves, person)]
-        test_s = [s for s in test if last_place(s.moves, person)]
-        if not fit_s or not test_s:
-            continue
-        accuracy, chance = probe(np.stack([s.state for s in fit_s]), [last_place(s.moves, person) for s in fit_s],
-                                 np.stack([s.state for s in test_s]), [last_place(s.moves, person) for s in test_s])
-        hits, chances, items = hits + accuracy * len(test_s), chances + chance * len(test_s), items + len(test_s)
+    for person, (classifier, fit_labels) in people.items():
+        stories = [s for s in test if last_place(s.moves, person)]
+        if stories:
+            labels = [last_place(s.moves, person) for s in stories]
+            hits += classifier.score(np.stack([s.state for s in stories]), labels) * len(stories)
+            chances += chance(fit_labels, labels) * len(stories)
+            items += len(stories)
     rows.append(("state: each person's last place", items, hits / items, chances / items))
     rows.append(("state: the story's last place", len(test),
                  *probe(np.stack([s.state for s in fit]), [s.moves[-1][1] for s in fit],
                         np.stack([s.state for s in test]), [s.moves[-1][1] for s in test])))
-    hits, chances = [], []
-    for place in PLACES:
-        accuracy, chance = probe(np.stack([s.state for s in fit]), [in_story(s, place) for s in fit],
-                                 np.stack([s.state for s in test]), [in_story(s, place) for s in test])
-        hits.append(accuracy)
-        chances.append(chance)
-    rows.append(("state: each place in the story or not", len(test) * len(PLACES), float(np.mean(hits)),
-                 float(np.mean(chances))))
+    places = [probe(np.stack([s.state for s in fit]), [in_story(s, place) for s in fit],
+                    np.stack([s.state for s in test]), [in_story(s, place) for s in test]) for place in PLACES]
+    rows.append(("state: each place in the story or not", len(test) * len(PLACES),
+                 float(np.mean([accuracy for accuracy, _ in places])), float(np.mean([c for _, c in places]))))
     return rows
 
 
-def asked_rows(fit: list[Story], test: list[Story]) -> list[tuple[str, int, float, float]]:
-    """The model's exact match on the test questions beside the state probe of the asked person's place (one probe
-    per person, fitted on every fitting story where they moved), over the same questions."""
-    right = 0
-    for person in PEOPLE:
-        fit_s = [s for s in fit if last_place(s.moves, person)]
-        test_s = [s for s in test if s.asked == person]
-        if not test_s:
-            continue
-        accuracy, _ = probe(np.stack([s.state for s in fit_s]), [last_place(s.moves, person) for s in fit_s],
-                            np.stack([s.state for s in test_s]), [last_place(s.moves, person) for s in test_s])
-        right += accuracy * len(test_s)
-    recency = np.mean([last_place(s.moves, s.asked) == s.moves[-1][1] for s in test])
-    return [("the model's answer (exact match)", len(test), float(np.mean([s.exact for s in test])), float(recency)),
-            ("state probe: the asked person's place", len(test), right / len(test), float(recency))]
+def asked_rows(test: list[Story], people: dict) -> list[tuple[str, int, float, float]]:
+    """The model's exact match on the test questions beside the state probe of the asked person's place (``people``:
+    :func:`people_probes`), over the same questions, and recency's score on them."""
+    right = sum(people[s.asked][0].score(s.state[None], [last_place(s.moves, s.asked)]) for s in test)
+    recency = float(np.mean([last_place(s.moves, s.asked) == s.moves[-1][1] for s in test]))
+    return [("the model's answer (exact match)", len(test), float(np.mean([s.exact for s in test])), recency),
+            ("state probe: the asked person's place", len(test), right / len(test), recency)]
 
 
 def main() -> None:
@@ -171,8 +179,6 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500, help="stories to score them on")
     parser.add_argument("--seed", type=int, default=10000)
     args = parser.parse_args()
-    if "qa1" not in args.task:
-        raise ValueError(f"--task must be qa1, got {args.task!r}")
     model, task = load_scored_task(args, "cpu", num_questions=1)
     model.eval()
     if not model.config.recurrent_layers:
@@ -182,11 +188,12 @@ def main() -> None:
     print(f"{args.checkpoint}: qa1 {task.describe()} at {args.distance} haystack tokens; probes fitted on {args.fit} "
           f"stories (seed {args.seed + 1}), scored on {args.test} (seed {args.seed})")
     print("| probe | items | accuracy | chance (the most common label) |\n|---|---:|---:|---:|")
-    for name, items, accuracy, chance in probe_rows(fit, test):
-        print(f"| {name} | {items} | {accuracy:.3f} | {chance:.3f} |")
+    people = people_probes(fit)
+    for name, items, accuracy, base in probe_rows(fit, test, people):
+        print(f"| {name} | {items} | {accuracy:.3f} | {base:.3f} |")
     print("\n| on the asked questions | questions | accuracy | recency (the story's last place) |")
     print("|---|---:|---:|---:|")
-    for name, items, accuracy, recency in asked_rows(fit, test):
+    for name, items, accuracy, recency in asked_rows(test, people):
         print(f"| {name} | {items} | {accuracy:.3f} | {recency:.3f} |")
     print(f"\nthe model's answer loss on them: {np.mean([s.loss for s in test]):.3f} nats per token")
 
