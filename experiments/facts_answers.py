@@ -46,9 +46,18 @@ def classify(answer: str, moves: list[tuple[str, str]], asked: str, exact: bool)
     return KINDS[3] if answer in PLACES else KINDS[4]
 
 
+def story_moves(example, decode) -> tuple[list[tuple[str, str]], str]:
+    """(the moves (person, place) of a qa1 example's story, in order; the person its first question asks about)."""
+    facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
+    question = decode(example.tokens[example.needles[-1][1] : example.answers[0].start].tolist())
+    asked = re.findall(r"Question: Where is (\w+)\?", question)[-1]
+    return [FACT.fullmatch(fact).groups() for fact in facts], asked
+
+
 def answers(model, task, distance: int, samples: int, seed: int, batch_size: int) -> list[dict]:
     """Per example (those :func:`~block_recurrent.tasks.scoring.score` scores): the story's moves (person,
-    place), the person asked, the place the model's answer starts with (else all it wrote) and whether it wrote the answer's tokens."""
+    place), the person asked, the place the model's answer starts with (else all it wrote) and whether it wrote the
+    answer's tokens."""
     decode = task.tokenizer.decode
     examples = draw_examples(task, distance, samples, seed)
     out = []
@@ -59,10 +68,7 @@ def answers(model, task, distance: int, samples: int, seed: int, batch_size: int
         written = generate(model, prompts, max_new_tokens=longest + 1, temperature=0.0)
         for example, new in zip(batch, written):
             answer = example.answers[0]
-            facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
-            moves = [FACT.fullmatch(fact).groups() for fact in facts]
-            question = decode(example.tokens[example.needles[-1][1] : answer.start].tolist())
-            asked = re.findall(r"Question: Where is (\w+)\?", question)[-1]
+            moves, asked = story_moves(example, decode)
             truth = example.tokens[answer.start : answer.start + answer.length]
             # the place the answer starts with: what follows it was never trained (the loss is on the answer only)
             reply = decode(new.tolist()).lstrip()

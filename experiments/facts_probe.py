@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.facts import PEOPLE, PLACES  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
-from facts_answers import FACT  # noqa: E402
+import facts_answers  # noqa: E402
 from harness import add_tuned_task_arguments  # noqa: E402
 
 
@@ -74,13 +74,12 @@ def read_story(model, task, example) -> Story:
         hook.remove()
     scored = logits[0, answer.start - cut - 1 : answer.start - cut - 1 + answer.length]
     truth = tokens[0, answer.start : answer.start + answer.length]
-    facts = [decode(example.tokens[s:e].tolist()).strip() for s, e in example.needles]
-    question = decode(example.tokens[example.needles[-1][1] : answer.start].tolist())
+    moves, asked = facts_answers.story_moves(example, decode)
     stops = [max(i for i in range(s, e) if "." in decode([int(example.tokens[i])])) for s, e in example.needles]
     states = [s[0] if s is not None else initial for s, initial in zip(state.states, model.initial_states())]
     return Story(
-        moves=[FACT.fullmatch(fact).groups() for fact in facts],
-        asked=question.rsplit("Where is ", 1)[1].split("?")[0],
+        moves=moves,
+        asked=asked,
         exact=bool(torch.equal(scored.argmax(-1), truth)),
         loss=float(torch.nn.functional.cross_entropy(scored.double(), truth)),
         state=torch.cat([s.reshape(-1) for s in states]).float().numpy(),
