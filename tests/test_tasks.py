@@ -2,6 +2,7 @@
 
 import builtins
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -398,6 +399,100 @@ def test_curriculum_paced_by_the_loss_waits_for_it():
     assert scheduled == [TuneConfig(**settings).largest_distance(step) for step in range(30)]
     # a bar every loss meets: the curriculum starts once 20 losses are in, then moves every step
     assert largest(curriculum_loss=1e9) == [4] * 20 + scheduled[1:11]
+
+
+def test_a_resumed_tune_equals_an_unbroken_one(monkeypatch):
+    """tune stopped after a save and resumed from it (weights, optimiser state and progress through their files'
+    forms: safetensors-able tensors and JSON) ends with the unbroken run's weights and records, with a curriculum
+    paced by the loss and a log window open at the save, so that every part of the progress matters."""
+    from block_recurrent.persistence.optimizer_state import optimizer_to_tensors
+    from block_recurrent.tasks.tuning import TuneProgress
+
+    from block_recurrent.tasks import tuning
+
+    monkeypatch.setattr(tuning, "CURRICULUM_WINDOW", 2)  # so that the paced curriculum moves within the run
+    task = MQARTask(num_pairs=1, key_len=1)
+    config = TuneConfig(max_steps=7, batch_size=2, warmup_steps=2, min_distance=4, max_distance=90,
+                        curriculum_steps=6, curriculum_loss=1e9, log_every=3, lr=3e-3)
+    saves = {}
+
+    def save(progress, optimizer):
+        tensors, info = optimizer_to_tensors(optimizer)
+        saves[progress.step] = (json.loads(json.dumps(progress.to_dict())), copy.deepcopy(model.state_dict()),
+                                {"tensors": copy.deepcopy(tensors), "json": json.loads(json.dumps(info))})
+
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny"))
+    start = copy.deepcopy(model.state_dict())
+    unbroken = tune(model, task, config, save=save, save_every=2)
+    assert sorted(saves) == [2, 4, 6]  # never after the last step: the caller saves the tuned model
+    final = copy.deepcopy(model.state_dict())
+    progress, weights, optimizer = saves[4]
+    assert progress["window"] and progress["records"] and progress["step"] == 4 and progress["paced"] == 3
+    model.load_state_dict(weights)
+    resumed = tune(model, task, config, resume=TuneProgress.from_dict(progress), optimizer_state=optimizer)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in unbroken]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == strip
+    assert any(not torch.equal(start[k], v) for k, v in final.items())
+    # from the start instead, or with the progress of another step than the weights': not the same run
+    model.load_state_dict(weights)
+    tune(model, task, config, resume=TuneProgress.from_dict(saves[2][0]), optimizer_state=optimizer)
+    assert any(not torch.equal(final[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="resume and optimizer_state go together"):
+        tune(model, task, config, resume=TuneProgress.from_dict(progress))
+    with pytest.raises(ValueError, match=r"progress is at step 4; a run of max_steps=4"):
+        tune(model, task, dataclasses.replace(config, max_steps=4), resume=TuneProgress.from_dict(progress),
+             optimizer_state=optimizer)
+    with pytest.raises(ValueError, match="save_every=2 needs a save function"):
+        tune(model, task, config, save_every=2)
+    with pytest.raises(ValueError, match="progress record is malformed"):
+        TuneProgress.from_dict({**progress, "window": [[1.0]]})
+
+
+def test_brt_tune_stopped_and_resumed(tiny, tmp_path, monkeypatch, capsys):
+    """brt tune --save-every leaves checkpoints that a stopped run goes on from with --resume: the same tuned model
+    and log as the run that never stopped; a changed setting, a missing --resume or a --resume with nothing to
+    resume from is a one-line error; the finished folder holds the tuned model only."""
+    import block_recurrent.persistence.checkpoint as checkpoint
+
+    init = tmp_path / "init"
+    save_pretrained(tiny, init)
+    args = ["tune", "--task", "mqar", "--checkpoint", str(init), "--max-steps", "5", "--batch-size", "2",
+            "--max-distance", "40", "--curriculum-steps", "4", "--log-every", "2", "--save-every", "2",
+            "--task-option", "num_pairs=1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main([*args, "--out-dir", str(whole)]) == 0
+    assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == []  # the checkpoints replaced by the model
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_, **__):
+        raise Stop
+
+    with monkeypatch.context() as patch:  # killed after the last step, before the tuned model is written
+        patch.setattr(checkpoint, "save_pretrained", stop)
+        with pytest.raises(Stop):
+            main([*args, "--out-dir", str(stopped)])
+    assert [p.name for p in stopped.iterdir()] == ["step-00000004"]
+    assert checkpoint.from_pretrained(stopped).config == tiny.config  # brt eval reads a stopped run's newest
+    capsys.readouterr()
+    assert main([*args, "--out-dir", str(stopped)]) == 2
+    assert main([*args, "--out-dir", str(stopped), "--resume", "--lr", "2e-3"]) == 2
+    assert main([*args, "--out-dir", str(stopped), "--resume", "--task-option", "num_pairs=2"]) == 2
+    assert main([*args, "--out-dir", str(tmp_path / "new"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a stopped brt tune (newest checkpoint: step-00000004): add --resume" in err
+    assert "not the stopped run's settings (lr)" in err and "not the stopped run's task (num_pairs)" in err
+    assert "holds no checkpoint of a stopped brt tune" in err
+    assert main([*args, "--out-dir", str(stopped), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out and not (stopped / "step-00000004").exists()
+    a, b = checkpoint.from_pretrained(whole), checkpoint.from_pretrained(stopped)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    logs = [json.loads((folder / "tune.json").read_text())["log"] for folder in (whole, stopped)]
+    assert [[r["loss"] for r in log] for log in logs[1:]] == [[r["loss"] for r in logs[0]]]
+    assert [r["step"] for r in logs[1]] == [2, 4, 5]
 
 
 def test_heatmap_without_matplotlib(tiny, tmp_path, monkeypatch):

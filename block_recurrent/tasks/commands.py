@@ -3,6 +3,7 @@
     brt tune --task passkey --checkpoint runs/brt --out-dir runs/passkey --max-distance 1024 --max-steps 300
     brt eval --task passkey --checkpoint runs/passkey --distances 256 1024 4096 16384 --heatmap passkey.png
     brt tune --task passkey --preset mini --model-option block_width=64 --model-option max_seq_len=64 ...   # from scratch
+    brt tune ... --resume   # the same command again, after a stop: goes on from the newest checkpoint in --out-dir
 
 The parsers and the two command functions live here so that ``block_recurrent.cli`` only registers them.
 Everything heavy is imported inside the functions: importing this module (as ``brt`` does) loads no trainer.
@@ -61,6 +62,12 @@ def add_tune_command(commands) -> None:
                       help="with --preset: a config field, e.g. block_width=64; repeatable")
     tune.add_argument("--out-dir", required=True, help="where the tuned model is saved (save_pretrained + tune.json)")
     tune.add_argument("--device", default="auto")
+    tune.add_argument("--save-every", type=int, default=100, metavar="STEPS",
+                      help="every this many steps, a checkpoint in --out-dir (the newest kept; the tuned model "
+                           "replaces it at the end) that --resume goes on from (0: none; default: 100)")
+    tune.add_argument("--resume", action="store_true",
+                      help="go on from the newest checkpoint of a stopped brt tune in --out-dir, exactly as if it had "
+                           "not stopped; give the command it was started with")
     group = tune.add_argument_group("tuning settings (TuneConfig)")
     for field in dataclasses.fields(TuneConfig):
         kind = finite_number if isinstance(field.default, float) else type(field.default)
@@ -170,16 +177,72 @@ def fresh_model(preset: str, changes: dict[str, Any], seed: int, device: str):
     return BlockRecurrentModel(config).to(resolve_device(device)), load_tokenizer(None), None
 
 
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """``brt tune``'s output folder: new, an earlier brt tune's (replaced), or with ``resume`` a stopped one's."""
+    from ..persistence.checkpoint import step_directories
+
+    stopped = step_directories(out_dir)
+    if resume and not stopped:
+        raise ValueError(f"--resume: {out_dir} holds no checkpoint of a stopped brt tune to go on from")
+    if stopped and not resume:
+        raise ValueError(f"--out-dir {out_dir} holds a stopped brt tune (newest checkpoint: {stopped[-1].name}): add "
+                         "--resume to go on from it, or give a new folder")
+    # save_pretrained replaces the folder whole: never a run folder or a checkpoint by mistake
+    if not stopped and out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / TUNE_FILE).exists():
+        raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
+                         "give a new folder")
+
+
+def tuning_identity(model, task, config) -> dict[str, dict[str, Any]]:
+    """What a resumed brt tune must share with the stopped one, as its checkpoint holds it (JSON's lists for tuples)."""
+    return json.loads(json.dumps({"model config": model.config.to_dict(), "task": task.describe(),
+                                  "settings": config.to_dict()}))
+
+
+def resume_tuning(out_dir: Path, model, config, task) -> tuple[Any, dict[str, Any]]:
+    """(progress, optimiser state) of the newest intact checkpoint of a stopped brt tune in ``out_dir``, its weights
+    loaded into ``model``, after checking that the run goes on with the model, settings and task it was started
+    with."""
+    import torch
+
+    from ..persistence.checkpoint import load_state, newest_intact_checkpoint
+    from ..persistence.storage import remove_leftovers
+    from .tuning import TuneProgress
+
+    remove_leftovers(out_dir)  # a write cut short by the stop
+    saved = newest_intact_checkpoint(out_dir)
+    tuning = saved.trainer.get("tuning")
+    if not isinstance(tuning, dict) or "progress" not in tuning:
+        raise ValueError(f"--resume: {saved.path} is not a brt tune checkpoint")
+    for name, now in tuning_identity(model, task, config).items():
+        then = tuning.get(name)
+        if not isinstance(then, dict):
+            raise ValueError(f"--resume: {saved.path} is damaged (no {name})")
+        if then != now:
+            changed = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
+            raise ValueError(f"--resume: not the stopped run's {name} ({', '.join(changed)}); give the command it "
+                             "was started with")
+    progress = TuneProgress.from_dict(tuning["progress"])
+    if progress.step != saved.trainer.get("step"):
+        raise ValueError(f"--resume: {saved.path} is damaged (progress at step {progress.step})")
+    load_state(model, saved.weights, saved.path)
+    if "torch_rng" in saved.tensors:  # dropout's draws, where the model has dropout
+        torch.set_rng_state(saved.tensors["torch_rng"])
+    print(f"resuming from {saved.path} (step {progress.step} of {config.max_steps})")
+    return progress, saved.optimizer
+
+
 def run_tune(args: argparse.Namespace) -> int:
-    from ..persistence.checkpoint import save_pretrained
+    import torch
+
+    from ..persistence.checkpoint import save_pretrained, save_training_checkpoint
     from . import make_task
     from .tuning import TuneConfig, tune
 
     out_dir = Path(args.out_dir)
-    # save_pretrained replaces the folder whole: never a run folder or a checkpoint by mistake
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / TUNE_FILE).exists():
-        raise ValueError(f"--out-dir {out_dir} exists and holds something other than an earlier brt tune's output; "
-                         "give a new folder")
+    check_out_dir(out_dir, args.resume)
+    if isinstance(args.save_every, bool) or not isinstance(args.save_every, int) or args.save_every < 0:
+        raise ValueError(f"--save-every must be an int >= 0 (0: no checkpoints), got {args.save_every!r}")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
     model_options = task_options(args.model_option, "--model-option")
     folder = None
@@ -199,7 +262,18 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"step {record['step']}: loss {record['loss']:.4f}, distance {record['distance']:.0f} (mean; largest "
               f"{record['largest']}), lr {record['lr']:.2e}, {record['seconds']:.0f} s", flush=True)
 
-    records = tune(model, task, config, log=log)
+    progress = optimizer_state = None
+    if args.resume:
+        progress, optimizer_state = resume_tuning(out_dir, model, config, task)
+
+    def save(progress, optimizer) -> None:
+        tuning = {**tuning_identity(model, task, config), "progress": progress.to_dict()}
+        save_training_checkpoint(out_dir, progress.step, model=model, optimizer=optimizer, trainer={"tuning": tuning},
+                                 tensors={"torch_rng": torch.get_rng_state()}, keep_last=1,
+                                 tokenizer_file=tokenizer_file)
+
+    records = tune(model, task, config, log=log, save=save, save_every=args.save_every, resume=progress,
+                   optimizer_state=optimizer_state)
     save_pretrained(model, out_dir, tokenizer_file=tokenizer_file)
     write_tune_summary(out_dir, task.describe(), checkpoint=args.checkpoint, preset=args.preset,
                        model_options=model_options, config=config.to_dict(), log=records)

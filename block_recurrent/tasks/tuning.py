@@ -6,6 +6,9 @@ that count only while the recent loss is at most ``curriculum_loss`` when that i
 builds fresh examples, and runs them through :meth:`SegmentRunner.forward_backward` with the loss on the answers
 (or, with ``loss="all"``, on every next token). AdamW with the trainer's parameter groups (the state cells at
 ``state_lr_scale`` times the learning rate, on top of the model's ``state_cell_scale``), linear warm-up and cosine decay.
+
+A run can be stopped and resumed exactly: :class:`TuneProgress` with the model's weights and the optimiser's state is
+all it needs (``brt tune --save-every`` writes them, ``brt tune --resume`` goes on from the newest).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -88,12 +91,54 @@ class TuneConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class TuneProgress:
+    """A tuning run between two steps: with the model's weights and the optimiser's state, all it needs to go on as
+    if it had never stopped (the examples' generator, the curriculum, the losses not yet logged, the records)."""
+
+    step: int = 0
+    rng: dict[str, Any] | None = None  # numpy's bit generator state; None: fresh from the config's seed
+    paced: int = 0  # curriculum steps taken (curriculum_loss)
+    recent: list[float] = field(default_factory=list)  # the last CURRICULUM_WINDOW losses
+    window: list[tuple[float, int]] = field(default_factory=list)  # (loss, distance) since the last record
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # training time before this run, so that the records' seconds go on counting
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Any) -> "TuneProgress":
+        """Read what :meth:`to_dict` wrote (ValueError naming what is wrong)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            raise ValueError(f"a tuning progress record holds {sorted(names)}, got {saved!r:.200}")
+        try:
+            progress = cls(step=int(saved["step"]), rng=saved["rng"], paced=int(saved["paced"]),
+                           recent=[float(x) for x in saved["recent"]],
+                           window=[(float(loss), int(d)) for loss, d in saved["window"]],
+                           records=[dict(r) for r in saved["records"]], seconds=float(saved["seconds"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"a tuning progress record is malformed ({error})") from None
+        if progress.step < 0 or progress.paced < 0 or not isinstance(progress.rng, (dict, type(None))):
+            raise ValueError(f"a tuning progress record is malformed (step {progress.step}, paced {progress.paced})")
+        return progress
+
+
 def tune(
     model: BlockRecurrentModel, task: TextTask, config: TuneConfig = TuneConfig(), *,
     log: Callable[[dict[str, Any]], None] | None = None,
+    save: Callable[[TuneProgress, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
+    resume: TuneProgress | None = None, optimizer_state: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place on ``task``; returns the logged records (step, mean loss and distance since the
-    last record, the largest distance of the last step, lr, seconds). ``log`` is called with each record."""
+    last record, the largest distance of the last step, lr, seconds). ``log`` is called with each record.
+
+    ``save(progress, optimizer)`` is called after every ``save_every`` steps but the last (the caller keeps the
+    tuned model itself). ``resume`` (a saved progress), with the model's weights and ``optimizer_state`` (what
+    :func:`~block_recurrent.persistence.optimizer_state.optimizer_to_tensors` wrote, as the trainer's checkpoints
+    read it back) saved at the same step, goes on from there: the same steps, examples and weights as a run that
+    never stopped."""
     from ..training.trainer import parameter_groups  # the optimiser's groups, as the trainer makes them
 
     if not isinstance(model, BlockRecurrentModel):
@@ -105,15 +150,32 @@ def tune(
     if getattr(task.tokenizer, "vocab_size", 0) > model.config.num_tokens:
         raise ValueError(f"the task's tokenizer has {task.tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.num_tokens}")
+    check_int("save_every", save_every, 0)
+    if save_every and save is None:
+        raise ValueError(f"save_every={save_every} needs a save function")
+    if (resume is None) != (optimizer_state is None):
+        raise ValueError("resume and optimizer_state go together: a progress record and the optimiser saved with it")
+    if resume is not None and resume.rng is None:
+        raise ValueError("resume: the progress has no generator state (rng) to go on from")
+    if resume is not None and not 0 < resume.step < config.max_steps:
+        raise ValueError(f"resume: the progress is at step {resume.step}; a run of max_steps={config.max_steps} "
+                         f"goes on from steps 1 to {config.max_steps - 1}")
     mc = model.config
     runner = SegmentRunner(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.state_lr_scale), lr=config.lr,
                                   betas=(config.beta1, config.beta2))
+    progress = resume or TuneProgress()
     rng = np.random.default_rng(config.seed)  # the examples; the weights' randomness is the caller's
+    if resume is not None:
+        from ..persistence.optimizer_state import optimizer_from_tensors
+
+        optimizer_from_tensors(optimizer, optimizer_state)
+        rng.bit_generator.state = resume.rng
     model.train()
-    records, window, began = [], [], time.perf_counter()
-    paced, recent = 0, deque(maxlen=CURRICULUM_WINDOW)  # curriculum steps taken; the last steps' losses
-    for step in range(config.max_steps):
+    records, window, began = list(progress.records), list(progress.window), time.perf_counter() - progress.seconds
+    paced = progress.paced  # curriculum steps taken
+    recent = deque(progress.recent, maxlen=CURRICULUM_WINDOW)  # the last steps' losses
+    for step in range(progress.step, config.max_steps):
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -149,5 +211,8 @@ def tune(
             window = []
             if log is not None:
                 log(record)
+        if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < config.max_steps:
+            save(TuneProgress(step + 1, rng.bit_generator.state, paced, list(recent), list(window),
+                              [dict(r) for r in records], time.perf_counter() - began), optimizer)
     model.eval()
     return records
