@@ -406,3 +406,50 @@ def test_widen_kv_heads_computes_the_same_function(tmp_path, narrow, kv_heads, m
     script.main()
     loaded = from_pretrained(tmp_path / "wide")
     assert loaded.config.kv_heads == kv_heads and (tmp_path / "wide" / "tune.json").exists()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])  # with 2, each key/value head serves its own two query heads
+def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, capsys, monkeypatch):
+    """The weights the script records, one (state vectors, heads, tokens) array per block, give the write's own
+    attention output when they weigh the block's values; the eta squared of a label is 1 where the label sets the
+    mass and 0 where it does not; the script prints its table."""
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.model import recurrent
+    from block_recurrent.model.attention import split_kv_heads
+    from block_recurrent.tasks import FactsTask
+    from block_recurrent.tasks.scoring import draw_examples
+
+    script = experiment("write_attention")
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", kv_heads=kv_heads)).double().eval()
+    example = draw_examples(FactsTask(haystack="filler"), 90, 1, seed=5)[0]
+    calls, attend_state = [], recurrent.attend_state
+
+    def outputs(attn, queries, keys, values):
+        out = attend_state(attn, queries, keys, values)
+        if attn is model.cells[0].write_attn:
+            calls.append((values, out))
+        return out
+
+    monkeypatch.setattr(recurrent, "attend_state", outputs)
+    weights = script.write_weights(model, torch.from_numpy(example.tokens))
+    width, heads = model.config.block_width, model.config.heads
+    assert len(weights) == len(calls) == -(-len(example.tokens) // width)
+    for w, (values, out) in zip(weights, calls):
+        assert w.shape == (16, heads, values.shape[1])
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
+        v = split_kv_heads(values, kv_heads)[0]  # (K, J, dh)
+        by_head = v.repeat_interleave(heads // kv_heads, dim=0)  # query head h reads key/value head h // G
+        torch.testing.assert_close(torch.einsum("shj,hjd->shd", w, by_head), out[0], rtol=0, atol=1e-10)
+    labels = ["a", "b"] * 20
+    mass = np.stack([np.where(np.array(labels) == "a", 1.0, 0.0), np.tile([0.0, 0.0, 1.0, 1.0], 10)], axis=1)
+    np.testing.assert_allclose(script.eta_squared(mass, labels), [1.0, 0.0], atol=1e-12)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distance", "60", "--stories", "3"])
+    script.main()
+    out = capsys.readouterr().out
+    assert len(table_rows(out)) == 7 and "12 facts, 64 (state vector, head) pairs" in out
