@@ -36,11 +36,10 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.facts import PEOPLE, PLACES  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
 import facts_answers  # noqa: E402
-from harness import add_tuned_task_arguments  # noqa: E402
+from harness import add_tuned_task_arguments, load_recurrent_model  # noqa: E402
 
 
 @dataclass
@@ -178,10 +177,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500, help="stories to score them on")
     parser.add_argument("--seed", type=int, default=10000)
     args = parser.parse_args()
-    model, task = load_scored_task(args, "cpu", num_questions=1)
-    model.eval()
-    if not model.config.recurrent_layers:
-        raise ValueError(f"{args.checkpoint} has no recurrent layer to probe")
+    model, task = load_recurrent_model(args, num_questions=1)
     test = [read_story(model, task, e) for e in draw_examples(task, args.distance, args.test, args.seed)]
     fit = [read_story(model, task, e) for e in draw_examples(task, args.distance, args.fit, args.seed + 1)]
     print(f"{args.checkpoint}: qa1 {task.describe()} at {args.distance} haystack tokens; probes fitted on {args.fit} "

@@ -18,7 +18,7 @@ import torch
 from block_recurrent import BlockRecurrentModel, BlockRecurrentTransformer, RecurrentTrainerWrapper
 from block_recurrent.training.data import ByteTokenizer, TokenCorpus, load_documents, split_documents
 from block_recurrent.tasks import RecallTask
-from block_recurrent.tasks.commands import TASK_NAMES
+from block_recurrent.tasks.commands import TASK_NAMES, load_scored_task
 from block_recurrent.training.trainer import parameter_groups
 
 __all__ = ["RecallTask", "RecallScore", "adamw", "add_tuned_task_arguments", "held_out_documents", "map_units",
@@ -131,6 +131,15 @@ def add_tuned_task_arguments(parser: argparse.ArgumentParser, task: str | None =
         parser.set_defaults(task=task)
     parser.add_argument("--haystack", default=None, help="default: as tuned, else the task's default")
     parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON")
+
+
+def load_recurrent_model(args: argparse.Namespace, **options):
+    """(model, task) of ``args`` (:func:`add_tuned_task_arguments`; ``options`` override the task's), the model in
+    eval mode; one without a recurrent layer is refused: these scripts measure its state."""
+    model, task = load_scored_task(args, "cpu", **options)
+    if not model.config.recurrent_layers:
+        raise ValueError(f"{args.checkpoint} has no recurrent layer")
+    return model, task
 
 
 

@@ -27,10 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model import recurrent  # noqa: E402
-from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
 import facts_answers  # noqa: E402
-from harness import add_tuned_task_arguments  # noqa: E402
+from harness import add_tuned_task_arguments, load_recurrent_model  # noqa: E402
 
 
 def write_weights(model, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -74,10 +73,7 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=300)
     parser.add_argument("--seed", type=int, default=10000)
     args = parser.parse_args()
-    model, task = load_scored_task(args, "cpu", num_questions=1)
-    model.eval()
-    if not model.config.recurrent_layers:
-        raise ValueError(f"{args.checkpoint} has no recurrent layer")
+    model, task = load_recurrent_model(args, num_questions=1)
     width = model.config.block_width
     fact_entropy, text_entropy, lift, masses, people, places = [], [], [], [], [], []
     for example in draw_examples(task, args.distance, args.stories, args.seed):

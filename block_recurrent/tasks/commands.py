@@ -241,8 +241,6 @@ def run_tune(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir, args.resume)
-    if isinstance(args.save_every, bool) or not isinstance(args.save_every, int) or args.save_every < 0:
-        raise ValueError(f"--save-every must be an int >= 0 (0: no checkpoints), got {args.save_every!r}")
     config = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
     model_options = task_options(args.model_option, "--model-option")
     folder = None
