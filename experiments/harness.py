@@ -142,7 +142,6 @@ def load_recurrent_model(args: argparse.Namespace, **options):
     return model, task
 
 
-
 def map_units(work: Callable, units: list, jobs: int, start: str = "fork") -> list:
     """``[work(u) for u in units]``, in ``jobs`` worker processes when ``jobs`` > 1 (each run sets its own threads
     and seeds, so results do not depend on ``jobs``)."""
