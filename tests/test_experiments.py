@@ -408,6 +408,63 @@ def test_widen_kv_heads_computes_the_same_function(tmp_path, narrow, kv_heads, m
     assert loaded.config.kv_heads == kv_heads and (tmp_path / "wide" / "tune.json").exists()
 
 
+@pytest.mark.parametrize("cell_scale", [0.1, 1.0])  # the state cells parametrised (stored / 0.1) and plain
+@pytest.mark.parametrize("kind", ["write", "self", "reads"])
+def test_set_state_temperature_sets_only_the_named_attentions(tmp_path, cell_scale, kind, monkeypatch, capsys):
+    """Setting a kind's temperature to 16 changes only those temperatures, and computes what the same model at 4
+    computes with that attention's query gains four times larger (the logits are the queries' gains times the
+    temperature): any other attention set instead would give other outputs."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, from_pretrained, save_pretrained
+
+    script = experiment("set_state_temperature")
+    torch.manual_seed(0)
+    config = BlockRecurrentConfig.from_name("tiny", depth=3, recurrent_layers=(2,), read_recurrent_layers=(1,),
+                                            gate="lstm", state_cell_scale=cell_scale, max_seq_len=16, block_width=16)
+    model = BlockRecurrentModel(config).double()
+    for p in model.parameters():  # away from the initial values: every head and gain differs
+        p.data += 0.05 * torch.randn_like(p)
+    script.set_temperatures(model, {k: 4.0 for k in ("write", "self", "reads")})
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    hot = BlockRecurrentModel(config).double()
+    hot.load_state_dict(before)
+    script.set_temperatures(hot, {kind: 16.0})
+    changed = {name for name, t in hot.state_dict().items() if not torch.equal(t, before[name])}
+    attentions = script.state_attentions(hot)[kind]
+    assert attentions and all(torch.equal(a.temperature, torch.full_like(a.temperature, 16.0)) for a in attentions)
+    assert changed and all(name.endswith(("temperature", "temperature.original")) for name in changed)
+    assert len(changed) == len(attentions)
+    with torch.no_grad():  # the same logits the other way: gains x 4 at temperature 4
+        for attn in script.state_attentions(model)[kind]:
+            if parametrize.is_parametrized(attn, "q_gain"):
+                attn.q_gain = attn.q_gain * 4
+            else:
+                attn.q_gain.mul_(4)
+    tokens = torch.randint(0, 256, (2, 56))
+    with torch.no_grad():
+        logits, state = model.run(tokens)
+        hot_logits, hot_state = hot.run(tokens)
+    torch.testing.assert_close(hot_logits, logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(hot_state.states[0], state.states[0], rtol=0, atol=1e-10)
+
+    with pytest.raises(ValueError, match="must be one of"):
+        script.set_temperatures(hot, {"cross": 2.0})
+    with pytest.raises(ValueError, match="the write temperature must be positive"):
+        script.set_temperatures(hot, {"write": 0.0})
+
+    save_pretrained(hot.float(), tmp_path / "model")
+    (tmp_path / "model" / "tune.json").write_text('{"task": {"task": "qa1"}}\n')
+    monkeypatch.setattr(sys, "argv", ["set_state_temperature.py", "--checkpoint", str(tmp_path / "model"), f"--{kind}",
+                                      "8", "--out", str(tmp_path / "set")])
+    script.main()
+    loaded = from_pretrained(tmp_path / "set")
+    assert all(torch.allclose(a.temperature, torch.full_like(a.temperature, 8.0))
+               for a in script.state_attentions(loaded)[kind])
+    assert (tmp_path / "set" / "tune.json").exists() and f"{kind}: " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2])  # with 2, each key/value head serves its own two query heads
 def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, capsys, monkeypatch):
     """The weights the script records, one (state vectors, heads, tokens) array per block, give the write's own
