@@ -130,6 +130,31 @@ def test_facts_ask_several_questions_each_about_someone_else():
         FactsTask(kind="qa2", haystack="filler", num_questions=4)  # three objects
 
 
+def test_facts_with_fewer_people_draw_a_cast_per_story():
+    """num_people draws that many of the four for each story (every name in some story, never more in one), the
+    answers still from the facts; the default draws nothing more, so a seed gives the stories it always gave."""
+    for kind in ("qa1", "qa2"):
+        task = FactsTask(kind=kind, haystack="filler", num_facts=6, num_questions=2, num_people=2)
+        seen = set()
+        for e in task.examples(40, 200, 4):
+            facts = [decode(e.tokens[s:t]).strip() for s, t in e.needles]
+            cast = {fact.split()[0] for fact in facts}
+            assert 1 <= len(cast) <= 2
+            seen |= cast
+            asked = re.findall(r"\nQuestion: Where is (?:the )?(\w+)\? Answer:", decode(e.tokens))
+            for i, name in enumerate(asked):
+                assert _babi_answer(facts, name) == answer_text(e, i).strip()
+        assert seen == {"Mary", "John", "Daniel", "Sandra"}
+        assert task.describe()["num_people"] == 2
+        default = FactsTask(kind=kind, haystack="filler", num_facts=6)
+        assert "num_people" not in default.describe()
+        four = FactsTask(kind=kind, haystack="filler", num_facts=6, num_people=4)
+        assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(default.examples(5, 200, 4),
+                                                                       four.examples(5, 200, 4)))
+    with pytest.raises(ValueError, match="num_people"):
+        FactsTask(haystack="filler", num_people=5)
+
+
 def test_hidden_answers_never_reach_the_input():
     """MQAR with hidden answers: every answer digit is labelled and shown as "?" in the input, so no query reads an
     earlier answer (no elimination); the rest of the input is the text as it is."""

@@ -46,7 +46,7 @@ def _add_task_choice(parser: argparse.ArgumentParser, required: bool) -> None:
                              "passkey and mqar, corpus for qa1 and qa2)")
     parser.add_argument("--task-option", action="append", default=[], metavar="NAME=JSON",
                         help="a task setting, e.g. digits=5 (passkey), num_pairs=8 / value_len=2 (mqar), num_facts=6 "
-                             "/ num_questions=4 (qa1, qa2); repeatable")
+                             "/ num_questions=4 / num_people=2 (qa1, qa2); repeatable")
 
 
 def add_tune_command(commands) -> None:

@@ -36,17 +36,17 @@ NO_PREFIX = np.zeros(0, dtype=np.int64)
 Story = tuple[list[str], list[tuple[str, str, tuple[int, ...]]]]
 
 
-def single_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
+def single_fact_story(num_facts: int, rng: np.random.Generator, people: tuple[str, ...] = PEOPLE) -> Story:
     """qa1: every person who moved can be asked where they are."""
     facts, last_move = [], {}
     for i in range(num_facts):
-        person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
+        person, place = people[rng.integers(len(people))], PLACES[rng.integers(len(PLACES))]
         facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
         last_move[person] = (i, place)
     return facts, [(f"Where is {person}?", place, (index,)) for person, (index, place) in sorted(last_move.items())]
 
 
-def two_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
+def two_fact_story(num_facts: int, rng: np.random.Generator, people: tuple[str, ...] = PEOPLE) -> Story:
     """qa2: every object whose place is known can be asked about. Draws stories until there is one (at least one
     pick-up happened)."""
     while True:
@@ -54,7 +54,7 @@ def two_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
         facts, moved, holder, dropped = [], {}, {}, {}
         for i in range(num_facts):
             free = [o for o in OBJECTS if o not in holder]
-            placed = [p for p in PEOPLE if p in moved]
+            placed = [p for p in people if p in moved]
             # a pick-up needs a placed person and a free object; where none is possible the fact is a move
             kind = rng.choice(["move", "pick", "drop"], p=[0.5, 0.3, 0.2])
             if kind == "pick" and free and placed:
@@ -68,7 +68,7 @@ def two_fact_story(num_facts: int, rng: np.random.Generator) -> Story:
                 facts.append(f"{person} {DROPS[rng.integers(len(DROPS))]} the {thing}.")
                 dropped[thing] = (i, *moved[person])  # (drop fact, the move that placed the person, place)
             else:
-                person, place = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
+                person, place = people[rng.integers(len(people))], PLACES[rng.integers(len(PLACES))]
                 facts.append(f"{person} {MOVES[rng.integers(len(MOVES))]} the {place}.")
                 moved[person] = (i, place)
         # an object's place: its holder's latest move, or where it was dropped (the holder's place then)
@@ -84,17 +84,19 @@ STORIES = {"qa1": single_fact_story, "qa2": two_fact_story}
 
 class FactsTask(TextTask):
     """``num_facts`` bAbI statements of ``kind`` (qa1 or qa2) hidden in the haystack, then ``num_questions`` questions
-    (fewer where fewer can be asked: a story where only two people moved has two)."""
+    (fewer where fewer can be asked: a story where only two people moved has two). ``num_people`` below the four of
+    bAbI draws that many of them for each story (an easier story: fewer pairs to keep apart)."""
 
     default_haystack = "corpus"
 
     def __init__(self, tokenizer=None, haystack=None, split: str = "validation", *, kind: str = "qa1",
-                 num_facts: int = 4, num_questions: int = 1):
+                 num_facts: int = 4, num_questions: int = 1, num_people: int = len(PEOPLE)):
         check_choice("kind", kind, STORIES)
         check_int("num_facts", num_facts, 1 if kind == "qa1" else 2, 64)
         check_int("num_questions", num_questions, 1, len(PEOPLE) if kind == "qa1" else len(OBJECTS))
+        check_int("num_people", num_people, 1, len(PEOPLE))
         super().__init__(tokenizer, haystack, split)
-        self.kind, self.num_facts, self.num_questions = kind, num_facts, num_questions
+        self.kind, self.num_facts, self.num_questions, self.num_people = kind, num_facts, num_questions, num_people
         self.name = kind
 
     @property
@@ -102,7 +104,10 @@ class FactsTask(TextTask):
         return 1.0 / len(PLACES)
 
     def _example(self, distance, rng, depth, segment_len) -> Example:
-        facts, askable = STORIES[self.kind](self.num_facts, rng)
+        people = PEOPLE
+        if self.num_people < len(PEOPLE):  # (with all four no draw: a seed gives the stories it always gave)
+            people = tuple(PEOPLE[i] for i in sorted(rng.choice(len(PEOPLE), self.num_people, replace=False)))
+        facts, askable = STORIES[self.kind](self.num_facts, rng, people)
         # one question: the draw the generator has always made, so that a seed gives the examples it always gave
         if self.num_questions == 1:
             asked = [int(rng.integers(len(askable)))]
@@ -117,4 +122,7 @@ class FactsTask(TextTask):
         return compose(NO_PREFIX, haystack, needles, offsets, queries, segment_len)
 
     def describe(self) -> dict:
-        return {**super().describe(), "num_facts": self.num_facts, "num_questions": self.num_questions}
+        described = {**super().describe(), "num_facts": self.num_facts, "num_questions": self.num_questions}
+        if self.num_people < len(PEOPLE):  # (absent at the default: the records of earlier runs stay as they were)
+            described["num_people"] = self.num_people
+        return described
