@@ -373,6 +373,19 @@ def test_facts_probe_reads_the_recurrent_layer_input_and_the_answer_as_one_pass(
     assert len(table_rows(capsys.readouterr().out)) == 11  # two headers, seven probes, two rows on the questions
 
 
+def assert_same_function(model, other) -> None:
+    """``model`` and ``other`` (float64) give the same logits and final state on tokens of three whole blocks of 16
+    and a part, to 1e-10."""
+    import torch
+
+    tokens = torch.randint(0, 256, (2, 56))
+    with torch.no_grad():
+        logits, state = model.run(tokens)
+        other_logits, other_state = other.run(tokens)
+    torch.testing.assert_close(logits, other_logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(state.states[0], other_state.states[0], rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("narrow, kv_heads", [(1, 2), (1, 4), (2, 4)])  # from 2, the order of the copies matters
 def test_widen_kv_heads_computes_the_same_function(tmp_path, narrow, kv_heads, monkeypatch, capsys):
     import torch
@@ -390,12 +403,7 @@ def test_widen_kv_heads_computes_the_same_function(tmp_path, narrow, kv_heads, m
     wide = script.widen(model, kv_heads)
     assert wide.config.kv_heads == kv_heads and wide.config.replace(kv_heads=narrow) == config
     assert wide.num_parameters() > model.num_parameters()
-    tokens = torch.randint(0, 256, (2, 56))  # three whole blocks and a part
-    with torch.no_grad():
-        logits, state = model.run(tokens)
-        wide_logits, wide_state = wide.run(tokens)
-    torch.testing.assert_close(wide_logits, logits, rtol=0, atol=1e-10)
-    torch.testing.assert_close(wide_state.states[0], state.states[0], rtol=0, atol=1e-10)
+    assert_same_function(wide, model)
     with pytest.raises(ValueError, match="kv_heads must be a multiple"):
         script.widen(model, 3)
 
@@ -442,12 +450,7 @@ def test_set_state_temperature_sets_only_the_named_attentions(tmp_path, cell_sca
                 attn.q_gain = attn.q_gain * 4
             else:
                 attn.q_gain.mul_(4)
-    tokens = torch.randint(0, 256, (2, 56))
-    with torch.no_grad():
-        logits, state = model.run(tokens)
-        hot_logits, hot_state = hot.run(tokens)
-    torch.testing.assert_close(hot_logits, logits, rtol=0, atol=1e-10)
-    torch.testing.assert_close(hot_state.states[0], state.states[0], rtol=0, atol=1e-10)
+    assert_same_function(hot, model)
 
     with pytest.raises(ValueError, match="must be one of"):
         script.set_temperatures(hot, {"cross": 2.0})
