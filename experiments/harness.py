@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from block_recurrent import BlockRecurrentModel, BlockRecurrentTransformer, RecurrentTrainerWrapper
+from block_recurrent import BlockRecurrentModel, BlockRecurrentTransformer, RecurrentTrainerWrapper, save_pretrained
 from block_recurrent.training.data import ByteTokenizer, TokenCorpus, load_documents, split_documents
 from block_recurrent.tasks import RecallTask
-from block_recurrent.tasks.commands import TASK_NAMES, load_scored_task
+from block_recurrent.tasks.commands import TASK_NAMES, TUNE_FILE, load_scored_task
 from block_recurrent.training.trainer import parameter_groups
 
 __all__ = ["RecallTask", "RecallScore", "adamw", "add_tuned_task_arguments", "held_out_documents", "map_units",
@@ -140,6 +142,15 @@ def load_recurrent_model(args: argparse.Namespace, **options):
     if not model.config.recurrent_layers:
         raise ValueError(f"{args.checkpoint} has no recurrent layer")
     return model, task
+
+
+def save_edited_checkpoint(model: BlockRecurrentModel, out: str, tokenizer_file, folder: Path) -> None:
+    """Save ``model``, edited from the checkpoint in ``folder`` (``load_model``'s last two results), to ``out`` with
+    that checkpoint's tokenizer and ``tune.json``, so that ``brt tune`` and ``brt eval --task`` read the task it was
+    tuned on."""
+    save_pretrained(model, out, tokenizer_file=tokenizer_file)
+    if (folder / TUNE_FILE).exists():
+        shutil.copy(folder / TUNE_FILE, Path(out) / TUNE_FILE)
 
 
 def map_units(work: Callable, units: list, jobs: int, start: str = "fork") -> list:

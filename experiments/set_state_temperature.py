@@ -17,7 +17,6 @@ task it was tuned on.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,18 +25,21 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentModel, save_pretrained  # noqa: E402
+from block_recurrent import BlockRecurrentModel  # noqa: E402
 from block_recurrent.model.attention import Attention  # noqa: E402
-from block_recurrent.tasks.commands import TUNE_FILE, load_model  # noqa: E402
+from block_recurrent.tasks.commands import load_model  # noqa: E402
+from harness import save_edited_checkpoint  # noqa: E402
+
+
+KINDS = ("write", "self", "reads")
 
 
 def state_attentions(model: BlockRecurrentModel) -> dict[str, list[Attention]]:
-    """The model's attentions to and from recurrent states, by kind: "write", "self", "reads"."""
-    layers = [layer.attn for layer in model.layers]
+    """The model's attentions to and from recurrent states, by kind (``KINDS``)."""
     return {
         "write": [cell.write_attn for cell in model.cells],
         "self": [cell.self_attn for cell in model.cells],
-        "reads": [read.attn for layer in layers for read in layer.state_reads],
+        "reads": [read.attn for layer in model.layers for read in layer.attn.state_reads],
     }
 
 
@@ -65,18 +67,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True)
-    for kind in ("write", "self", "reads"):
+    for kind in KINDS:
         parser.add_argument(f"--{kind}", type=float, default=None, help=f"the {kind} attentions' temperature")
     args = parser.parse_args()
-    temperatures = {kind: getattr(args, kind) for kind in ("write", "self", "reads") if getattr(args, kind)}
+    temperatures = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
     if not temperatures:
         parser.error("give at least one of --write, --self, --reads")
     model, _, tokenizer_file, folder = load_model(args.checkpoint, "cpu")
     before = {kind: [a.temperature.tolist() for a in attns] for kind, attns in state_attentions(model).items()}
     set_temperatures(model, temperatures)
-    save_pretrained(model, args.out, tokenizer_file=tokenizer_file)
-    if (folder / TUNE_FILE).exists():
-        shutil.copy(folder / TUNE_FILE, Path(args.out) / TUNE_FILE)
+    save_edited_checkpoint(model, args.out, tokenizer_file, folder)
     for kind, value in temperatures.items():
         print(f"{kind}: {before[kind]} -> {value}")
     print(f"written to {args.out}")

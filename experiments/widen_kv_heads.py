@@ -12,7 +12,6 @@ task it was tuned on.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from block_recurrent import BlockRecurrentModel, save_pretrained  # noqa: E402
-from block_recurrent.tasks.commands import TUNE_FILE, load_model  # noqa: E402
+from block_recurrent import BlockRecurrentModel  # noqa: E402
+from block_recurrent.tasks.commands import load_model  # noqa: E402
+from harness import save_edited_checkpoint  # noqa: E402
 
 
 def widen(model: BlockRecurrentModel, kv_heads: int) -> BlockRecurrentModel:
@@ -57,9 +57,7 @@ def main() -> None:
     model, _, tokenizer_file, folder = load_model(args.checkpoint, "cpu")
     with torch.no_grad():
         wide = widen(model, args.kv_heads)
-    save_pretrained(wide, args.out, tokenizer_file=tokenizer_file)
-    if (folder / TUNE_FILE).exists():
-        shutil.copy(folder / TUNE_FILE, Path(args.out) / TUNE_FILE)
+    save_edited_checkpoint(wide, args.out, tokenizer_file, folder)
     print(f"{folder}: kv_heads {model.config.kv_heads} -> {args.kv_heads}, {model.num_parameters():,} -> "
           f"{wide.num_parameters():,} parameters, written to {args.out}")
 
