@@ -26,6 +26,7 @@ CONFIGS = {
                    gate_projection=False, attention_window="sliding", position_encoding="t5"),
     "grouped_query": dict(heads=4, kv_heads=2, use_compressed_mem=True, state_feedback=True, gate="lstm",
                           gate_projection=False),
+    "slot_write": dict(state_write="slots", heads=4, kv_heads=2),
 }
 
 

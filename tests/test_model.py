@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from block_recurrent import BlockRecurrentTransformer, ModelState, RecurrentTrainerWrapper
+from block_recurrent.model import recurrent
 from block_recurrent.model.recurrent import FixedGate, LSTMGate
 from block_recurrent.reference import memory_to_reference
 
@@ -18,6 +19,8 @@ VARIANTS = {
     "read_below_write": dict(recurrent_layers=(3,), read_recurrent_layers=(1,)),
     "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
     "lstm_dual": dict(gate="lstm", state_update="dual"),
+    "slots": dict(state_write="slots"),
+    "slots_grouped_fixed": dict(state_write="slots", heads=4, kv_heads=2, gate="fixed"),
     "xl_baseline": dict(recurrent_layers=()),
     "sliding_t5": dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
     "sliding_baseline": dict(attention_window="sliding", recurrent_layers=()),
@@ -110,6 +113,24 @@ def plain_scale(attn, dim_head):
     return attn.temperature[:, None, None] if attn.qk_norm else dim_head**-0.5
 
 
+def plain_slot_write(cell, q, k, v):
+    """Slot Attention's write from normalised queries q (B, H, S, dh) and keys/values k, v (B, H, N, dh): a
+    softmax over the vectors and the null slot for each token, each vector the mean of what it won; and how much
+    of its new value each vector takes, 1 - exp(-mass), the mass averaged over heads. -> (B, H, S, dh), (B, S, 1)."""
+    attn = cell.write_attn
+    null = cell.null_query / cell.null_query.norm(dim=-1, keepdim=True)
+    if attn.q_gain is not None:
+        null = null * attn.q_gain
+    B, H, S, dh = q.shape
+    logits = torch.einsum("bhsd,bhnd->bhsn", torch.cat((q, null[None, :, None].expand(B, H, 1, dh)), dim=2), k)
+    logits = logits * attn.temperature[:, None, None]
+    logits[:, :, S] += cell.null_logit[:, None]
+    shares = logits.softmax(dim=2)[:, :, :S]
+    mass = shares.sum(dim=-1)  # (B, H, S)
+    mean = torch.einsum("bhsn,bhnd->bhsd", shares, v) / (mass[..., None] + 1e-6)
+    return mean, 1 - torch.exp(-mass.mean(dim=1))[..., None]
+
+
 def plain_run(model, tokens):
     """Logits of ``tokens`` (B, T) from a fresh state, one block at a time, written without the library's layers."""
     config = model.config
@@ -180,9 +201,14 @@ def plain_run(model, tokens):
             from_state = plain_softmax_attention(sq, sk, sv, plain_scale(cell.self_attn, dh))
             cq, ck, cv = plain_attention(heads(normed_state @ cell.to_cross_queries.weight.T, H), heads(k, KV),
                                          heads(v, KV), cell.write_attn)
-            from_tokens = plain_softmax_attention(cq, ck, cv, plain_scale(cell.write_attn, dh))
+            if config.state_write == "slots":
+                from_tokens, rewrite = plain_slot_write(cell, cq, ck, cv)
+            else:
+                from_tokens = plain_softmax_attention(cq, ck, cv, plain_scale(cell.write_attn, dh))
             update = merged(torch.cat((from_state, from_tokens), dim=-1)) @ cell.to_update.weight.T
             state = cell.gate(states[i], update)
+            if config.state_write == "slots":
+                state = states[i] + rewrite * (state - states[i])
             if cell.state_ff is not None:
                 state = cell.ff_gate(state, plain_feed_forward(cell.state_ff, state))
             states[i] = state
@@ -382,7 +408,7 @@ def test_grouped_key_value_heads_match_a_per_head_loop(kv_heads):
         assert_close(grads[implementation][1], grads["math"][1])
 
 
-@pytest.mark.parametrize("variant", ["lstm_dual"])
+@pytest.mark.parametrize("variant", ["lstm_dual", "slots"])
 def test_variant_recurrent_parameters_get_gradient(variant):
     model = make_model(dtype=torch.float32, **VARIANTS[variant]).train()
     RecurrentTrainerWrapper(model)(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
@@ -683,3 +709,38 @@ def _effective(model) -> dict[str, torch.Tensor]:
         for name in [*dict(module.named_parameters(recurse=False)), *getattr(module, "parametrizations", {})]:
             values[f"{module_name}.{name}"] = getattr(module, name)
     return values
+
+
+def slot_write_of_one_block(model, tokens):
+    """(incoming state, next state, mass won per head (B, S, H)) of the slot write after one block of ``tokens``."""
+    cell = model.cells[0]
+    captured = {}
+    attend = recurrent.attend_slots
+
+    def spy(*args):
+        captured["mass"] = attend(*args)[1]
+        return attend(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recurrent, "attend_slots", spy)
+        _, state = model.run(tokens)
+    return cell.initial_state.expand(tokens.shape[0], -1, -1), state.states[0], captured["mass"]
+
+
+def test_slot_write_shares_out_every_token_and_a_token_no_vector_claims_changes_nothing():
+    model = make_model(state_write="slots")
+    W = model.config.block_width
+    tokens = random_tokens(2, W)
+    with torch.no_grad():
+        # no null slot: every token goes to the vectors in full, per head
+        cell = model.cells[0]  # (its parameters are parametrised: assigning goes through the parametrisation)
+        cell.null_logit = torch.full_like(cell.null_logit, float("-inf"))
+        before, after, mass = slot_write_of_one_block(model, tokens)
+        assert_close(mass.sum(dim=1), torch.full_like(mass.sum(dim=1), float(W)))
+        assert (after - before).abs().amax() > 1e-3
+        # the null slot takes every token: no vector is rewritten
+        cell.null_logit = torch.full_like(cell.null_logit, 1e4)
+        before, after, mass = slot_write_of_one_block(model, tokens)
+        assert mass.abs().amax() < 1e-100
+        assert_close(after, before)
+

@@ -30,6 +30,7 @@ from conftest import TINY, make_model, random_tokens
         (dict(use_compressed_mem=True, compressed_mem_factor=1), ValueError, "compressed_mem_factor"),
         (dict(gate="gru"), ValueError, "gate must be 'fixed' or 'lstm'"),
         (dict(state_update="single"), ValueError, "state_update must be 'skip' or 'dual'"),
+        (dict(state_write="slot"), ValueError, "state_write must be 'attention' or 'slots'"),
         (dict(gate="lstm", gate_keep_init="spread"), ValueError, "gate_keep_init='spread' sets the fixed gate"),
         (dict(gate_keep_init="2"), ValueError, "gate_keep_init must be a number, 'paper' or 'spread'"),
         (dict(gate_keep_init=[2.0]), TypeError, "gate_keep_init must be a number"),

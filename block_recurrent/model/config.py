@@ -69,6 +69,11 @@ class BlockRecurrentConfig:
     # (docs/experiments/slow-state-cells.md, 2026-12-05-default-model-recall.md)
     gate: str = "lstm"
     state_update: str = "skip"
+    # how the write's state vectors take the block's tokens: "attention" (the paper's: each vector attends over
+    # the tokens, softmax over tokens) or "slots" (Slot Attention's competition: each token's softmax is over the
+    # vectors and a learned null slot, each vector takes the mean of what it won and is rewritten in proportion
+    # to how much it won, so a token that no vector claims changes none; not in the paper)
+    state_write: str = "attention"
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)): a number starts every channel there (a gate
     # that starts nearly shut holds a value longer before training has opened it: docs/experiments/gate-init.md);
     # "paper": N(0, 0.1) per channel, the paper's and the reference's init; "spread": per channel, half-lives
@@ -200,6 +205,8 @@ class BlockRecurrentConfig:
         check_float("state_cell_scale", self.state_cell_scale, 0.0, 100.0, open_low=True)
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
+        if self.state_write not in ("attention", "slots"):
+            raise ValueError(f"state_write must be 'attention' or 'slots', got {self.state_write!r}")
         if self.attention_window not in ("block", "sliding"):
             raise ValueError(f"attention_window must be 'block' or 'sliding', got {self.attention_window!r}")
         if self.attention_window == "sliding" and self.use_compressed_mem:

@@ -6,7 +6,9 @@ Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
 2. read (:class:`StateRead`, owned by each reading layer): its tokens cross-attend to the view.
 3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
    outputs are concatenated per head, projected, and a gate combines them with ``c`` ("skip"); with
-   "dual", a feed-forward on the result is combined with it by a second gate.
+   "dual", a feed-forward on the result is combined with it by a second gate. With ``state_write="slots"``
+   the cross-attention is Slot Attention's instead (:func:`attend_slots`), and each vector is rewritten only in
+   proportion to the tokens it won.
 """
 
 from __future__ import annotations
@@ -151,6 +153,29 @@ def attend_state(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor)
     return out.transpose(1, 2)
 
 
+def attend_slots(attn: Attention, queries: Tensor, null_query: Tensor, null_logit: Tensor, keys: Tensor,
+                 values: Tensor) -> tuple[Tensor, Tensor]:
+    """Slot Attention's step: the state vectors compete for the block's tokens.
+
+    queries: raw (B, S, H, dh), one per state vector; null_query (H, dh) and null_logit (H,): a learned null slot
+    that takes what no vector should; keys: prepared by ``attn.prepare_keys`` (B, K, N, dh); values raw
+    (B, N, K * dh). Each token's softmax runs over the S vectors and the null slot, per head; each vector takes
+    the mean of the values it won. Returns that mean (B, S, H, dh) and the mass won (B, S, H), the sum over
+    tokens of the vector's shares (0 where no token chose it)."""
+    B, S, H, dh = queries.shape
+    K = attn.kv_heads
+    q = attn.prepare_laid_out_queries(torch.cat((queries, null_query.expand(B, 1, H, dh)), dim=1))
+    q = q.permute(0, 2, 1, 3).reshape(B, K, H // K, S + 1, dh)  # query head h uses key/value head h // (H / K)
+    logits = torch.einsum("bkgsd,bknd->bkgsn", q, keys)
+    logits = torch.cat((logits[..., :S, :], logits[..., S:, :] + null_logit.view(K, H // K, 1, 1)), dim=-2)
+    shares = logits.softmax(dim=-2)[..., :S, :]  # (B, K, G, S, N): the null slot's share is dropped
+    mass = shares.sum(dim=-1)  # (B, K, G, S)
+    v = split_kv_heads(values, K)  # (B, K, N, dh)
+    # a vector that won (almost) nothing gets the mean of what little it won; its rewrite is scaled to ~0 anyway
+    mean = torch.einsum("bkgsn,bknd->bkgsd", shares, v) / (mass[..., None] + 1e-6)
+    return mean.reshape(B, H, S, dh).transpose(1, 2), mass.reshape(B, H, S).transpose(1, 2)
+
+
 def state_attention(config: BlockRecurrentConfig) -> dict:
     """Attention arguments shared by every attention to or from a recurrent state (always L2-normalised)."""
     return dict(
@@ -201,6 +226,13 @@ class RecurrentStateCell(nn.Module):
         self.self_attn = Attention(dim_head, heads, **state_attention(config))
         self.write_attn = Attention(dim_head, heads, **state_attention(config))
 
+        # "slots": a null slot for the tokens no vector claims; its logit starts at log(S), so that at the start it
+        # takes about half of each token (as much as all the vectors together)
+        self.null_query = self.null_logit = None
+        if config.state_write == "slots":
+            self.null_query = nn.Parameter(torch.randn(heads, dim_head))
+            self.null_logit = nn.Parameter(torch.full((heads,), math.log(config.num_state_vectors)))
+
         self.to_update = nn.Linear(inner * 2, dim, bias=False)
         self.gate = GATES[config.gate](dim, config.gate_keep_init, config.gate_projection)
         # "dual": a feed-forward on the gated state, combined by a second gate of the same kind
@@ -244,9 +276,17 @@ class RecurrentStateCell(nn.Module):
         queries = F.linear(view.normed, weight).view(B, S, 2, self.heads, -1)  # (B, S, [self, cross], H, dh)
         from_state = attend_state(self.self_attn, queries[:, :, 0], self.self_attn.prepare_keys(view.keys, None),
                                   view.values)  # (B, S, H, dh)
-        from_tokens = attend_state(self.write_attn, queries[:, :, 1], prepared_keys, block_values)
+        rewrite = None  # (B, S, 1): how much of the gate's new state each vector takes ("slots")
+        if self.null_query is None:
+            from_tokens = attend_state(self.write_attn, queries[:, :, 1], prepared_keys, block_values)
+        else:
+            from_tokens, mass = attend_slots(self.write_attn, queries[:, :, 1], self.null_query, self.null_logit,
+                                             prepared_keys, block_values)
+            rewrite = -torch.expm1(-mass.mean(dim=-1, keepdim=True)).to(view.state.dtype)  # 1 - exp(-mass)
         update = torch.cat((from_state, from_tokens), dim=-1).view(B, S, -1)  # (B, S, H * 2 dh), per head [self, cross]
         state = self.gate(view.state, self.to_update(update))
+        if rewrite is not None:
+            state = torch.lerp(view.state, state, rewrite)
         if self.state_ff is not None:
             state = self.ff_gate(state, self.state_ff(state))
         return state

@@ -41,7 +41,7 @@ _LAYER_RENAMES = {
 # config fields that select something the reference does not have, and the value that matches it
 REFERENCE_ARCHITECTURE = dict(
     kv_heads=1, ff_activation="geglu", qk_norm_gains=True, gate="fixed", gate_keep_init="paper", gate_projection=True,
-    state_cell_scale=1.0, state_update="skip",
+    state_cell_scale=1.0, state_update="skip", state_write="attention",
     attention_window="block", position_encoding="rotary_xpos", state_feedback=False,
 )
 _GATE_BETA = r"0\.state_container\.learned_ema_beta"
