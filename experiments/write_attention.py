@@ -12,6 +12,11 @@ qa1`` draws them, this prints:
   near 0 when every slot looks at every person alike; one number per pair, their mean and largest), and the same
   for the fact's place, with the shares a label drawn at random would explain as the floor.
 
+With the slot write (``state_write="slots"``) each token's shares run over the state vectors and the null slot
+instead, so the entropy and lift lines give way to: the null slot's share of a fact's tokens and of haystack
+tokens, and how much of its new value a state vector takes (1 - exp(-mass won)) after a block holding a fact and
+after a haystack block; the eta squared lines are over the mass each (state vector, head) wins from the fact.
+
     python experiments/write_attention.py --checkpoint runs/qa1 --distance 1024 --stories 300
 """
 
@@ -30,6 +35,31 @@ from block_recurrent.model import recurrent  # noqa: E402
 from block_recurrent.tasks.scoring import draw_examples  # noqa: E402
 import facts_answers  # noqa: E402
 from harness import add_tuned_task_arguments, load_recurrent_model  # noqa: E402
+
+
+def slot_shares(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The slot write's shares at the end of each block of one example, in order: per block (state vectors and
+    the null slot last, heads, block tokens), each token's shares over the S + 1 slots summing to 1 per head."""
+    cell = model.cells[0]
+    found = []
+    attend_slots = recurrent.attend_slots
+
+    def recording(attn, queries, null_query, null_logit, keys, values):
+        B, S, H, dh = queries.shape
+        K = keys.shape[1]
+        q = attn.prepare_laid_out_queries(torch.cat((queries, null_query.expand(B, 1, H, dh)), dim=1))
+        logits = torch.einsum("bskgd,bknd->bskgn", q.view(B, S + 1, K, H // K, dh), keys).reshape(B, S + 1, H, -1)
+        logits[:, S] += null_logit[:, None]
+        found.append(logits.softmax(dim=1)[0])
+        return attend_slots(attn, queries, null_query, null_logit, keys, values)
+
+    recurrent.attend_slots = recording
+    try:
+        with torch.no_grad():
+            model.run(tokens[None])
+    finally:
+        recurrent.attend_slots = attend_slots
+    return found
 
 
 def write_weights(model, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -75,16 +105,32 @@ def main() -> None:
     args = parser.parse_args()
     model, task = load_recurrent_model(args, num_questions=1)
     width = model.config.block_width
-    fact_entropy, text_entropy, lift, masses, people, places = [], [], [], [], [], []
+    slots = model.cells[0].null_query is not None
+    # per block kind (True: holding a fact): entropy (attention) or the rewrite taken (slots); per token kind
+    # (True: a fact's): the null slot's share
+    by_block, null_share = {True: [], False: []}, {True: [], False: []}
+    lift, masses, people, places = [], [], [], []
     for example in draw_examples(task, args.distance, args.stories, args.seed):
-        weights = write_weights(model, torch.from_numpy(example.tokens))
+        tokens = torch.from_numpy(example.tokens)
+        weights = slot_shares(model, tokens) if slots else write_weights(model, tokens)
         moves, _ = facts_answers.story_moves(example, task.tokenizer.decode)
         holding = {start // width for start, _ in example.needles}
         for block, w in enumerate(weights):
-            entropy = -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / np.log(w.shape[-1])
-            (fact_entropy if block in holding else text_entropy).append(float(entropy))
+            if slots:
+                in_fact = torch.zeros(w.shape[-1], dtype=torch.bool)
+                for start, end in example.needles:
+                    if start // width == block:
+                        in_fact[start % width : start % width + end - start] = True
+                for kind in (True, False):
+                    if in_fact.eq(kind).any():
+                        null_share[kind].append(float(w[-1][:, in_fact.eq(kind)].mean()))
+                rewrite = 1 - torch.exp(-w[:-1].sum(-1).mean(-1))  # (S,), as the cell computes it
+                by_block[block in holding].append(float(rewrite.mean()))
+            else:
+                entropy = -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / np.log(w.shape[-1])
+                by_block[block in holding].append(float(entropy))
         for (start, end), (person, place) in zip(example.needles, moves):
-            w = weights[start // width]
+            w = weights[start // width][:-1] if slots else weights[start // width]
             mass = w[..., start % width : start % width + end - start].sum(-1)  # (S, H)
             lift.append(float(mass.mean()) / ((end - start) / w.shape[-1]))
             masses.append(mass.reshape(-1).numpy())
@@ -93,11 +139,18 @@ def main() -> None:
     masses = np.stack(masses)
     shuffled = list(np.random.default_rng(0).permutation(people))
     print(f"{args.checkpoint}: qa1 {task.describe()} at {args.distance} haystack tokens, {args.stories} stories "
-          f"(seed {args.seed}), {len(people)} facts, {masses.shape[1]} (state vector, head) pairs")
+          f"(seed {args.seed}), {len(people)} facts, {masses.shape[1]} (state vector, head) pairs"
+          f"{', slot write' if slots else ''}")
     print("| measure | value |\n|---|---:|")
-    print(f"| entropy / uniform's, blocks holding a fact | {np.mean(fact_entropy):.3f} |")
-    print(f"| entropy / uniform's, haystack blocks | {np.mean(text_entropy):.3f} |")
-    print(f"| mass on a fact's tokens / their share of the block | {np.mean(lift):.2f} |")
+    if slots:
+        print(f"| the null slot's share of a fact's tokens | {np.mean(null_share[True]):.3f} |")
+        print(f"| the null slot's share of haystack tokens | {np.mean(null_share[False]):.3f} |")
+        print(f"| rewrite taken per state vector, after a block holding a fact | {np.mean(by_block[True]):.3f} |")
+        print(f"| rewrite taken per state vector, after a haystack block | {np.mean(by_block[False]):.3f} |")
+    else:
+        print(f"| entropy / uniform's, blocks holding a fact | {np.mean(by_block[True]):.3f} |")
+        print(f"| entropy / uniform's, haystack blocks | {np.mean(by_block[False]):.3f} |")
+        print(f"| mass on a fact's tokens / their share of the block | {np.mean(lift):.2f} |")
     for name, labels in (("the fact's person", people), ("the fact's place", places), ("a shuffled person", shuffled)):
         eta = eta_squared(masses, labels)
         print(f"| share of a pair's mass on a fact explained by {name}: mean; largest | {eta.mean():.3f}; "

@@ -513,3 +513,47 @@ def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, 
     script.main()
     out = capsys.readouterr().out
     assert len(table_rows(out)) == 7 and "12 facts, 64 (state vector, head) pairs" in out
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_write_attention_records_the_shares_the_slot_write_uses(tmp_path, kv_heads, capsys, monkeypatch):
+    """With the slot write, the shares the script records, one (state vectors + null, heads, tokens) array per
+    block, sum to 1 over the slots and give the write's own mass and mean; the script prints its slot table."""
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.model import recurrent
+    from block_recurrent.model.attention import split_kv_heads
+    from block_recurrent.tasks import FactsTask
+    from block_recurrent.tasks.scoring import draw_examples
+
+    script = experiment("write_attention")
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", kv_heads=kv_heads, state_write="slots"))
+    model = model.double().eval()
+    example = draw_examples(FactsTask(haystack="filler"), 90, 1, seed=5)[0]
+    calls, attend_slots = [], recurrent.attend_slots
+
+    def outputs(attn, queries, null_query, null_logit, keys, values):
+        mean, mass = attend_slots(attn, queries, null_query, null_logit, keys, values)
+        calls.append((values, mean, mass))
+        return mean, mass
+
+    monkeypatch.setattr(recurrent, "attend_slots", outputs)
+    shares = script.slot_shares(model, torch.from_numpy(example.tokens))
+    heads = model.config.heads
+    assert len(shares) == len(calls) == -(-len(example.tokens) // model.config.block_width)
+    for w, (values, mean, mass) in zip(shares, calls):
+        assert w.shape == (17, heads, values.shape[1])
+        torch.testing.assert_close(w.sum(0), torch.ones_like(w[0]))
+        torch.testing.assert_close(w[:-1].sum(-1), mass[0], rtol=0, atol=1e-10)
+        by_head = split_kv_heads(values, kv_heads)[0].repeat_interleave(heads // kv_heads, dim=0)  # (H, J, dh)
+        torch.testing.assert_close(torch.einsum("shj,hjd->shd", w[:-1], by_head) / (mass[0][..., None] + 1e-6),
+                                   mean[0], rtol=0, atol=1e-10)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distance", "60", "--stories", "3"])
+    script.main()
+    out = capsys.readouterr().out
+    assert len(table_rows(out)) == 8 and "null slot's share of a fact's tokens" in out and "slot write" in out
