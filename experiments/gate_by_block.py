@@ -34,8 +34,8 @@ def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[
     seen: list[tuple[float, float]] = []
 
     def record(module, inputs, output):
-        state, update = inputs
-        _, written, keep = module.gates(update, state.dtype)
+        state, update, rewrite = inputs  # rewrite: each vector's share of the step with the slot write, else None
+        _, written, keep = module.gates(update, state.dtype, rewrite)
         seen.append((written.mean().item(), keep.mean().item()))
 
     hook = gates[0].register_forward_hook(record)  # the first recurrent layer's gate

@@ -190,3 +190,40 @@ def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--ablate", "gates"])
     assert exit.value.code == 2 and "invalid choice: 'gates'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_keep_values_of_the_slot_write_include_each_vectors_share_of_the_step(gate):
+    """With the slot write a vector keeps 1 - (1 - keep) * rewrite of its state, rewrite = 1 - exp(-mass won): the
+    summary averages that over every update of the documents, for the fixed gate too."""
+    from block_recurrent.model import recurrent
+
+    model = make_model(gate=gate, state_write="slots")
+    cell = model.cells[0]
+    calls, attend_slots = [], recurrent.attend_slots
+    hook = cell.gate.register_forward_hook(lambda module, inputs, output: calls.append(inputs[1].detach()))
+
+    def recording(*args):
+        mean, mass = attend_slots(*args)
+        calls.append(-torch.expm1(-mass.mean(dim=-1, keepdim=True)).detach())
+        return mean, mass
+
+    documents = [random_tokens(1, n, seed=n)[0] for n in (3 * W + 1, W + 2)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recurrent, "attend_slots", recording)
+        evaluate_documents(model, documents, segment_len=W)
+    hook.remove()
+    rewrites, updates = calls[0::2], calls[1::2]
+    with torch.no_grad():
+        if gate == "fixed":
+            own = [torch.sigmoid(cell.gate.keep_bias).expand(u.shape) for u in updates]
+        else:
+            own = [torch.sigmoid(u @ cell.gate.to_gates.weight[TINY["dim"]:].T + cell.gate.to_gates.bias[TINY["dim"]:]
+                                 + 3.0) for u in updates]
+        keep = torch.cat([(1 - (1 - k) * r).reshape(-1, TINY["dim"]) for k, r in zip(own, rewrites)])
+    measured = keep_values(model, documents)[0]
+    assert measured.blocks == keep.shape[0] == 5 * TINY["num_state_vectors"] and measured.slot_write
+    torch.testing.assert_close(measured.keep, keep.mean(dim=0), rtol=1e-12, atol=1e-12)
+    own_keep = torch.cat([k.reshape(-1, TINY["dim"]) for k in own]).mean(dim=0)
+    assert (measured.keep > own_keep).all()  # a vector takes less than the gate's whole step
+    assert "before each vector's share" in format_keep(keep_values(model))

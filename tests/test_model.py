@@ -20,7 +20,7 @@ VARIANTS = {
     "two_recurrent_all_qknorm": dict(recurrent_layers=(1, 3), read_recurrent_layers=(1, 2), all_layers_qk_rmsnorm=True),
     "lstm_dual": dict(gate="lstm", state_update="dual"),
     "slots": dict(state_write="slots"),
-    "slots_grouped_fixed": dict(state_write="slots", heads=4, kv_heads=2, gate="fixed"),
+    "slots_grouped_fixed_dual": dict(state_write="slots", heads=4, kv_heads=2, gate="fixed", state_update="dual"),
     "xl_baseline": dict(recurrent_layers=()),
     "sliding_t5": dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
     "sliding_baseline": dict(attention_window="sliding", recurrent_layers=()),
@@ -210,7 +210,8 @@ def plain_run(model, tokens):
             if config.state_write == "slots":
                 state = states[i] + rewrite * (state - states[i])
             if cell.state_ff is not None:
-                state = cell.ff_gate(state, plain_feed_forward(cell.state_ff, state))
+                fed = cell.ff_gate(state, plain_feed_forward(cell.state_ff, state))
+                state = state + rewrite * (fed - state) if config.state_write == "slots" else fed
             states[i] = state
     return torch.cat(outputs, dim=1), states
 
@@ -718,8 +719,8 @@ def slot_write_of_one_block(model, tokens):
     attend = recurrent.attend_slots
 
     def spy(*args):
-        captured["mass"] = attend(*args)[1]
-        return attend(*args)
+        mean, captured["mass"] = attend(*args)
+        return mean, captured["mass"]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(recurrent, "attend_slots", spy)

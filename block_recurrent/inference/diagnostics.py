@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..model.checks import check_choice, check_int
 from ..model.model import BlockRecurrentModel
@@ -152,6 +152,9 @@ class KeepSummary:
     blocks: int  # slot updates (rows x slots x blocks) the LSTM's keep was averaged over (0: none)
     write: Tensor | None = None  # (dim,) float64: the share of the candidate written (LSTM: the input gate's mean)
     keep_range: tuple[float, float] | None = None  # 10 % and 90 % over slot updates of the keep's channel mean
+    # state_write="slots": measured over documents, keep and write include each vector's share of the step; with
+    # no documents they are the gate's alone, which a vector takes only in proportion to the tokens it wins
+    slot_write: bool = False
 
     def half_lives(self) -> Tensor:
         """Blocks until half of a written value is left, per channel: log(1/2) / log(keep) (inf at keep 1)."""
@@ -166,23 +169,35 @@ def _gates(model: BlockRecurrentModel):
             yield layer, "ff_gate", cell.ff_gate
 
 
+def _keep_and_write(gate: nn.Module, update: Tensor, dtype: torch.dtype, rewrite: Tensor | None
+                    ) -> tuple[Tensor, Tensor]:
+    """A gate's keep and write share for one call's ``update`` (and slot ``rewrite``), per row, slot and channel."""
+    if isinstance(gate, FixedGate):
+        keep = gate.keep(update, dtype, rewrite).expand(update.shape)
+        return keep, 1 - keep
+    _, written, keep = gate.gates(update, dtype, rewrite)
+    return keep, written
+
+
 def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None = None, *, batch_size: int = 16
                 ) -> list[KeepSummary]:
-    """The keep values of every gate (see :class:`KeepSummary`). An LSTM gate's keep depends on what is written:
-    it is averaged over every block of ``documents`` (scored as :func:`evaluate_documents` scores them), or taken at
-    a zero update when none are given."""
+    """The keep values of every gate (see :class:`KeepSummary`). An LSTM gate's keep depends on what is written,
+    and with the slot write (``state_write="slots"``) any gate's keep depends on the tokens each state vector wins:
+    such keeps are averaged over every block of ``documents`` (scored as :func:`evaluate_documents` scores them), or
+    taken at a zero update when none are given."""
+    slots = model.config.state_write == "slots"
     sums: dict[tuple[int, str], list] = {}
     hooks = []
     for layer, name, gate in _gates(model):
-        if isinstance(gate, FixedGate) or not documents:
+        if (isinstance(gate, FixedGate) and not slots) or not documents:
             continue
         # per channel: the summed keep and write; per slot update: the keep's channel mean (their count)
         sums[layer, name] = {"keep": torch.zeros(model.config.dim, dtype=torch.float64),
                              "write": torch.zeros(model.config.dim, dtype=torch.float64), "per_update": []}
 
         def record(module, inputs, output, key=(layer, name)):
-            state, update = inputs
-            _, written, keep = module.gates(update, state.dtype)
+            state, update, rewrite = inputs  # the cell passes the rewrite positionally (None without slots)
+            keep, written = _keep_and_write(module, update, state.dtype, rewrite)
             keep, written = keep.double().reshape(-1, keep.shape[-1]), written.double().reshape(-1, keep.shape[-1])
             sums[key]["keep"] += keep.sum(dim=0).cpu()
             sums[key]["write"] += written.sum(dim=0).cpu()
@@ -215,7 +230,7 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
                 else:
                     _, write, keep = (t.reshape(-1, model.config.dim)[0] for t in gate.gates(zero, torch.float64))
             summaries.append(KeepSummary(layer, name, kind, keep.double().cpu(), blocks, write.double().cpu(),
-                                         keep_range))
+                                         keep_range, slots))
     return summaries
 
 
@@ -233,6 +248,8 @@ def format_keep(summaries: Sequence[KeepSummary]) -> str:
         spread = ["-", "-"] if s.keep_range is None else [f"{k:.3f}" for k in s.keep_range]
         where = (f"{s.blocks:,} slot updates" if s.blocks else "its biases" if s.kind == "fixed"
                  else "a zero update (no documents)")
+        if s.slot_write and not s.blocks:
+            where += ", before each vector's share of the step"
         lines.append(f"| {s.layer} | {s.gate} ({s.kind}) | " + " | ".join(f"{k:.3f}" for k in keep) + " | "
                      + " | ".join(f"{h:.1f}" for h in lives[2:]) + f" | {write} | " + " | ".join(spread)
                      + f" | {where} |")

@@ -7,8 +7,8 @@ Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
 3. ``write``: the state self-attends and cross-attends to the writing layer's block keys/values; the two
    outputs are concatenated per head, projected, and a gate combines them with ``c`` ("skip"); with
    "dual", a feed-forward on the result is combined with it by a second gate. With ``state_write="slots"``
-   the cross-attention is Slot Attention's instead (:func:`attend_slots`), and each vector is rewritten only in
-   proportion to the tokens it won.
+   the cross-attention is Slot Attention's instead (:func:`attend_slots`), and each vector takes its gates'
+   step only in proportion to the tokens it won.
 """
 
 from __future__ import annotations
@@ -58,15 +58,17 @@ class FixedGate(nn.Module):
             keep_bias = torch.full((dim,), float(keep_init))
         self.keep_bias = nn.Parameter(keep_bias)
 
-    def keep(self, update: Tensor, dtype: torch.dtype) -> Tensor:
-        """The share of the old state kept, per channel (dim,): the same for every row and slot."""
-        return torch.sigmoid(self.keep_bias.to(dtype))
+    def keep(self, update: Tensor, dtype: torch.dtype, rewrite: Tensor | None = None) -> Tensor:
+        """The share of the old state kept: per channel (dim,), the same for every row and slot; with ``rewrite``
+        (B, S, 1), the share of its step each state vector takes, 1 - (1 - g) * rewrite (B, S, dim)."""
+        keep = torch.sigmoid(self.keep_bias.to(dtype))
+        return keep if rewrite is None else 1 - (1 - keep) * rewrite
 
-    def forward(self, state: Tensor, update: Tensor) -> Tensor:
+    def forward(self, state: Tensor, update: Tensor, rewrite: Tensor | None = None) -> Tensor:
         candidate = update if self.to_candidate is None else self.to_candidate(update)
         # in the state's precision (float32 under bf16 autocast): a keep of 0.99 is 0.98828 in bf16, which
         # would shorten the memory the gate was trained to hold. c * g + z * (1 - g) as one op: z + g * (c - z)
-        return torch.lerp(candidate.to(state.dtype), state, self.keep(update, state.dtype))
+        return torch.lerp(candidate.to(state.dtype), state, self.keep(update, state.dtype, rewrite))
 
 
 class LSTMGate(nn.Module):
@@ -89,8 +91,9 @@ class LSTMGate(nn.Module):
         self.register_buffer("offsets", torch.tensor([-1.0, self.forget_offset]).repeat_interleave(dim),
                              persistent=False)
 
-    def gates(self, update: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """(candidate z before its tanh, input gate i, forget gate f), in ``dtype``."""
+    def gates(self, update: Tensor, dtype: torch.dtype, rewrite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(candidate z before its tanh, input gate i, forget gate f), in ``dtype``. With ``rewrite`` (B, S, 1), the
+        share of its step each state vector takes: i * rewrite and 1 - (1 - f) * rewrite."""
         gates = self.to_gates(update)
         if self.projection:
             candidate, gates = gates.split((gates.shape[-1] // 3, gates.shape[-1] * 2 // 3), dim=-1)
@@ -98,14 +101,16 @@ class LSTMGate(nn.Module):
             candidate = update
         # the gates in the state's precision (as FixedGate): the offsets' add casts them, then one sigmoid for both
         input_gate, keep = torch.sigmoid((gates + self.offsets.to(dtype)).to(dtype)).chunk(2, dim=-1)
+        if rewrite is not None:
+            input_gate, keep = input_gate * rewrite, 1 - (1 - keep) * rewrite
         return candidate.to(dtype), input_gate, keep
 
-    def keep(self, update: Tensor, dtype: torch.dtype) -> Tensor:
+    def keep(self, update: Tensor, dtype: torch.dtype, rewrite: Tensor | None = None) -> Tensor:
         """The share of the old state kept, per row, slot and channel: the forget gate."""
-        return self.gates(update, dtype)[2]
+        return self.gates(update, dtype, rewrite)[2]
 
-    def forward(self, state: Tensor, update: Tensor) -> Tensor:
-        candidate, input_gate, keep = self.gates(update, state.dtype)
+    def forward(self, state: Tensor, update: Tensor, rewrite: Tensor | None = None) -> Tensor:
+        candidate, input_gate, keep = self.gates(update, state.dtype, rewrite)
         return state * keep + torch.tanh(candidate) * input_gate
 
 
@@ -284,9 +289,8 @@ class RecurrentStateCell(nn.Module):
                                              prepared_keys, block_values)
             rewrite = -torch.expm1(-mass.mean(dim=-1, keepdim=True)).to(view.state.dtype)  # 1 - exp(-mass)
         update = torch.cat((from_state, from_tokens), dim=-1).view(B, S, -1)  # (B, S, H * 2 dh), per head [self, cross]
-        state = self.gate(view.state, self.to_update(update))
-        if rewrite is not None:
-            state = torch.lerp(view.state, state, rewrite)
+        # the gates take the rewrite as a positional input, so that a forward hook (brt inspect) sees it
+        state = self.gate(view.state, self.to_update(update), rewrite)
         if self.state_ff is not None:
-            state = self.ff_gate(state, self.state_ff(state))
+            state = self.ff_gate(state, self.state_ff(state), rewrite)
         return state

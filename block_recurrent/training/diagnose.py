@@ -119,14 +119,16 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
         print("no recurrent layer: nothing is kept but the XL memory")
         return 0
     docs = None
-    if c.gate == "lstm" or args.state_gradient is not None:
+    measured = c.gate == "lstm" or c.state_write == "slots"  # keeps that depend on what is written
+    if measured or args.state_gradient is not None:
         corpus = TokenCorpus.from_documents(load_documents_for(args), tokenizer)
         docs = _token_documents(model, corpus, args.max_tokens, spread=True)
-    if c.gate == "lstm":
-        print(f"the LSTM gates' keep values averaged over every block of {sum(len(d) for d in docs)} tokens of "
-              f"{len(docs)} documents")
+    if measured:
+        gates = "LSTM gates'" if c.gate == "lstm" else "gates'"
+        print(f"the {gates} keep values{' with the slot write' if c.state_write == 'slots' else ''} averaged over every "
+              f"block of {sum(len(d) for d in docs)} tokens of {len(docs)} documents")
     print()
-    print(format_keep(keep_values(model, docs if c.gate == "lstm" else None, batch_size=args.batch_size)))
+    print(format_keep(keep_values(model, docs if measured else None, batch_size=args.batch_size)))
     if args.state_gradient is not None:
         span, warmup = args.state_gradient, GRADIENT_WARMUP
         gradients = [g for through_memory in (True, False)
