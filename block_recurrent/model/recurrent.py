@@ -176,7 +176,7 @@ def attend_slots(attn: Attention, queries: Tensor, null_query: Tensor, null_logi
     shares = logits.softmax(dim=-2)[..., :S, :]  # (B, K, G, S, N): the null slot's share is dropped
     mass = shares.sum(dim=-1)  # (B, K, G, S)
     v = split_kv_heads(values, K)  # (B, K, N, dh)
-    # a vector that won (almost) nothing gets the mean of what little it won; its rewrite is scaled to ~0 anyway
+    # a vector that won (almost) nothing gets the mean of what little it won; it takes ~none of its step anyway
     mean = torch.einsum("bkgsn,bknd->bkgsd", shares, v) / (mass[..., None] + 1e-6)
     return mean.reshape(B, H, S, dh).transpose(1, 2), mass.reshape(B, H, S).transpose(1, 2)
 
@@ -281,7 +281,7 @@ class RecurrentStateCell(nn.Module):
         queries = F.linear(view.normed, weight).view(B, S, 2, self.heads, -1)  # (B, S, [self, cross], H, dh)
         from_state = attend_state(self.self_attn, queries[:, :, 0], self.self_attn.prepare_keys(view.keys, None),
                                   view.values)  # (B, S, H, dh)
-        rewrite = None  # (B, S, 1): how much of the gate's new state each vector takes ("slots")
+        rewrite = None  # (B, S, 1): each vector's share of its gates' step ("slots")
         if self.null_query is None:
             from_tokens = attend_state(self.write_attn, queries[:, :, 1], prepared_keys, block_values)
         else:
