@@ -37,28 +37,47 @@ import facts_answers  # noqa: E402
 from harness import add_tuned_task_arguments, load_recurrent_model  # noqa: E402
 
 
-def slot_shares(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The slot write's shares at the end of each block of one example, in order: per block (state vectors and
-    the null slot last, heads, block tokens), each token's shares over the S + 1 slots summing to 1 per head."""
-    cell = model.cells[0]
-    found = []
-    attend_slots = recurrent.attend_slots
+def write_logits(attn, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Logits (B, S, H, N) at scale 1 of raw queries (B, S, H, dh) over keys prepared by ``attn`` (B, K, N, dh)."""
+    q = attn.prepare_laid_out_queries(queries)
+    B, S, H, dh = q.shape
+    K = keys.shape[1]
+    grouped = q.view(B, S, K, H // K, dh)  # each key/value head serves H / K query heads, in order
+    return torch.einsum("bskgd,bknd->bskgn", grouped, keys).reshape(B, S, H, -1)
 
-    def recording(attn, queries, null_query, null_logit, keys, values):
-        B, S, H, dh = queries.shape
-        K = keys.shape[1]
-        q = attn.prepare_laid_out_queries(torch.cat((queries, null_query.expand(B, 1, H, dh)), dim=1))
-        logits = torch.einsum("bskgd,bknd->bskgn", q.view(B, S + 1, K, H // K, dh), keys).reshape(B, S + 1, H, -1)
-        logits[:, S] += null_logit[:, None]
-        found.append(logits.softmax(dim=1)[0])
-        return attend_slots(attn, queries, null_query, null_logit, keys, values)
 
-    recurrent.attend_slots = recording
+def recorded_run(model, tokens: torch.Tensor, name: str, record) -> None:
+    """Run one example (T,) with ``recurrent.<name>`` calling ``record`` with its arguments first."""
+    original = getattr(recurrent, name)
+
+    def recording(*args):
+        record(*args)
+        return original(*args)
+
+    setattr(recurrent, name, recording)
     try:
         with torch.no_grad():
             model.run(tokens[None])
     finally:
-        recurrent.attend_slots = attend_slots
+        setattr(recurrent, name, original)
+
+
+def slot_shares(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The first recurrent layer's slot write shares at the end of each block of one example, in order: per block
+    (state vectors and the null slot last, heads, block tokens), each token's shares over the S + 1 slots summing
+    to 1 per head."""
+    cell = model.cells[0]
+    found = []
+
+    def record(attn, queries, null_query, null_logit, keys, values):
+        if attn is not cell.write_attn:
+            return
+        B, S, H, dh = queries.shape
+        logits = write_logits(attn, torch.cat((queries, null_query.expand(B, 1, H, dh)), dim=1), keys)
+        logits[:, S] += null_logit[:, None]
+        found.append(logits.softmax(dim=1)[0])
+
+    recorded_run(model, tokens, "attend_slots", record)
     return found
 
 
@@ -67,24 +86,12 @@ def write_weights(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     (state vectors, heads, block tokens), each row summing to 1."""
     cell = model.cells[0]
     found = []
-    attend_state = recurrent.attend_state
 
-    def recording(attn, queries, keys, values):
+    def record(attn, queries, keys, values):
         if attn is cell.write_attn:
-            q = attn.prepare_laid_out_queries(queries)  # (B, S, H, dh), at scale 1
-            B, S, H, dh = q.shape
-            K = keys.shape[1]
-            grouped = q.view(B, S, K, H // K, dh)  # each key/value head serves H / K query heads, in order
-            logits = torch.einsum("bskgd,bkjd->bskgj", grouped, keys)
-            found.append(logits.softmax(-1).reshape(B, S, H, -1)[0])
-        return attend_state(attn, queries, keys, values)
+            found.append(write_logits(attn, queries, keys).softmax(-1)[0])
 
-    recurrent.attend_state = recording
-    try:
-        with torch.no_grad():
-            model.run(tokens[None])
-    finally:
-        recurrent.attend_state = attend_state
+    recorded_run(model, tokens, "attend_state", record)
     return found
 
 
