@@ -224,11 +224,7 @@ def keep_values(model: BlockRecurrentModel, documents: Sequence[Tensor] | None =
             else:
                 zero = torch.zeros(1, model.config.dim, device=model.device, dtype=model.dtype)
                 blocks = 0
-                if kind == "fixed":
-                    keep = gate.keep(zero, torch.float64).reshape(-1, model.config.dim)[0]
-                    write = 1 - keep
-                else:
-                    _, write, keep = (t.reshape(-1, model.config.dim)[0] for t in gate.gates(zero, torch.float64))
+                keep, write = (t[0] for t in _keep_and_write(gate, zero, torch.float64, None))
             summaries.append(KeepSummary(layer, name, kind, keep.double().cpu(), blocks, write.double().cpu(),
                                          keep_range, slots))
     return summaries
