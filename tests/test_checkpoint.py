@@ -185,6 +185,7 @@ VARIANTS = {
     "dual update": dict(state_update="dual"),
     "lstm gate, dual update": dict(gate="lstm", state_update="dual"),
     "slot write": dict(state_write="slots"),
+    "delta write": dict(state_write="delta", heads=4),
     "gate projection, keep init": dict(gate_projection=True, gate_keep_init=2.0),
     "sliding window": dict(attention_window="sliding"),
     "t5 positions": dict(position_encoding="t5", t5_num_buckets=8, t5_max_distance=32),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from block_recurrent import save_pretrained
+from block_recurrent import from_pretrained, save_pretrained
 from block_recurrent.cli import main
 from block_recurrent.inference.diagnostics import (
     _windows, drop_carried, evaluate_ablated, format_curves, format_keep, format_state_gradients, keep_values,
@@ -190,6 +190,19 @@ def test_brt_eval_ablate_positions_and_inspect(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--ablate", "gates"])
     assert exit.value.code == 2 and "invalid choice: 'gates'" in capsys.readouterr().err
+
+
+def test_brt_inspect_a_delta_rule_memory_has_no_keep_table_but_its_state_gradient(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("the delta rule replaces what a key held\n" * 40)
+    checkpoint = tmp_path / "model"
+    save_pretrained(make_model(dtype=torch.float32, num_tokens=256, heads=4, state_write="delta"), checkpoint)
+    assert keep_values(from_pretrained(checkpoint)) == []
+    assert main(["inspect", "--checkpoint", str(checkpoint), "--data", str(data), "--state-gradient", "3",
+                 "--gradient-windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "a delta-rule memory (no gate)" in out and "| gate |" not in out and "| 0 | 1.000 (1.000) |" in out
 
 
 @pytest.mark.parametrize("gate", ["fixed", "lstm"])

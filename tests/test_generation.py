@@ -27,6 +27,7 @@ CONFIGS = {
     "grouped_query": dict(heads=4, kv_heads=2, use_compressed_mem=True, state_feedback=True, gate="lstm",
                           gate_projection=False),
     "slot_write": dict(state_write="slots", heads=4, kv_heads=2),
+    "delta_write_feedback": dict(state_write="delta", heads=4, kv_heads=2, state_feedback=True),
 }
 
 

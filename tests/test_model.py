@@ -21,6 +21,9 @@ VARIANTS = {
     "lstm_dual": dict(gate="lstm", state_update="dual"),
     "slots": dict(state_write="slots"),
     "slots_grouped_fixed_dual": dict(state_write="slots", heads=4, kv_heads=2, gate="fixed", state_update="dual"),
+    "delta": dict(state_write="delta", heads=4),
+    "delta_grouped_two_recurrent": dict(state_write="delta", heads=4, kv_heads=2, num_state_vectors=6,
+                                        recurrent_layers=(1, 3)),
     "xl_baseline": dict(recurrent_layers=()),
     "sliding_t5": dict(attention_window="sliding", position_encoding="t5", t5_num_buckets=8, t5_max_distance=16),
     "sliding_baseline": dict(attention_window="sliding", recurrent_layers=()),
@@ -131,6 +134,21 @@ def plain_slot_write(cell, q, k, v):
     return mean, 1 - torch.exp(-mass.mean(dim=1))[..., None]
 
 
+def plain_delta_write(cell, state, k, v):
+    """The delta rule token after token: state (B, S, D) as per-head matrices, written by the block's raw keys and
+    values (B, N, C) of the writing layer. -> (B, S, D)."""
+    B, S, D = state.shape
+    H = cell.heads
+    memory = state.view(B, S, H, -1).transpose(1, 2)  # (B, H, S, dh)
+    written = (torch.cat((k, v), dim=-1) @ cell.to_write.weight.T + cell.to_write.bias).view(B, k.shape[1], H, -1)
+    for t in range(k.shape[1]):
+        key, value, strength = written[:, t].split((S, cell.dim_head, 1), dim=-1)  # (B, H, ...)
+        key = key / key.norm(dim=-1, keepdim=True)
+        stored = torch.einsum("bhs,bhsd->bhd", key, memory)
+        memory = memory + torch.sigmoid(strength)[..., None] * key[..., None] * (value - stored)[:, :, None]
+    return memory.transpose(1, 2).reshape(B, S, D)
+
+
 def plain_run(model, tokens):
     """Logits of ``tokens`` (B, T) from a fresh state, one block at a time, written without the library's layers."""
     config = model.config
@@ -145,6 +163,9 @@ def plain_run(model, tokens):
         # 1. each state's view: normed state plus IDs, keys and values
         views = []
         for cell, state in zip(model.cells, states):
+            if config.state_write == "delta":
+                views.append(state.view(B, state.shape[1], H, dh).transpose(1, 2))  # per-head matrices
+                continue
             normed_state = plain_layer_norm(state, cell.norm.weight) + cell.state_ids
             views.append((normed_state, *(normed_state @ cell.to_state_kv.weight.T).chunk(2, dim=-1)))
         block_kv = []
@@ -175,6 +196,11 @@ def plain_run(model, tokens):
                 bias = a.position_bias.bias[:, t5_relative_bucket(distance, config.t5_num_buckets, config.t5_max_distance)]
             outs = [merged(plain_softmax_attention(qn, kn, vn, plain_scale(a.attn, dh), visible, bias))]
             for read, i in zip(a.state_reads, a.reads):
+                if config.state_write == "delta":
+                    address = heads(normed @ read.to_queries.weight.T, H) @ read.to_address.weight.T  # (B, H, N, S)
+                    address = address / address.norm(dim=-1, keepdim=True)
+                    outs.append(merged(address @ views[i]))
+                    continue
                 rq, rk, rv = plain_attention(heads(normed @ read.to_queries.weight.T, H), heads(views[i][1], KV),
                                              heads(views[i][2], KV), read.attn)
                 outs.append(merged(plain_softmax_attention(rq, rk, rv, plain_scale(read.attn, dh))))
@@ -194,8 +220,11 @@ def plain_run(model, tokens):
                 memories[index] = (k, v) if memories[index] is None else (
                     torch.cat((memories[index][0], k), dim=1)[:, -W:], torch.cat((memories[index][1], v), dim=1)[:, -W:])
         for i, (cell, layer_number) in enumerate(zip(model.cells, config.recurrent_layers)):
-            normed_state, state_keys, state_values = views[i]
             k, v = block_kv[layer_number - 1]
+            if config.state_write == "delta":
+                states[i] = plain_delta_write(cell, states[i], k, v)
+                continue
+            normed_state, state_keys, state_values = views[i]
             sq, sk, sv = plain_attention(heads(normed_state @ cell.to_self_queries.weight.T, H), heads(state_keys, KV),
                                          heads(state_values, KV), cell.self_attn)
             from_state = plain_softmax_attention(sq, sk, sv, plain_scale(cell.self_attn, dh))
@@ -409,7 +438,7 @@ def test_grouped_key_value_heads_match_a_per_head_loop(kv_heads):
         assert_close(grads[implementation][1], grads["math"][1])
 
 
-@pytest.mark.parametrize("variant", ["lstm_dual", "slots"])
+@pytest.mark.parametrize("variant", ["lstm_dual", "slots", "delta"])
 def test_variant_recurrent_parameters_get_gradient(variant):
     model = make_model(dtype=torch.float32, **VARIANTS[variant]).train()
     RecurrentTrainerWrapper(model)(random_tokens(2, 2 * TINY["max_seq_len"] + 1)).backward()
@@ -527,8 +556,9 @@ def test_memory_and_state_dropout_never_in_eval(eval_target):
     assert_close(wrapper(seq), fresh)
 
 
-def test_bf16_autocast_trains_and_stays_close_to_float32():
-    model = make_model(dtype=torch.float32, **VARIANTS["compressed"]).train()
+@pytest.mark.parametrize("variant", ["compressed", "delta"])
+def test_bf16_autocast_trains_and_stays_close_to_float32(variant):
+    model = make_model(dtype=torch.float32, **VARIANTS[variant]).train()
     wrapper = RecurrentTrainerWrapper(model)
     seq = random_tokens(2, 2 * TINY["max_seq_len"] + 1)
     full = wrapper(seq).item()
@@ -745,3 +775,18 @@ def test_slot_write_shares_out_every_token_and_a_token_no_vector_claims_changes_
         assert mass.abs().amax() < 1e-100
         assert_close(after, before)
 
+
+
+def test_delta_rule_replaces_what_a_key_held_and_leaves_other_keys():
+    """At strength 1 a write makes the key's lookup exactly the new value (an overwrite, not a sum); a memory
+    looked up by a key orthogonal to every written key is unchanged; at strength 0 nothing changes."""
+    S, dh = 4, 3
+    memory = torch.randn(2, S, dh, dtype=torch.float64)
+    keys = torch.eye(S, dtype=torch.float64)[[0, 1, 0]]  # key 0 written twice: the second replaces the first
+    values = torch.randn(3, dh, dtype=torch.float64)
+    written = recurrent.delta_rule(memory, keys.expand(2, 3, S), values.expand(2, 3, dh), torch.ones(2, 3, dtype=torch.float64))
+    assert_close(written[:, 0], values[2].expand(2, dh))
+    assert_close(written[:, 1], values[1].expand(2, dh))
+    assert_close(written[:, 2:], memory[:, 2:])
+    unchanged = recurrent.delta_rule(memory, keys.expand(2, 3, S), values.expand(2, 3, dh), torch.zeros(2, 3, dtype=torch.float64))
+    assert_close(unchanged, memory)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..model.checks import check_choice, check_int
 from ..model.model import BlockRecurrentModel
-from ..model.recurrent import FixedGate
+from ..model.recurrent import DeltaStateCell, FixedGate
 from ..model.state import ModelState, XLMemory
 from .decoding import eval_mode, eval_no_grad
 from .evaluation import EvalResult, curve_range, evaluate_documents, position_curve
@@ -164,6 +164,8 @@ class KeepSummary:
 
 def _gates(model: BlockRecurrentModel):
     for layer, cell in zip(model.config.recurrent_layers, model.cells):
+        if isinstance(cell, DeltaStateCell):
+            continue  # no gate: each token's write strength takes its place
         yield layer, "gate", cell.gate
         if cell.ff_gate is not None:
             yield layer, "ff_gate", cell.ff_gate

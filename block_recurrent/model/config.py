@@ -72,7 +72,11 @@ class BlockRecurrentConfig:
     # how the write's state vectors take the block's tokens: "attention" (the paper's: each vector attends over
     # the tokens, softmax over tokens) or "slots" (Slot Attention's competition: each token's softmax is over the
     # vectors and a learned null slot, each vector takes the mean of what it won and is rewritten in proportion
-    # to how much it won, so a token that no vector claims changes none; not in the paper)
+    # to how much it won, so a token that no vector claims changes none; not in the paper), or "delta" (an
+    # associative memory: per head, an (S, dim_head) matrix that each token writes a value into under a key of its
+    # own by the delta rule, replacing what that key held, and that the reading tokens look up with keys; needs
+    # dim == heads * dim_head; no gate, so gate, gate_keep_init and gate_projection do not apply and state_update
+    # must be "skip"; not in the paper)
     state_write: str = "attention"
     # the fixed gate's initial keep bias b_g (keep = sigmoid(b_g)): a number starts every channel there (a gate
     # that starts nearly shut holds a value longer before training has opened it: docs/experiments/gate-init.md);
@@ -205,8 +209,14 @@ class BlockRecurrentConfig:
         check_float("state_cell_scale", self.state_cell_scale, 0.0, 100.0, open_low=True)
         if self.state_update not in ("skip", "dual"):
             raise ValueError(f"state_update must be 'skip' or 'dual', got {self.state_update!r}")
-        if self.state_write not in ("attention", "slots"):
-            raise ValueError(f"state_write must be 'attention' or 'slots', got {self.state_write!r}")
+        if self.state_write not in ("attention", "slots", "delta"):
+            raise ValueError(f"state_write must be 'attention', 'slots' or 'delta', got {self.state_write!r}")
+        if self.state_write == "delta" and self.state_update != "skip":
+            raise ValueError(f"state_write='delta' has no gate for a second update: state_update must be 'skip', "
+                             f"got {self.state_update!r}")
+        if self.state_write == "delta" and self.dim != self.heads * self.dim_head:
+            raise ValueError(f"state_write='delta' splits each state vector into the heads' memory rows: dim "
+                             f"({self.dim}) must equal heads * dim_head ({self.heads} * {self.dim_head})")
         if self.attention_window not in ("block", "sliding"):
             raise ValueError(f"attention_window must be 'block' or 'sliding', got {self.attention_window!r}")
         if self.attention_window == "sliding" and self.use_compressed_mem:

@@ -24,7 +24,7 @@ from .attention import Attention, FeedForward, attend, split_kv_heads
 from .config import BlockRecurrentConfig
 from .memory import build_memory
 from .positions import RotaryTables, RotaryXPos, T5RelativeBias
-from .recurrent import RecurrentStateCell, StateRead, StateView
+from .recurrent import DeltaStateCell, RecurrentStateCell, StateRead, StateView
 from .state import XLMemory
 
 
@@ -116,7 +116,9 @@ class AttentionBlock(nn.Module):
         # self-attention output and each state read are concatenated, then projected once
         self.to_out = nn.Linear(inner * (1 + len(self.reads)), dim, bias=False)
         self.memory = build_memory(config)
-        self.cell = RecurrentStateCell(config) if self.is_recurrent else None
+        self.cell = None
+        if self.is_recurrent:
+            self.cell = DeltaStateCell(config) if config.state_write == "delta" else RecurrentStateCell(config)
 
     def open_block(
         self, memory: XLMemory | None, views: Sequence[StateView], rotary: RotaryXPos, ff: FeedForward,

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .config import BlockRecurrentConfig
 from .layer import LayerCache, TransformerLayer, block_keys, position
 from .positions import RotaryXPos
-from .recurrent import RecurrentStateCell, StateView
+from .recurrent import DeltaStateCell, RecurrentStateCell, StateView
 from .state import ModelState, XLMemory, checked_state
 from .checks import check_reset, check_tokens
 
@@ -57,7 +57,7 @@ class BlockRecurrentModel(nn.Module):
         return self.token_emb.weight.dtype
 
     @property
-    def cells(self) -> list[RecurrentStateCell]:
+    def cells(self) -> list[RecurrentStateCell | DeltaStateCell]:
         """The state cells, in the order of ``config.recurrent_layers``."""
         return [self.layers[layer - 1].attn.cell for layer in self.config.recurrent_layers]
 
@@ -252,7 +252,7 @@ def _previous_blocks(memory: XLMemory | None, keys: Tensor, values: Tensor) -> X
 
 
 def _views_of_blocks(
-    cell: RecurrentStateCell, state: Tensor | None, keys: Tensor, values: Tensor
+    cell: RecurrentStateCell | DeltaStateCell, state: Tensor | None, keys: Tensor, values: Tensor
 ) -> tuple[StateView, StateView]:
     """A state's views for n blocks side by side, stacked to (B * n, ...), and the last block's view, from the
     writing layer's raw keys/values (B, n, W, kv_dim): the state is written after each block but the last (whose

@@ -9,6 +9,10 @@ Per block, with incoming state ``c`` (B, S, D) and the block's tokens:
    "dual", a feed-forward on the result is combined with it by a second gate. With ``state_write="slots"``
    the cross-attention is Slot Attention's instead (:func:`attend_slots`), and each vector takes its gates'
    step only in proportion to the tokens it won.
+
+With ``state_write="delta"`` the state is an associative memory instead (:class:`DeltaStateCell`): per head, the S
+state vectors' dim_head channels form an (S, dim_head) matrix, the block's tokens write values under keys of their
+own by the delta rule, and the reading tokens look values up with keys of theirs.
 """
 
 from __future__ import annotations
@@ -192,22 +196,36 @@ def state_attention(config: BlockRecurrentConfig) -> dict:
 class StateRead(nn.Module):
     """A reading layer's cross-attention from its (normed) tokens to a recurrent state: no mask, no
     positions. Owned by the reading layer, so that layers reading the same state have their own queries.
-    The layer projects the queries (``to_queries``, side by side with its own projections)."""
+    The layer projects the queries (``to_queries``, side by side with its own projections).
+
+    With ``state_write="delta"`` a read is a lookup instead: each head's query is mapped to a unit key over the S
+    rows of its memory matrix (``to_address``) and reads the row mix that key addresses, as the write stored it."""
 
     def __init__(self, config: BlockRecurrentConfig):
         super().__init__()
         self.heads = config.heads
         self.to_queries = nn.Linear(config.dim, config.heads * config.dim_head, bias=False)
-        self.attn = Attention(config.dim_head, config.heads, **state_attention(config))
+        self.attn = self.to_address = None
+        if config.state_write == "delta":
+            self.to_address = nn.Linear(config.dim_head, config.num_state_vectors, bias=False)
+        else:
+            self.attn = Attention(config.dim_head, config.heads, **state_attention(config))
 
     def prepare_keys(self, view: StateView) -> Tensor:
-        """The state's keys as this read sees them, (B, kv_heads, S, dh): once per block."""
+        """The state's keys as this read sees them, (B, kv_heads, S, dh): once per block. For a delta-rule state,
+        its memory matrices (B, heads, S, dh)."""
+        if self.to_address is not None:
+            return memory_matrices(view.state, self.heads).contiguous()
         return self.attn.prepare_keys(view.keys, None)
 
     def forward(self, queries: Tensor, keys: Tensor, view: StateView) -> Tensor:
         """queries: projected (B, N, heads * dim_head); keys: from :meth:`prepare_keys`. -> (B, N, heads * dim_head)."""
         B, N, _ = queries.shape
-        out = attend_state(self.attn, queries.view(B, N, self.heads, -1), keys, view.values)  # (B, N, H, dh)
+        queries = queries.view(B, N, self.heads, -1)
+        if self.to_address is not None:
+            address = F.normalize(self.to_address(queries), dim=-1)  # (B, N, H, S)
+            return torch.einsum("bnhs,bhsd->bnhd", address, keys.to(address.dtype)).reshape(B, N, -1)
+        out = attend_state(self.attn, queries, keys, view.values)  # (B, N, H, dh)
         return out.reshape(B, N, -1)
 
 
@@ -294,3 +312,75 @@ class RecurrentStateCell(nn.Module):
         if self.state_ff is not None:
             state = self.ff_gate(state, self.state_ff(state), rewrite)
         return state
+
+
+def memory_matrices(state: Tensor, heads: int) -> Tensor:
+    """A delta-rule state (B, S, heads * dh) as its per-head memory matrices (B, heads, S, dh), a view: row s of
+    head h is state vector s's channels of head h."""
+    B, S, _ = state.shape
+    return state.view(B, S, heads, -1).transpose(1, 2)
+
+
+def delta_rule(memory: Tensor, keys: Tensor, values: Tensor, strengths: Tensor) -> Tensor:
+    """The memories (..., S, dh) after writing N (key, value) pairs one after another by the delta rule,
+    M <- M + b k (v - M^T k)^T: the value stored under k moves a share b (the strength) of the way to v.
+
+    keys (..., N, S), unit length; values (..., N, dh); strengths (..., N) in (0, 1). In closed form (DeltaNet's
+    chunked form): M_N = M_0 + K^T U, where the corrections U solve the unit lower-triangular system
+    u_t + b_t sum_{j<t} (k_t . k_j) u_j = b_t (v_t - M_0^T k_t)."""
+    strengths = strengths[..., None]
+    overlaps = (keys @ keys.transpose(-1, -2)).tril(-1) * strengths  # (..., N, N): row t, b_t k_t . k_j for j < t
+    targets = strengths * (values - keys @ memory)  # (..., N, dh)
+    corrections = torch.linalg.solve_triangular(overlaps, targets, upper=False, unitriangular=True)
+    return memory + keys.transpose(-1, -2) @ corrections
+
+
+class DeltaStateCell(nn.Module):
+    """A recurrent state written as an associative memory (``state_write="delta"``; not in the paper).
+
+    Per head, the S state vectors' dim_head channels form a matrix M (S, dh) that maps keys over its S rows to
+    values. After each block, every token of the writing layer writes a value under a key by the delta rule, with
+    a strength of its own: what the key held is replaced, not added to, so a later fact about the same key (the
+    same person) overwrites the earlier one. Keys (unit length), values and strengths are projected from the
+    writing layer's raw keys and values of the token. No gate: a strength near 0 leaves the memory as it was.
+    Reads: :class:`StateRead`'s lookup."""
+
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        self.heads, self.dim_head = config.heads, config.dim_head
+        self.num_state_vectors = config.num_state_vectors
+        self.initial_state = nn.Parameter(torch.randn(config.num_state_vectors, config.dim) * 0.1)
+        # per head: a key over the S rows, a value, a strength
+        self.to_write = nn.Linear(config.kv_dim * 2, config.heads * (config.num_state_vectors + config.dim_head + 1))
+        if config.state_cell_scale != 1.0:
+            for module in list(self.modules()):
+                for name, _ in list(module.named_parameters(recurse=False)):
+                    parametrize.register_parametrization(module, name, Scaled(config.state_cell_scale))
+
+    def view(self, state: Tensor | None, batch_size: int) -> StateView:
+        """``state`` (B, S, D), or the learned initial state when None, for one block: the reads take the matrices
+        as they are (no norm, no projection), so every field of the view is the state."""
+        if state is None:
+            state = self.initial_state[None]
+        if state.shape[0] != batch_size:
+            state = state.expand(batch_size, *state.shape[1:])
+        return StateView(state, state, state, state)
+
+    def prepare_block_keys(self, block_keys: Tensor) -> Tensor:
+        """Nothing to prepare: the raw keys (B, J, C) as (B, 1, J, C), sliced by blocks as the attention cell's."""
+        return block_keys[:, None]
+
+    def write(self, view: StateView, block_keys: Tensor, block_values: Tensor, prepared_keys: Tensor | None = None
+              ) -> Tensor:
+        """The next state (B, S, D) after the block whose raw keys/values (B, N, kv_heads * dim_head) of the writing
+        layer are given (``prepared_keys`` is not needed)."""
+        B, S, D = view.state.shape
+        N, H = block_keys.shape[1], self.heads
+        written = self.to_write(torch.cat((block_keys, block_values), dim=-1)).view(B, N, H, -1).transpose(1, 2)
+        keys, values, strengths = written.to(view.state.dtype).split((S, self.dim_head, 1), dim=-1)
+        # in the state's precision (float32 under bf16 autocast, which would cast the products back to bf16): the
+        # memory is a running sum over every block of the document
+        with torch.autocast(view.state.device.type, enabled=False):
+            memory = delta_rule(memory_matrices(view.state, H), F.normalize(keys, dim=-1), values,
+                                torch.sigmoid(strengths[..., 0]))  # (B, H, S, dh)
+        return memory.transpose(1, 2).reshape(B, S, D)

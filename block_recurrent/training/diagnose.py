@@ -114,12 +114,14 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
     c = model.config
     print(f"{args.checkpoint}: {model.num_parameters():,} parameters, width {c.dim}, {c.depth} layers, blocks of "
           f"{c.block_width}, segments of {c.max_seq_len}, recurrent layers {list(c.recurrent_layers)} with "
-          f"{c.num_state_vectors} state vectors, gate {c.gate!r}")
+          f"{c.num_state_vectors} state vectors, " + ("a delta-rule memory (no gate)" if c.state_write == "delta"
+                                                       else f"gate {c.gate!r}"))
     if not c.recurrent_layers:
         print("no recurrent layer: nothing is kept but the XL memory")
         return 0
     docs = None
-    measured = c.gate == "lstm" or c.state_write == "slots"  # keeps that depend on what is written
+    gated = c.state_write != "delta"  # a delta-rule memory has no gate: no keep values to show
+    measured = gated and (c.gate == "lstm" or c.state_write == "slots")  # keeps that depend on what is written
     if measured or args.state_gradient is not None:
         corpus = TokenCorpus.from_documents(load_documents_for(args), tokenizer)
         docs = _token_documents(model, corpus, args.max_tokens, spread=True)
@@ -127,8 +129,9 @@ def run_inspect(args: argparse.Namespace, load: Callable) -> int:
         gates = "LSTM gates'" if c.gate == "lstm" else "gates'"
         print(f"the {gates} keep values{' with the slot write' if c.state_write == 'slots' else ''} averaged over every "
               f"block of {sum(len(d) for d in docs)} tokens of {len(docs)} documents")
-    print()
-    print(format_keep(keep_values(model, docs if measured else None, batch_size=args.batch_size)))
+    if gated:
+        print()
+        print(format_keep(keep_values(model, docs if measured else None, batch_size=args.batch_size)))
     if args.state_gradient is not None:
         span, warmup = args.state_gradient, GRADIENT_WARMUP
         gradients = [g for through_memory in (True, False)
