@@ -17,6 +17,11 @@ instead, so the entropy and lift lines give way to: the null slot's share of a f
 tokens, and how much of its new value a state vector takes (1 - exp(-mass won)) after a block holding a fact and
 after a haystack block; the eta squared lines are over the mass each (state vector, head) wins from the fact.
 
+With the delta-rule memory (``state_write="delta"``) every token writes a value under a key of its own with a
+strength, so the lines are: the mean strength on a fact's tokens and on haystack tokens, and the eta squared lines
+are over each (head, key row) entry of the fact's key (its tokens' keys averaged with their strengths as weights):
+a memory that files each fact under its person needs keys that the person explains.
+
     python experiments/write_attention.py --checkpoint runs/qa1 --distance 1024 --stories 300
 """
 
@@ -81,6 +86,35 @@ def slot_shares(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     return found
 
 
+def delta_writes(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first recurrent layer's delta-rule writes at the end of each block of one example, in order: per block,
+    each token's strength (N, H) and unit key over the memory's rows (N, H, S)."""
+    cell = model.cells[0]
+    found = []
+
+    def record(module, inputs, output):
+        N, H, S = output.shape[1], cell.heads, cell.num_state_vectors
+        keys, _, strengths = output[0].view(N, H, -1).split((S, cell.dim_head, 1), dim=-1)
+        found.append((torch.sigmoid(strengths[..., 0]), torch.nn.functional.normalize(keys, dim=-1)))
+
+    hook = cell.to_write.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model.run(tokens[None])
+    finally:
+        hook.remove()
+    return found
+
+
+def fact_tokens(example, block: int, width: int, length: int) -> torch.Tensor:
+    """(length,) bool: which of the tokens of ``block`` belong to a fact of ``example``."""
+    in_fact = torch.zeros(length, dtype=torch.bool)
+    for start, end in example.needles:
+        if start // width == block:
+            in_fact[start % width : start % width + end - start] = True
+    return in_fact
+
+
 def write_weights(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     """The first recurrent layer's write attention at the end of each block of one example, in order: per block
     (state vectors, heads, block tokens), each row summing to 1."""
@@ -112,46 +146,62 @@ def main() -> None:
     args = parser.parse_args()
     model, task = load_recurrent_model(args, num_questions=1)
     width = model.config.block_width
-    slots = model.cells[0].null_query is not None
+    delta = isinstance(model.cells[0], recurrent.DeltaStateCell)
+    slots = not delta and model.cells[0].null_query is not None
     # per block kind (True: holding a fact): entropy (attention) or the rewrite taken (slots); per token kind
-    # (True: a fact's): the null slot's share
-    by_block, null_share = {True: [], False: []}, {True: [], False: []}
+    # (True: a fact's): the null slot's share (slots) or the write strength (delta)
+    by_block, by_token = {True: [], False: []}, {True: [], False: []}
     lift, masses, people, places = [], [], [], []
     for example in draw_examples(task, args.distance, args.stories, args.seed):
         tokens = torch.from_numpy(example.tokens)
-        weights = slot_shares(model, tokens) if slots else write_weights(model, tokens)
+        if delta:
+            weights = delta_writes(model, tokens)
+        else:
+            weights = slot_shares(model, tokens) if slots else write_weights(model, tokens)
         moves, _ = facts_answers.story_moves(example, task.tokenizer.decode)
         holding = {start // width for start, _ in example.needles}
         for block, w in enumerate(weights):
-            if slots:
-                in_fact = torch.zeros(w.shape[-1], dtype=torch.bool)
-                for start, end in example.needles:
-                    if start // width == block:
-                        in_fact[start % width : start % width + end - start] = True
+            if delta:
+                in_fact = fact_tokens(example, block, width, w[0].shape[0])
                 for kind in (True, False):
                     if in_fact.eq(kind).any():
-                        null_share[kind].append(float(w[-1][:, in_fact.eq(kind)].mean()))
+                        by_token[kind].append(float(w[0][in_fact.eq(kind)].mean()))
+            elif slots:
+                in_fact = fact_tokens(example, block, width, w.shape[-1])
+                for kind in (True, False):
+                    if in_fact.eq(kind).any():
+                        by_token[kind].append(float(w[-1][:, in_fact.eq(kind)].mean()))
                 rewrite = 1 - torch.exp(-w[:-1].sum(-1).mean(-1))  # (S,), as the cell computes it
                 by_block[block in holding].append(float(rewrite.mean()))
             else:
                 entropy = -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / np.log(w.shape[-1])
                 by_block[block in holding].append(float(entropy))
         for (start, end), (person, place) in zip(example.needles, moves):
-            w = weights[start // width][:-1] if slots else weights[start // width]
-            mass = w[..., start % width : start % width + end - start].sum(-1)  # (S, H)
-            lift.append(float(mass.mean()) / ((end - start) / w.shape[-1]))
-            masses.append(mass.reshape(-1).numpy())
+            begin, stop = start % width, start % width + end - start
+            if delta:
+                strengths, keys = (t[begin:stop] for t in weights[start // width])  # (n, H), (n, H, S)
+                key = (strengths[..., None] * keys).sum(0) / strengths.sum(0)[..., None]  # (H, S)
+                masses.append(key.reshape(-1).numpy())
+            else:
+                w = weights[start // width][:-1] if slots else weights[start // width]
+                mass = w[..., begin:stop].sum(-1)  # (S, H)
+                lift.append(float(mass.mean()) / ((end - start) / w.shape[-1]))
+                masses.append(mass.reshape(-1).numpy())
             people.append(person)
             places.append(place)
     masses = np.stack(masses)
     shuffled = list(np.random.default_rng(0).permutation(people))
+    kind = ", delta-rule memory" if delta else ", slot write" if slots else ""
+    pairs = "(head, key row) entries of a fact's key" if delta else "(state vector, head) pairs"
     print(f"{args.checkpoint}: qa1 {task.describe()} at {args.distance} haystack tokens, {args.stories} stories "
-          f"(seed {args.seed}), {len(people)} facts, {masses.shape[1]} (state vector, head) pairs"
-          f"{', slot write' if slots else ''}")
+          f"(seed {args.seed}), {len(people)} facts, {masses.shape[1]} {pairs}{kind}")
     print("| measure | value |\n|---|---:|")
-    if slots:
-        print(f"| the null slot's share of a fact's tokens | {np.mean(null_share[True]):.3f} |")
-        print(f"| the null slot's share of haystack tokens | {np.mean(null_share[False]):.3f} |")
+    if delta:
+        print(f"| write strength on a fact's tokens | {np.mean(by_token[True]):.3f} |")
+        print(f"| write strength on haystack tokens | {np.mean(by_token[False]):.3f} |")
+    elif slots:
+        print(f"| the null slot's share of a fact's tokens | {np.mean(by_token[True]):.3f} |")
+        print(f"| the null slot's share of haystack tokens | {np.mean(by_token[False]):.3f} |")
         print(f"| rewrite taken per state vector, after a block holding a fact | {np.mean(by_block[True]):.3f} |")
         print(f"| rewrite taken per state vector, after a haystack block | {np.mean(by_block[False]):.3f} |")
     else:
@@ -160,8 +210,8 @@ def main() -> None:
         print(f"| mass on a fact's tokens / their share of the block | {np.mean(lift):.2f} |")
     for name, labels in (("the fact's person", people), ("the fact's place", places), ("a shuffled person", shuffled)):
         eta = eta_squared(masses, labels)
-        print(f"| share of a pair's mass on a fact explained by {name}: mean; largest | {eta.mean():.3f}; "
-              f"{eta.max():.3f} |")
+        what = "an entry of a fact's key" if delta else "a pair's mass on a fact"
+        print(f"| share of {what} explained by {name}: mean; largest | {eta.mean():.3f}; {eta.max():.3f} |")
 
 
 if __name__ == "__main__":

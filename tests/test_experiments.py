@@ -557,3 +557,39 @@ def test_write_attention_records_the_shares_the_slot_write_uses(tmp_path, kv_hea
     script.main()
     out = capsys.readouterr().out
     assert len(table_rows(out)) == 8 and "null slot's share of a fact's tokens" in out and "slot write" in out
+
+
+def test_write_attention_records_the_keys_and_strengths_the_delta_write_uses(tmp_path, capsys, monkeypatch):
+    """With the delta-rule memory, the strengths and keys the script records per block are those the cell's delta
+    rule is given; the script prints its strength table."""
+    import torch
+
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent.model import recurrent
+    from block_recurrent.tasks import FactsTask
+    from block_recurrent.tasks.scoring import draw_examples
+
+    script = experiment("write_attention")
+    torch.manual_seed(0)
+    model = BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", state_write="delta")).double().eval()
+    example = draw_examples(FactsTask(haystack="filler"), 90, 1, seed=5)[0]
+    calls, delta_rule = [], recurrent.delta_rule
+
+    def recording(memory, keys, values, strengths):
+        calls.append((keys[0], strengths[0]))  # (H, N, S), (H, N)
+        return delta_rule(memory, keys, values, strengths)
+
+    monkeypatch.setattr(recurrent, "delta_rule", recording)
+    writes = script.delta_writes(model, torch.from_numpy(example.tokens))
+    assert len(writes) == len(calls) == -(-len(example.tokens) // model.config.block_width)
+    for (strengths, keys), (given_keys, given_strengths) in zip(writes, calls):
+        torch.testing.assert_close(keys, given_keys.transpose(0, 1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(strengths, given_strengths.transpose(0, 1), rtol=0, atol=1e-12)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distance", "60", "--stories", "3"])
+    script.main()
+    out = capsys.readouterr().out
+    assert len(table_rows(out)) == 6 and "write strength on a fact's tokens" in out and "delta-rule memory" in out
+    assert "(head, key row) entries of a fact's key" in out
