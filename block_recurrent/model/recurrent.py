@@ -136,6 +136,16 @@ class Scaled(nn.Module):
         return value / self.scale
 
 
+def scale_parameters(cell: nn.Module, scale: float) -> None:
+    """Store every parameter of ``cell`` as :class:`Scaled` by ``scale`` (after its initialisation: the effective
+    initial values are unchanged); nothing at 1."""
+    if scale == 1.0:
+        return
+    for module in list(cell.modules()):
+        for name, _ in list(module.named_parameters(recurse=False)):
+            parametrize.register_parametrization(module, name, Scaled(scale))
+
+
 class StateView(NamedTuple):
     """A recurrent state as seen during one block: computed once at the block's start."""
 
@@ -215,7 +225,7 @@ class StateRead(nn.Module):
         """The state's keys as this read sees them, (B, kv_heads, S, dh): once per block. For a delta-rule state,
         its memory matrices (B, heads, S, dh)."""
         if self.to_address is not None:
-            return memory_matrices(view.state, self.heads).contiguous()
+            return memory_matrices(view.state, self.heads).contiguous()  # once: every token of the block reads it
         return self.attn.prepare_keys(view.keys, None)
 
     def forward(self, queries: Tensor, keys: Tensor, view: StateView) -> Tensor:
@@ -263,11 +273,7 @@ class RecurrentStateCell(nn.Module):
         if config.state_update == "dual":
             self.state_ff = FeedForward(dim, config.ff_inner_dim, activation=config.ff_activation)
             self.ff_gate = GATES[config.gate](dim, config.gate_keep_init, config.gate_projection)
-        if config.state_cell_scale != 1.0:
-            # every parameter of the cell, after its initialisation: the effective initial values are unchanged
-            for module in list(self.modules()):
-                for name, _ in list(module.named_parameters(recurse=False)):
-                    parametrize.register_parametrization(module, name, Scaled(config.state_cell_scale))
+        scale_parameters(self, config.state_cell_scale)
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """Prepare ``state`` (B, S, D), or the learned initial state when None, for one block."""
@@ -352,10 +358,7 @@ class DeltaStateCell(nn.Module):
         self.initial_state = nn.Parameter(torch.randn(config.num_state_vectors, config.dim) * 0.1)
         # per head: a key over the S rows, a value, a strength
         self.to_write = nn.Linear(config.kv_dim * 2, config.heads * (config.num_state_vectors + config.dim_head + 1))
-        if config.state_cell_scale != 1.0:
-            for module in list(self.modules()):
-                for name, _ in list(module.named_parameters(recurse=False)):
-                    parametrize.register_parametrization(module, name, Scaled(config.state_cell_scale))
+        scale_parameters(self, config.state_cell_scale)
 
     def view(self, state: Tensor | None, batch_size: int) -> StateView:
         """``state`` (B, S, D), or the learned initial state when None, for one block: the reads take the matrices
