@@ -468,6 +468,17 @@ def test_set_state_temperature_sets_only_the_named_attentions(tmp_path, cell_sca
     assert (tmp_path / "set" / "tune.json").exists() and f"{kind}: " in capsys.readouterr().out
 
 
+def run_write_attention(script, model, tmp_path, monkeypatch, capsys) -> str:
+    """``model`` saved, then write_attention's main on three stories with 60 tokens of filler: what it prints."""
+    from block_recurrent import save_pretrained
+
+    save_pretrained(model.float(), tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
+                                      "filler", "--distance", "60", "--stories", "3"])
+    script.main()
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2])  # with 2, each key/value head serves its own two query heads
 def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, capsys, monkeypatch):
     """The weights the script records, one (state vectors, heads, tokens) array per block, give the write's own
@@ -475,7 +486,7 @@ def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, 
     mass and 0 where it does not; the script prints its table."""
     import torch
 
-    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel
     from block_recurrent.model import recurrent
     from block_recurrent.model.attention import split_kv_heads
     from block_recurrent.tasks import FactsTask
@@ -507,11 +518,7 @@ def test_write_attention_records_the_weights_the_write_uses(tmp_path, kv_heads, 
     mass = np.stack([np.where(np.array(labels) == "a", 1.0, 0.0), np.tile([0.0, 0.0, 1.0, 1.0], 10)], axis=1)
     np.testing.assert_allclose(script.eta_squared(mass, labels), [1.0, 0.0], atol=1e-12)
 
-    save_pretrained(model.float(), tmp_path / "model")
-    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
-                                      "filler", "--distance", "60", "--stories", "3"])
-    script.main()
-    out = capsys.readouterr().out
+    out = run_write_attention(script, model, tmp_path, monkeypatch, capsys)
     assert len(table_rows(out)) == 7 and "12 facts, 64 (state vector, head) pairs" in out
 
 
@@ -521,7 +528,7 @@ def test_write_attention_records_the_shares_the_slot_write_uses(tmp_path, kv_hea
     block, sum to 1 over the slots and give the write's own mass and mean; the script prints its slot table."""
     import torch
 
-    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel
     from block_recurrent.model import recurrent
     from block_recurrent.model.attention import split_kv_heads
     from block_recurrent.tasks import FactsTask
@@ -551,11 +558,7 @@ def test_write_attention_records_the_shares_the_slot_write_uses(tmp_path, kv_hea
         torch.testing.assert_close(torch.einsum("shj,hjd->shd", w[:-1], by_head) / (mass[0][..., None] + 1e-6),
                                    mean[0], rtol=0, atol=1e-10)
 
-    save_pretrained(model.float(), tmp_path / "model")
-    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
-                                      "filler", "--distance", "60", "--stories", "3"])
-    script.main()
-    out = capsys.readouterr().out
+    out = run_write_attention(script, model, tmp_path, monkeypatch, capsys)
     assert len(table_rows(out)) == 8 and "null slot's share of a fact's tokens" in out and "slot write" in out
 
 
@@ -564,7 +567,7 @@ def test_write_attention_records_the_keys_and_strengths_the_delta_write_uses(tmp
     rule is given; the script prints its strength table."""
     import torch
 
-    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel
     from block_recurrent.model import recurrent
     from block_recurrent.tasks import FactsTask
     from block_recurrent.tasks.scoring import draw_examples
@@ -586,10 +589,6 @@ def test_write_attention_records_the_keys_and_strengths_the_delta_write_uses(tmp
         torch.testing.assert_close(keys, given_keys.transpose(0, 1), rtol=0, atol=1e-12)
         torch.testing.assert_close(strengths, given_strengths.transpose(0, 1), rtol=0, atol=1e-12)
 
-    save_pretrained(model.float(), tmp_path / "model")
-    monkeypatch.setattr(sys, "argv", ["write_attention.py", "--checkpoint", str(tmp_path / "model"), "--haystack",
-                                      "filler", "--distance", "60", "--stories", "3"])
-    script.main()
-    out = capsys.readouterr().out
+    out = run_write_attention(script, model, tmp_path, monkeypatch, capsys)
     assert len(table_rows(out)) == 6 and "write strength on a fact's tokens" in out and "delta-rule memory" in out
     assert "(head, key row) entries of a fact's key" in out
