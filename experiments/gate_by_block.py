@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
 from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
-from harness import add_tuned_task_arguments  # noqa: E402
+from harness import add_tuned_task_arguments, require_attention_cells  # noqa: E402
 
 
 def gate_by_block(model, task, distance: int, examples: int, seed: int) -> dict[str, np.ndarray]:
@@ -68,6 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, task = load_scored_task(args, "cpu")
+    require_attention_cells(model, args.checkpoint, "gates")
     model.eval()
     print(f"{args.checkpoint}: {args.task} {task.describe()}, {args.examples} examples at distance {args.distance}")
     print("| blocks holding | blocks | input gate: mean | 10 % | 90 % | forget gate: mean | 10 % | 90 % |")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_recurrent.model.recurrent import LSTMGate  # noqa: E402
 from block_recurrent.tasks.commands import load_scored_task  # noqa: E402
 from block_recurrent.tasks.scoring import score  # noqa: E402
-from harness import add_tuned_task_arguments  # noqa: E402
+from harness import add_tuned_task_arguments, require_attention_cells  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     model, task = load_scored_task(args, "cpu")
+    require_attention_cells(model, args.checkpoint, "gates")
     print(f"{args.checkpoint}: {args.task}, exact match (answer loss, nats/token) by distance; {args.samples} "
           f"examples per distance, seed {args.seed}")
     print("| forget shift | input shift | " + " | ".join(str(d) for d in args.distances) + " |")

@@ -144,6 +144,14 @@ def load_recurrent_model(args: argparse.Namespace, **options):
     return model, task
 
 
+def require_attention_cells(model: BlockRecurrentModel, checkpoint: str, needs: str) -> None:
+    """Refuse a model whose state is a delta-rule memory (``state_write="delta"``): it has no ``needs`` (gates, or
+    state attentions) for the calling script to measure or edit."""
+    if model.config.state_write == "delta":
+        raise ValueError(f"{checkpoint} keeps its state as a delta-rule memory (state_write='delta'), which has no "
+                         f"{needs}")
+
+
 def save_edited_checkpoint(model: BlockRecurrentModel, out: str, tokenizer_file, folder: Path) -> None:
     """Save ``model``, edited from the checkpoint in ``folder`` (``load_model``'s last two results), to ``out`` with
     that checkpoint's tokenizer and ``tune.json``, so that ``brt tune`` and ``brt eval --task`` read the task it was

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_recurrent import BlockRecurrentModel  # noqa: E402
 from block_recurrent.model.attention import Attention  # noqa: E402
 from block_recurrent.tasks.commands import load_model  # noqa: E402
-from harness import save_edited_checkpoint  # noqa: E402
+from harness import require_attention_cells, save_edited_checkpoint  # noqa: E402
 
 
 KINDS = ("write", "self", "reads")
@@ -74,6 +74,7 @@ def main() -> None:
     if not temperatures:
         parser.error("give at least one of --write, --self, --reads")
     model, _, tokenizer_file, folder = load_model(args.checkpoint, "cpu")
+    require_attention_cells(model, args.checkpoint, "state attentions")
     before = {kind: [a.temperature.tolist() for a in attns] for kind, attns in state_attentions(model).items()}
     set_temperatures(model, temperatures)
     save_edited_checkpoint(model, args.out, tokenizer_file, folder)

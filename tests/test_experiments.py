@@ -592,3 +592,19 @@ def test_write_attention_records_the_keys_and_strengths_the_delta_write_uses(tmp
     out = run_write_attention(script, model, tmp_path, monkeypatch, capsys)
     assert len(table_rows(out)) == 6 and "write strength on a fact's tokens" in out and "delta-rule memory" in out
     assert "(head, key row) entries of a fact's key" in out
+
+
+@pytest.mark.parametrize("name, arguments, needs", [
+    ("gate_by_block", ["--task", "passkey", "--distance", "60", "--examples", "2"], "gates"),
+    ("gate_shift", ["--task", "passkey", "--distances", "40", "--samples", "2"], "gates"),
+    ("set_state_temperature", ["--write", "8", "--out", "unused"], "state attentions"),
+])
+def test_scripts_on_gates_or_state_attentions_refuse_a_delta_rule_memory(name, arguments, needs, tmp_path,
+                                                                         monkeypatch):
+    from block_recurrent import BlockRecurrentConfig, BlockRecurrentModel, save_pretrained
+
+    save_pretrained(BlockRecurrentModel(BlockRecurrentConfig.from_name("tiny", state_write="delta")),
+                    tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--checkpoint", str(tmp_path / "model"), *arguments])
+    with pytest.raises(ValueError, match=f"delta-rule memory \\(state_write='delta'\\), which has no {needs}"):
+        experiment(name).main()
