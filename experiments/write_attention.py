@@ -93,9 +93,8 @@ def delta_writes(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.
     found = []
 
     def record(module, inputs, output):
-        N, H, S = output.shape[1], cell.heads, cell.num_state_vectors
-        keys, _, strengths = output[0].view(N, H, -1).split((S, cell.dim_head, 1), dim=-1)
-        found.append((torch.sigmoid(strengths[..., 0]), torch.nn.functional.normalize(keys, dim=-1)))
+        keys, _, strengths = cell.split_writes(output)  # (1, H, N, S), (1, H, N)
+        found.append((strengths[0].transpose(0, 1), keys[0].transpose(0, 1)))
 
     hook = cell.to_write.register_forward_hook(record)
     try:

@@ -373,17 +373,22 @@ class DeltaStateCell(nn.Module):
         """Nothing to prepare: the raw keys (B, J, C) as (B, 1, J, C), sliced by blocks as the attention cell's."""
         return block_keys[:, None]
 
+    def split_writes(self, written: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``to_write``'s output (B, N, heads * (S + dh + 1)) as the writes: unit keys (B, H, N, S), values
+        (B, H, N, dh) and strengths (B, H, N) in (0, 1)."""
+        B, N, _ = written.shape
+        keys, values, strengths = written.view(B, N, self.heads, -1).transpose(1, 2).split(
+            (self.num_state_vectors, self.dim_head, 1), dim=-1)
+        return F.normalize(keys, dim=-1), values, torch.sigmoid(strengths[..., 0])
+
     def write(self, view: StateView, block_keys: Tensor, block_values: Tensor, prepared_keys: Tensor | None = None
               ) -> Tensor:
         """The next state (B, S, D) after the block whose raw keys/values (B, N, kv_heads * dim_head) of the writing
         layer are given (``prepared_keys`` is not needed)."""
         B, S, D = view.state.shape
-        N, H = block_keys.shape[1], self.heads
-        written = self.to_write(torch.cat((block_keys, block_values), dim=-1)).view(B, N, H, -1).transpose(1, 2)
-        keys, values, strengths = written.to(view.state.dtype).split((S, self.dim_head, 1), dim=-1)
+        written = self.to_write(torch.cat((block_keys, block_values), dim=-1)).to(view.state.dtype)
         # in the state's precision (float32 under bf16 autocast, which would cast the products back to bf16): the
         # memory is a running sum over every block of the document
         with torch.autocast(view.state.device.type, enabled=False):
-            memory = delta_rule(memory_matrices(view.state, H), F.normalize(keys, dim=-1), values,
-                                torch.sigmoid(strengths[..., 0]))  # (B, H, S, dh)
+            memory = delta_rule(memory_matrices(view.state, self.heads), *self.split_writes(written))  # (B, H, S, dh)
         return memory.transpose(1, 2).reshape(B, S, D)
